@@ -1,0 +1,165 @@
+"""Entry points of the three console scripts: fdserver, fdapp, fdctl.
+
+Only these functions read argv, set up logging and turn FdserverErrors into a
+one-line message and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import FdserverError
+
+EXIT_ERROR = 1
+
+
+def _setup_logging(name: str) -> None:
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
+
+
+def _run(prog: str, body: Callable[[], int]) -> int:
+    try:
+        return body()
+    except FdserverError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _set_title(title: str) -> None:
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(title)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+# -- fdserver ---------------------------------------------------------------
+
+def fdserver_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fdserver",
+        description="Bind listening sockets once and hand them to app processes "
+                    "that connect on a Unix socket.")
+    p.add_argument("--bind", action="append", required=True, metavar="[NAME=]HOST:PORT",
+                   help="address to listen on; repeatable; IPv6 as [::]:80; "
+                        "NAME (default http) is what apps see")
+    p.add_argument("--socket", required=True, metavar="PATH",
+                   help="Unix socket app processes and fdctl connect to")
+    p.add_argument("--backlog", type=int, default=1024,
+                   help="listen backlog of each listener (default %(default)s)")
+    p.add_argument("--handshake-timeout", type=_positive, default=5.0, metavar="SECONDS",
+                   help="close connections that send no hello in time (default %(default)s)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def fdserver_main(argv: Sequence[str] | None = None) -> int:
+    args = fdserver_parser().parse_args(argv)
+
+    def body() -> int:
+        from .listeners import bind_all, parse_bind
+        from .server import Server
+        from .socketfile import SocketFile
+
+        specs = [parse_bind(spec) for spec in args.bind]
+        _setup_logging("fdserver")
+        socket_file = SocketFile(args.socket)
+        try:
+            listeners = bind_all(specs, args.backlog)
+        except BaseException:
+            socket_file.close()
+            raise
+        _set_title("fdserver " + " ".join(f"--bind {s}" for s in args.bind)
+                   + f" --socket {args.socket}")
+        Server(listeners, socket_file, handshake_timeout=args.handshake_timeout).run()
+        return 0
+
+    return _run("fdserver", body)
+
+
+# -- fdapp ------------------------------------------------------------------
+
+def fdapp_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fdapp",
+        description="Run one Tornado app process on the listening sockets fdserver hands out.")
+    p.add_argument("app", metavar="MODULE:ATTR",
+                   help="a tornado.web.Application, or a callable returning one; "
+                        "the current directory is importable")
+    p.add_argument("--socket", required=True, metavar="PATH", help="fdserver's Unix socket")
+    p.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="SECONDS",
+                   help="keep trying to reach fdserver this long (default %(default)s)")
+    p.add_argument("--graceful-timeout", type=_positive, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, wait this long for open connections (default %(default)s)")
+    p.add_argument("--keepalive-grace", type=_positive, default=1.0, metavar="SECONDS",
+                   help="while draining, close a keep-alive connection once idle this long "
+                        "(default %(default)s)")
+    p.add_argument("--xheaders", action="store_true",
+                   help="trust X-Real-Ip/X-Forwarded-For (only behind a proxy)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def fdapp_main(argv: Sequence[str] | None = None) -> int:
+    args = fdapp_parser().parse_args(argv)
+
+    def body() -> int:
+        from .client import register
+        from .runner import Worker, load_app
+
+        _setup_logging("fdapp")
+        app = load_app(args.app)
+        registration = register(args.socket, connect_timeout=args.connect_timeout)
+        title = f"fdapp {args.app} --socket {args.socket}"
+        _set_title(title)
+        worker = Worker(app, registration, graceful_timeout=args.graceful_timeout,
+                        keepalive_grace=args.keepalive_grace,
+                        on_state=lambda state: _set_title(f"{title} [{state}]"),
+                        server_options={"xheaders": args.xheaders})
+        return worker.run()
+
+    return _run("fdapp", body)
+
+
+# -- fdctl ------------------------------------------------------------------
+
+def fdctl_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fdctl", description="Operate a running fdserver.")
+    p.add_argument("--socket", required=True, metavar="PATH", help="fdserver's Unix socket")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = sub.add_parser("status", help="listeners and workers, with their states")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def fdctl_main(argv: Sequence[str] | None = None) -> int:
+    args = fdctl_parser().parse_args(argv)
+
+    def body() -> int:
+        from .ctl import Control, format_status
+
+        if args.command == "status":
+            with Control(args.socket) as control:
+                status = control.status()
+            print(json.dumps(status, indent=2) if args.json else format_status(status))
+            return 0
+        raise AssertionError(args.command)
+
+    return _run("fdctl", body)

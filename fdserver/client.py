@@ -1,0 +1,141 @@
+"""What an app process uses to get its listening sockets from fdserver.
+
+Standard library plus the wire protocol only: an unprivileged app process
+never imports daemon code.  Typical use, with any Tornado app::
+
+    registration = fdserver.client.register("/run/fdserver/fdserver.sock")
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets(registration.sockets())
+    registration.report("ready")
+
+The registration connection must stay open for the process's life: fdserver
+lists the process while it is open and forgets it on EOF.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConnectError, ProtocolError, RefusedError, TransportError
+from .protocol import SUPPORTED_VERSIONS
+from .transport import Channel, adopt_listener, close_fds
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass
+class ReceivedListener:
+    name: str
+    family: str
+    address: str
+    sock: socket.socket
+
+
+@dataclass
+class Registration:
+    """An app process's listeners and its open channel to fdserver."""
+
+    path: str
+    channel: Channel
+    server_pid: int
+    listeners: list[ReceivedListener]
+
+    def sockets(self, name: str | None = None) -> list[socket.socket]:
+        """The listening sockets, all of them or those called *name*."""
+        return [l.sock for l in self.listeners if name is None or l.name == name]
+
+    def report(self, state: str) -> None:
+        """Tell fdserver this process is ``ready`` or ``draining`` (blocking)."""
+        self.channel.send({"type": "state", "state": state})
+
+
+def connect(path: str, role: str,
+            timeout: float = DEFAULT_CONNECT_TIMEOUT) -> tuple[Channel, dict[str, Any]]:
+    """Connect and say hello, retrying while nobody listens at *path*.
+
+    Retries for up to *timeout* seconds, so app processes may start before
+    fdserver; returns a blocking Channel past the welcome, and the welcome.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            if time.monotonic() + delay > deadline:
+                why = "no such file" if isinstance(exc, FileNotFoundError) else "connection refused"
+                raise ConnectError(f"no fdserver answered at {path} within {timeout:g}s "
+                                   f"({why}); is fdserver running?") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(f"cannot connect to fdserver at {path}: {exc.strerror}") from None
+    sock.settimeout(HANDSHAKE_TIMEOUT)
+    channel = Channel(sock)
+    try:
+        channel.send({"type": "hello", "versions": list(SUPPORTED_VERSIONS), "role": role,
+                      "pid": os.getpid()})
+        welcome, _ = expect(channel, "welcome", path)
+    except BaseException:
+        channel.close()
+        raise
+    return channel, welcome
+
+
+def expect(channel: Channel, kind: str, path: str) -> tuple[dict[str, Any], list[int]]:
+    """Receive one message of type *kind*, turning errors into FdserverErrors."""
+    try:
+        message, fds = channel.receive()
+    except (TimeoutError, socket.timeout):
+        raise ConnectError(f"fdserver at {path} did not answer in time") from None
+    except TransportError as exc:
+        raise ConnectError(f"fdserver at {path}: {exc}") from None
+    except OSError as exc:
+        raise ConnectError(f"fdserver at {path}: {exc.strerror or exc}") from None
+    if message["type"] == "error":
+        close_fds(fds)
+        raise RefusedError(f"fdserver at {path} refused: {message['message']}")
+    if message["type"] != kind:
+        close_fds(fds)
+        raise ProtocolError(f"fdserver at {path} sent {message['type']}, expected {kind}")
+    return message, fds
+
+
+def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Registration:
+    """Register as a worker and receive every listener fdserver holds."""
+    channel, welcome = connect(path, "worker", connect_timeout)
+    listeners: list[ReceivedListener] = []
+    try:
+        more = True
+        while more:
+            message, fds = expect(channel, "listeners", path)
+            more = message["more"]
+            described = message["listeners"]
+            if len(described) != len(fds):
+                close_fds(fds)
+                raise ProtocolError("listeners message describes "
+                                    f"{len(described)} sockets but carries {len(fds)}")
+            for i, (meta, fd) in enumerate(zip(described, fds)):
+                try:
+                    sock = adopt_listener(fd)
+                except TransportError as exc:
+                    close_fds(fds[i + 1:])
+                    raise ConnectError(f"fdserver at {path}: listener "
+                                       f"{meta.get('name')!r}: {exc}") from None
+                listeners.append(ReceivedListener(str(meta.get("name")), str(meta.get("family")),
+                                                  str(meta.get("address")), sock))
+    except BaseException:
+        for listener in listeners:
+            listener.sock.close()
+        channel.close()
+        raise
+    return Registration(path, channel, welcome["server_pid"], listeners)

@@ -1,0 +1,86 @@
+"""fdctl's side of the protocol: status queries and waits on worker states."""
+
+from __future__ import annotations
+
+import collections
+from datetime import datetime, timezone
+from typing import Any
+
+from .client import connect, expect
+
+
+class Control:
+    """A short-lived ctl connection to fdserver (blocking)."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        self.channel, self.welcome = connect(path, "ctl", timeout=0)
+        self.channel.sock.settimeout(timeout)
+
+    def __enter__(self) -> "Control":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def status(self) -> dict[str, Any]:
+        self.channel.send({"type": "status"})
+        message, _ = expect(self.channel, "status", self.path)
+        message.pop("type")
+        return message
+
+    def wait(self, pid: int, state: str, timeout: float) -> tuple[bool, str]:
+        """Wait until worker *pid* is in *state* (``gone`` included).
+
+        fdserver answers the moment the state is reached, or at *timeout*;
+        returns (reached, state at that moment).
+        """
+        self.channel.send({"type": "wait", "pid": pid, "state": state, "timeout": timeout})
+        old = self.channel.sock.gettimeout()
+        self.channel.sock.settimeout(timeout + 10.0)
+        try:
+            message, _ = expect(self.channel, "waited", self.path)
+        finally:
+            self.channel.sock.settimeout(old)
+        return message["ok"], message["state"]
+
+
+def format_status(status: dict[str, Any], now: datetime | None = None) -> str:
+    """The human-readable table printed by ``fdctl status``."""
+    now = now or datetime.now(timezone.utc)
+    server = status["server"]
+    lines = [f"fdserver pid {server['pid']} (uid {server['uid']}), version {server['version']}, "
+             f"up {_age(server['started_at'], now)}",
+             f"socket   {server['socket']}", ""]
+    rows = [("LISTENER", "FAMILY", "ADDRESS")]
+    rows += [(l["name"], l["family"], l["address"]) for l in status["listeners"]]
+    lines += _table(rows) + [""]
+    workers = status["workers"]
+    if workers:
+        rows = [("PID", "UID", "STATE", "CONNECTED", "READY")]
+        rows += [(str(w["pid"]), str(w["uid"]), w["state"], _age(w["connected_at"], now) + " ago",
+                  _age(w["ready_at"], now) + " ago" if w["ready_at"] else "-") for w in workers]
+        lines += _table(rows)
+    counts = collections.Counter(w["state"] for w in workers)
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    lines.append(f"{len(workers)} worker{'s' if len(workers) != 1 else ''}"
+                 + (f": {summary}" if summary else ""))
+    return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _age(iso: str, now: datetime) -> str:
+    seconds = max(0, int((now - datetime.fromisoformat(iso)).total_seconds()))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+

@@ -1,0 +1,33 @@
+"""Every error fdserver raises on purpose; the entry points print them as one line."""
+
+
+class FdserverError(Exception):
+    """Base class: something a user or operator can act on."""
+
+
+class ProtocolError(FdserverError):
+    """The peer sent something that is not a valid frame or message."""
+
+
+class TransportError(FdserverError):
+    """The connection failed below the protocol: EOF, truncation, I/O error."""
+
+
+class BindError(FdserverError):
+    """A --bind spec is malformed or its address cannot be bound."""
+
+
+class SocketFileError(FdserverError):
+    """The Unix socket path cannot be used."""
+
+
+class ConnectError(FdserverError):
+    """No fdserver answered at the socket path."""
+
+
+class RefusedError(FdserverError):
+    """fdserver answered, but with an error message."""
+
+
+class AppError(FdserverError):
+    """The MODULE:ATTR given to fdapp cannot be loaded as a Tornado app."""

@@ -1,0 +1,186 @@
+"""The wire format spoken over fdserver's Unix socket: bytes in, messages out.
+
+No sockets here; :mod:`fdserver.transport` moves these bytes and the
+descriptors that ride along with them.
+
+Frame (every message, both directions)::
+
+    offset  size  field
+    0       2     magic     b"FD"
+    2       1     framing   1 (FRAME_VERSION); anything else is refused
+    3       1     reserved  0
+    4       4     length    payload size, big-endian uint32, <= MAX_PAYLOAD
+    8       n     payload   UTF-8 JSON object with a string "type"
+
+A frame that carries descriptors says how many in its ``"fds"`` field and
+has them attached (SCM_RIGHTS) to its first byte, at most MAX_FDS_PER_FRAME
+of them.  Anything that does not parse is a protocol error: the peer gets
+an ``error`` message and the connection is closed.
+
+Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
+
+    client -> hello      {"versions": [1], "role": "worker" | "ctl"}
+    server -> welcome    {"version": 1, "server_pid": int, "listeners": int}
+  worker only:
+    server -> listeners  {"listeners": [{"name", "family", "address"}, ...],
+                          "fds": n, "more": bool}        (repeated while more)
+    worker -> state      {"state": "ready" | "draining"}     (any time after)
+  ctl only (request -> answer, any number):
+    ctl    -> status     {}
+    server -> status     {"server": {...}, "listeners": [...], "workers": [...]}
+    ctl    -> wait       {"pid": int, "state": str, "timeout": float}
+    server -> waited     {"pid": int, "state": str | null, "ok": bool}
+  any time:
+    server -> error      {"message": str}       then the server closes
+
+Who the peer is comes from SO_PEERCRED on the server's side, never from the
+payload.  A worker's connection stays open for the worker's whole life: it is
+the registration, and its end (EOF) means the process is gone.
+
+Reserved for later versions (the frame leaves room for them): ``load``
+(worker -> server: open connections), ``connection`` (server -> worker: one
+accepted connection + fd), ``handback`` (worker -> a restarted server: the
+listeners it holds + fds).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from .errors import ProtocolError
+
+MAGIC = b"FD"
+FRAME_VERSION = 1
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+HEADER = struct.Struct("!2sBBI")
+MAX_PAYLOAD = 64 * 1024
+# SCM_MAX_FD in the Linux kernel is 253; keep one spare, as the design asks.
+MAX_FDS_PER_FRAME = 252
+
+ROLES = ("worker", "ctl")
+WORKER_STATES = ("ready", "draining")
+
+# Required fields per message type, with the JSON types they must have.
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "hello": {"versions": list, "role": str},
+    "welcome": {"version": int, "server_pid": int, "listeners": int},
+    "listeners": {"listeners": list, "fds": int, "more": bool},
+    "state": {"state": str},
+    "status": {},
+    "wait": {"pid": int, "state": str, "timeout": (int, float)},
+    "waited": {"pid": int, "ok": bool},
+    "error": {"message": str},
+}
+
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """Return one frame holding *message* (a dict with a ``"type"``)."""
+    validate(message)
+    payload = json.dumps(message, separators=(",", ":")).encode()
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(
+            f"{message['type']} message of {len(payload)} bytes exceeds "
+            f"the {MAX_PAYLOAD}-byte frame limit"
+        )
+    return HEADER.pack(MAGIC, FRAME_VERSION, 0, len(payload)) + payload
+
+
+def validate(message: Any) -> dict[str, Any]:
+    """Check *message* against the schema of its type; return it."""
+    if not isinstance(message, dict):
+        raise ProtocolError("message is not a JSON object")
+    kind = message.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("message has no string 'type'")
+    schema = _SCHEMA.get(kind)
+    if schema is None:
+        raise ProtocolError(f"unknown message type {kind[:40]!r}")
+    for field, expected in schema.items():
+        value = message.get(field)
+        # bool is an int in Python; JSON keeps them apart, so do we.
+        if not isinstance(value, expected) or (
+            isinstance(value, bool) and expected is not bool
+        ):
+            raise ProtocolError(f"{kind} message has a missing or bad {field!r}")
+    fds = message.get("fds", 0)
+    if not isinstance(fds, int) or isinstance(fds, bool):
+        raise ProtocolError(f"{kind} message has a bad 'fds' count")
+    if not 0 <= fds <= MAX_FDS_PER_FRAME:
+        raise ProtocolError(f"{kind} message announces {fds} descriptors "
+                            f"(0..{MAX_FDS_PER_FRAME} allowed)")
+    return message
+
+
+class Decoder:
+    """Incremental frame parser: feed bytes, get complete messages.
+
+    After a ProtocolError the decoder is poisoned: the stream has lost its
+    framing and the only safe thing left is to close the connection.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buffer = bytearray()
+        self._max_payload = max_payload
+        self._failed: ProtocolError | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a whole frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        if self._failed:
+            raise self._failed
+        self._buffer += data
+        messages = []
+        try:
+            while True:
+                message = self._next()
+                if message is None:
+                    return messages
+                messages.append(message)
+        except ProtocolError as exc:
+            self._failed = exc
+            raise
+
+    def _next(self) -> dict[str, Any] | None:
+        buf = self._buffer
+        # Check the magic as soon as its bytes are in, so garbage fails fast.
+        if buf[: len(MAGIC)] != MAGIC[: len(buf)]:
+            raise ProtocolError("bad frame magic (not an fdserver peer?)")
+        if len(buf) < HEADER.size:
+            return None
+        _, framing, _, length = HEADER.unpack_from(buf)
+        if framing != FRAME_VERSION:
+            raise ProtocolError(f"unsupported frame version {framing}")
+        if length > self._max_payload:
+            raise ProtocolError(f"frame of {length} bytes exceeds the "
+                                f"{self._max_payload}-byte limit")
+        end = HEADER.size + length
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[HEADER.size:end])
+        del buf[:end]
+        try:
+            message = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(f"frame payload is not UTF-8 JSON: {exc}") from None
+        return validate(message)
+
+
+def negotiate(hello: dict[str, Any]) -> int:
+    """Pick the protocol version for a client's hello, or raise ProtocolError."""
+    offered = [v for v in hello["versions"] if isinstance(v, int) and not isinstance(v, bool)]
+    common = set(offered) & set(SUPPORTED_VERSIONS)
+    if not common:
+        raise ProtocolError(
+            f"no common protocol version: server speaks "
+            f"{list(SUPPORTED_VERSIONS)}, client offered {hello['versions'][:8]}"
+        )
+    if hello["role"] not in ROLES:
+        raise ProtocolError(f"unknown role {hello['role'][:40]!r}")
+    return max(common)

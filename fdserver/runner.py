@@ -1,0 +1,155 @@
+"""The Tornado side of an app process: load the app, serve fdserver's sockets.
+
+Life of a worker: register with fdserver (receive the listeners), call
+``add_sockets``, report ``ready``; on SIGTERM or SIGINT report ``draining``,
+drain (see :mod:`fdserver.drain`) and exit 0.  A second SIGINT, or SIGQUIT,
+exits at once.  If fdserver goes away the worker keeps serving: it holds its
+own copy of every listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import logging
+import os
+import signal
+import sys
+from typing import Any, Callable
+
+from tornado.httputil import HTTPServerConnectionDelegate
+from tornado.web import Application
+
+from .client import Registration
+from .drain import DrainingHTTPServer
+from .errors import AppError
+from .transport import LoopChannel
+
+log = logging.getLogger("fdapp")
+
+DEFAULT_GRACEFUL_TIMEOUT = 30.0
+DEFAULT_KEEPALIVE_GRACE = 1.0
+
+
+def load_app(spec: str, path: str | None = None) -> HTTPServerConnectionDelegate:
+    """Import ``MODULE:ATTR``; ATTR is an Application or a callable returning one.
+
+    *path* (default: the current directory) goes first on ``sys.path``, as
+    gunicorn and uvicorn do, so ``cd project && fdapp app:make_app`` works.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise AppError(f"{spec!r} is not MODULE:ATTR (for example app:make_app)")
+    folder = os.path.abspath(path or os.getcwd())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise AppError(f"cannot import {module_name!r} for {spec}: {exc}") from None
+    except Exception as exc:
+        raise AppError(f"importing {module_name!r} for {spec} failed: "
+                       f"{type(exc).__name__}: {exc}") from None
+    try:
+        target = functools.reduce(getattr, attr.split("."), module)
+    except AttributeError:
+        raise AppError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(target, HTTPServerConnectionDelegate) and callable(target):
+        try:
+            target = target()
+        except Exception as exc:
+            raise AppError(f"calling {spec} failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(target, HTTPServerConnectionDelegate):
+        raise AppError(f"{spec} is a {type(target).__name__}, not a tornado.web.Application "
+                       "or a callable returning one")
+    return target
+
+
+class Worker:
+    """Serves *app* on a registration's listeners until drained."""
+
+    def __init__(
+        self,
+        app: HTTPServerConnectionDelegate,
+        registration: Registration,
+        *,
+        graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
+        keepalive_grace: float = DEFAULT_KEEPALIVE_GRACE,
+        on_state: Callable[[str], None] = lambda state: None,
+        server_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.app = app
+        self.registration = registration
+        self.graceful_timeout = graceful_timeout
+        self.keepalive_grace = keepalive_grace
+        self.on_state = on_state
+        self.server_options = server_options or {}
+        self.server: DrainingHTTPServer | None = None
+        self.channel: LoopChannel | None = None
+        self._exit: asyncio.Future[int] | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def run(self) -> int:
+        """Serve until drained; return the process exit status."""
+        return asyncio.run(self._main())
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._exit = loop.create_future()
+        self.server = DrainingHTTPServer(self.app, **self.server_options)
+        self.server.add_sockets(self.registration.sockets())
+        self.channel = LoopChannel(self.registration.channel, loop,
+                                   self._on_message, self._on_server_gone)
+        # Signal handlers only hand the signal to the loop.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        self._report("ready")
+        names = ", ".join(f"{l.name} on {l.address}" for l in self.registration.listeners)
+        log.info("pid %d ready: serving %s", os.getpid(), names)
+        try:
+            return await self._exit
+        finally:
+            if self._drain_task and not self._drain_task.done():
+                self._drain_task.cancel()
+            self.channel.close(None)
+
+    def _report(self, state: str) -> None:
+        self.on_state(state)
+        self.channel.send({"type": "state", "state": state})
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGQUIT or (self._drain_task and signum == signal.SIGINT):
+            left = self.server.connection_count
+            log.warning("%s: exiting at once, cutting %d connections", name, left)
+            self._finish(1)
+        elif self._drain_task is None:
+            log.info("%s: draining %d connections (at most %gs)", name,
+                     self.server.connection_count, self.graceful_timeout)
+            self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        self._report("draining")
+        cut = await self.server.drain(self.graceful_timeout, self.keepalive_grace)
+        if cut:
+            log.warning("graceful timeout: closed %d connections still open", cut)
+        else:
+            log.info("drained; exiting")
+        self._finish(0)
+
+    def _finish(self, status: int) -> None:
+        if not self._exit.done():
+            self._exit.set_result(status)
+
+    def _on_message(self, message: dict[str, Any], fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        if message["type"] == "error":
+            log.warning("fdserver says: %s", message["message"])
+
+    def _on_server_gone(self, reason: str | None) -> None:
+        if self._exit.done():
+            return
+        log.warning("lost fdserver (%s); still serving on the listeners this process holds",
+                    reason or "connection closed")

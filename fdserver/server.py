@@ -1,0 +1,272 @@
+"""The fdserver daemon: hands its listeners to every worker that connects.
+
+One asyncio loop, one Unix socket, one registration connection per worker.
+Each connection is isolated: a peer that sends garbage, stalls or floods is
+closed on its own without slowing anyone else, and the listeners themselves
+never pass through this loop (fdserver is not in the data path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from . import __version__
+from .listeners import Listener
+from .errors import ProtocolError
+from .protocol import MAX_FDS_PER_FRAME, PROTOCOL_VERSION, negotiate
+from .socketfile import SocketFile
+from .transport import Channel, LoopChannel, close_fds, peer_credentials
+
+log = logging.getLogger("fdserver")
+
+WAITABLE_STATES = ("starting", "ready", "draining", "gone")
+
+
+@dataclass(eq=False)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+    connected_at: float
+    role: str | None = None          # None until the hello arrives
+    state: str = "handshake"         # workers: starting -> ready -> draining
+    ready_at: float | None = None
+    channel: LoopChannel | None = None
+    timer: asyncio.TimerHandle | None = None
+    waits: list["_Wait"] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "state": self.state,
+                "connected_at": _iso(self.connected_at),
+                "ready_at": _iso(self.ready_at) if self.ready_at else None}
+
+
+@dataclass(eq=False)
+class _Wait:
+    asker: Peer
+    pid: int
+    state: str
+    timer: asyncio.TimerHandle | None = None
+
+
+class Server:
+    """Serves *listeners* to workers that connect on *socket_file*."""
+
+    def __init__(
+        self,
+        listeners: list[Listener],
+        socket_file: SocketFile,
+        *,
+        handshake_timeout: float = 5.0,
+        ctl_idle_timeout: float = 60.0,
+        max_pending_per_uid: int = 64,
+        max_peers: int = 4096,
+    ) -> None:
+        self.listeners = listeners
+        self.socket_file = socket_file
+        self.handshake_timeout = handshake_timeout
+        self.ctl_idle_timeout = ctl_idle_timeout
+        self.max_pending_per_uid = max_pending_per_uid
+        self.max_peers = max_peers
+        self.peers: set[Peer] = set()
+        self.started_at = time.time()
+        self._waits: list[_Wait] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- life cycle --------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then clean up and return."""
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = loop = asyncio.get_running_loop()
+        stop = loop.create_future()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            # The handler only resolves a future; the loop does the work.
+            loop.add_signal_handler(signum, lambda s=signum: stop.done() or stop.set_result(s))
+        loop.add_reader(self.socket_file.sock.fileno(), self._accept)
+        served = ", ".join(f"{l.name} on {l.address}" for l in self.listeners)
+        log.info("serving %s; socket %s", served, self.socket_file.path)
+        signum = await stop
+        log.info("%s: shutting down; workers keep serving", signal.Signals(signum).name)
+        loop.remove_reader(self.socket_file.sock.fileno())
+        for peer in list(self.peers):
+            peer.channel.close(None)
+        self.socket_file.close()
+        for listener in self.listeners:
+            listener.sock.close()      # close, never shutdown(): workers share it
+
+    # -- connections -------------------------------------------------------
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _ = self.socket_file.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: log, and let the next wakeup retry.
+                log.warning("accept on %s failed: %s", self.socket_file.path, exc.strerror)
+                return
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        pid, uid, gid = peer_credentials(conn)
+        pending = sum(1 for p in self.peers if p.role is None and p.uid == uid)
+        if len(self.peers) >= self.max_peers or pending >= self.max_pending_per_uid:
+            log.warning("refusing connection from pid %d uid %d: too many connections", pid, uid)
+            conn.close()
+            return
+        peer = Peer(pid=pid, uid=uid, gid=gid, connected_at=time.time())
+        self.peers.add(peer)
+        peer.channel = LoopChannel(
+            Channel(conn), self._loop,
+            on_message=lambda msg, fds: self._on_message(peer, msg, fds),
+            on_close=lambda reason: self._on_close(peer, reason),
+        )
+        self._arm(peer, self.handshake_timeout, "no hello within the handshake timeout")
+
+    def _arm(self, peer: Peer, timeout: float, reason: str) -> None:
+        if peer.timer:
+            peer.timer.cancel()
+        peer.timer = self._loop.call_later(
+            timeout, lambda: peer.channel.send_and_close({"type": "error", "message": reason}))
+
+    def _on_close(self, peer: Peer, reason: str | None) -> None:
+        self.peers.discard(peer)
+        if peer.timer:
+            peer.timer.cancel()
+        for wait in list(peer.waits):
+            self._end_wait(wait, ok=False, answer=False)
+        if peer.role == "worker":
+            log.info("worker pid %d gone (was %s)", peer.pid, peer.state)
+            peer.state = "gone"
+            self._check_waits(peer)
+        elif reason:
+            log.warning("closed connection from pid %d uid %d: %s", peer.pid, peer.uid, reason)
+
+    # -- messages ----------------------------------------------------------
+
+    def _on_message(self, peer: Peer, message: dict[str, Any], fds: list[int]) -> None:
+        if fds:
+            close_fds(fds)
+            return self._refuse(peer, f"unexpected descriptors with {message['type']}")
+        try:
+            if peer.role is None:
+                self._on_hello(peer, message)
+            elif peer.role == "worker" and message["type"] == "state":
+                self._on_state(peer, message["state"])
+            elif peer.role == "ctl" and message["type"] == "status":
+                peer.channel.send({"type": "status", **self.status()})
+            elif peer.role == "ctl" and message["type"] == "wait":
+                self._on_wait(peer, message)
+            else:
+                raise ProtocolError(f"unexpected {message['type']} message from a {peer.role}")
+        except ProtocolError as exc:
+            self._refuse(peer, str(exc))
+        if peer.role == "ctl" and not peer.waits and not peer.channel.closed:
+            self._arm(peer, self.ctl_idle_timeout, "idle for too long")
+
+    def _refuse(self, peer: Peer, reason: str) -> None:
+        peer.channel.send_and_close({"type": "error", "message": reason})
+
+    def _on_hello(self, peer: Peer, message: dict[str, Any]) -> None:
+        if message["type"] != "hello":
+            raise ProtocolError(f"expected hello, got {message['type']}")
+        version = negotiate(message)
+        peer.role = message["role"]
+        peer.timer.cancel()
+        peer.timer = None
+        peer.channel.send({"type": "welcome", "version": version, "server_pid": os.getpid(),
+                           "listeners": len(self.listeners)})
+        if peer.role == "worker":
+            self._hand_over(peer)
+            peer.state = "starting"
+            log.info("worker pid %d uid %d connected", peer.pid, peer.uid)
+        else:
+            peer.state = "ctl"
+
+    def _hand_over(self, peer: Peer) -> None:
+        batches = [self.listeners[i:i + MAX_FDS_PER_FRAME]
+                   for i in range(0, len(self.listeners), MAX_FDS_PER_FRAME)] or [[]]
+        for n, batch in enumerate(batches, 1):
+            peer.channel.send(
+                {"type": "listeners", "listeners": [l.describe() for l in batch],
+                 "fds": len(batch), "more": n < len(batches)},
+                [l.sock.fileno() for l in batch])
+
+    def _on_state(self, peer: Peer, state: str) -> None:
+        allowed = {"starting": ("ready", "draining"), "ready": ("draining",), "draining": ()}
+        if state == peer.state:
+            return
+        if state not in allowed[peer.state]:
+            raise ProtocolError(f"worker cannot go from {peer.state} to {state}")
+        peer.state = state
+        if state == "ready":
+            peer.ready_at = time.time()
+        log.info("worker pid %d %s", peer.pid, state)
+        self._check_waits(peer)
+
+    # -- status and waiting ------------------------------------------------
+
+    def workers(self) -> list[Peer]:
+        return sorted((p for p in self.peers if p.role == "worker"), key=lambda p: p.connected_at)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "server": {"pid": os.getpid(), "uid": os.getuid(), "version": __version__,
+                       "protocol": PROTOCOL_VERSION, "socket": self.socket_file.path,
+                       "started_at": _iso(self.started_at)},
+            "listeners": [l.describe() for l in self.listeners],
+            "workers": [p.describe() for p in self.workers()],
+        }
+
+    def _on_wait(self, asker: Peer, message: dict[str, Any]) -> None:
+        if message["state"] not in WAITABLE_STATES:
+            raise ProtocolError(f"cannot wait for state {message['state'][:40]!r}")
+        wait = _Wait(asker, message["pid"], message["state"])
+        asker.waits.append(wait)
+        self._waits.append(wait)
+        if asker.timer:
+            asker.timer.cancel()
+            asker.timer = None
+        timeout = min(max(float(message["timeout"]), 0.0), 3600.0)
+        wait.timer = self._loop.call_later(timeout, lambda: self._end_wait(wait, ok=False))
+        self._check_waits()
+
+    def _state_of(self, pid: int) -> str:
+        for peer in self.peers:
+            if peer.role == "worker" and peer.pid == pid:
+                return peer.state
+        return "gone"
+
+    def _check_waits(self, changed: Peer | None = None) -> None:
+        for wait in list(self._waits):
+            if changed is None or wait.pid == changed.pid:
+                if self._state_of(wait.pid) == wait.state:
+                    self._end_wait(wait, ok=True)
+
+    def _end_wait(self, wait: _Wait, ok: bool, answer: bool = True) -> None:
+        if wait not in self._waits:
+            return
+        self._waits.remove(wait)
+        wait.asker.waits.remove(wait)
+        wait.timer.cancel()
+        if answer:
+            wait.asker.channel.send({"type": "waited", "pid": wait.pid,
+                                     "state": self._state_of(wait.pid), "ok": ok})
+            if not wait.asker.waits:
+                self._arm(wait.asker, self.ctl_idle_timeout, "idle for too long")
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")

@@ -1,0 +1,293 @@
+"""Frames and descriptors over a Unix stream socket.
+
+:class:`Channel` turns a connected ``AF_UNIX`` socket into a stream of
+``(message, fds)`` pairs and back.  It works on blocking sockets (the short
+handshake of an app process, fdctl) and on non-blocking ones driven by an
+asyncio loop (:class:`LoopChannel`, used by fdserver and by app processes
+after the handshake).
+
+Descriptors are received with ``MSG_CMSG_CLOEXEC`` and marked non-inheritable
+again by hand: a copy leaked into a child process keeps a port bound after
+everyone else closed it.  A truncated control message (``MSG_CTRUNC``, e.g.
+the receiver ran out of descriptors) closes whatever did arrive and fails
+loudly rather than losing listeners silently.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import errno
+import os
+import socket
+import struct
+from typing import Any, Callable, Iterable
+
+from .errors import ProtocolError, TransportError
+from .protocol import MAX_FDS_PER_FRAME, Decoder, encode
+
+RECV_BYTES = 64 * 1024
+# A peer that does not read its answers must not make us buffer without end.
+MAX_OUTPUT = 1024 * 1024
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+Recvmsg = Callable[[int, int, int], tuple[bytes, list, int, Any]]
+
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from the kernel."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)
+
+
+def adopt_listener(fd: int) -> socket.socket:
+    """Wrap a received descriptor, checking it is a listening stream socket.
+
+    Closes *fd* and raises TransportError if it is anything else.
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        os.close(fd)
+        raise TransportError(f"received descriptor {fd} is not a socket: {exc.strerror}") from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot inspect received socket: {exc.strerror}") from None
+    if kind != socket.SOCK_STREAM or not listening:
+        sock.close()
+        raise TransportError("received descriptor is not a listening stream socket")
+    sock.set_inheritable(False)
+    return sock
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Channel:
+    """Framed messages with attached descriptors over one Unix socket.
+
+    *recvmsg* is a seam for tests: it defaults to the socket's own and lets a
+    test produce failures the kernel cannot be made to produce on demand.
+    """
+
+    def __init__(self, sock: socket.socket, *, recvmsg: Recvmsg | None = None) -> None:
+        self.sock = sock
+        self._recvmsg = recvmsg or sock.recvmsg
+        self._decoder = Decoder()
+        self._fds: collections.deque[int] = collections.deque()
+        self._inbox: collections.deque[tuple[dict[str, Any], list[int]]] = collections.deque()
+        self._outbox: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
+        self._output_size = 0
+        self.closed = False
+
+    # -- receiving ---------------------------------------------------------
+
+    def receive_some(self) -> bool:
+        """Read once from the socket; return False at EOF.
+
+        Raises BlockingIOError on a non-blocking socket with nothing to read,
+        TransportError or ProtocolError when the connection is unusable.
+        """
+        ancbufsize = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * 4)
+        data, ancdata, flags, _ = self._recvmsg(RECV_BYTES, ancbufsize, _CMSG_CLOEXEC)
+        fds = _fds_from(ancdata)
+        if flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            raise TransportError(
+                "descriptors were truncated in transit (MSG_CTRUNC); "
+                "is this process out of file descriptors (ulimit -n)?"
+            )
+        self._fds.extend(fds)
+        if not data:
+            return False
+        for message in self._decoder.feed(data):
+            count = message.get("fds", 0)
+            if count > len(self._fds):
+                raise ProtocolError(f"{message['type']} message announced {count} "
+                                    f"descriptors but {len(self._fds)} arrived")
+            self._inbox.append((message, [self._fds.popleft() for _ in range(count)]))
+        if self._fds and not self._decoder.pending:
+            stray = list(self._fds)
+            self._fds.clear()
+            close_fds(stray)
+            raise ProtocolError(f"{len(stray)} unannounced descriptors received")
+        return True
+
+    def next_message(self) -> tuple[dict[str, Any], list[int]] | None:
+        """The next complete message and its descriptors, if one has arrived."""
+        return self._inbox.popleft() if self._inbox else None
+
+    def receive(self) -> tuple[dict[str, Any], list[int]]:
+        """Block until a whole message is in (honours the socket's timeout)."""
+        while not self._inbox:
+            if not self.receive_some():
+                raise TransportError("connection closed by peer")
+        return self._inbox.popleft()
+
+    # -- sending -----------------------------------------------------------
+
+    def queue(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Append a frame to the output; call flush() to write it."""
+        if len(fds) != message.get("fds", 0):
+            raise ValueError("message 'fds' count does not match the descriptors given")
+        frame = encode(message)
+        if self._output_size + len(frame) > MAX_OUTPUT:
+            raise TransportError("peer is not reading its messages (output buffer full)")
+        self._outbox.append((memoryview(frame), list(fds)))
+        self._output_size += len(frame)
+
+    def flush(self) -> bool:
+        """Write what the socket takes now; True once everything is sent."""
+        while self._outbox:
+            data, fds = self._outbox[0]
+            ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            sent = self.sock.sendmsg([data], ancdata)
+            self._output_size -= sent
+            if sent < len(data):
+                # Descriptors travel with the first byte only.
+                self._outbox[0] = (data[sent:], [])
+                return False
+            self._outbox.popleft()
+        return True
+
+    def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Queue and write a frame on a blocking socket."""
+        self.queue(message, fds)
+        while not self.flush():
+            pass
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self._outbox)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        close_fds(self._fds)
+        self._fds.clear()
+        for _, fds in self._inbox:
+            close_fds(fds)
+        self._inbox.clear()
+        self.sock.close()
+
+
+def _fds_from(ancdata: list) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = array.array("i")
+            received.frombytes(data[: len(data) - len(data) % received.itemsize])
+            fds.extend(received)
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return fds
+
+
+class LoopChannel:
+    """A non-blocking Channel driven by an asyncio loop.
+
+    *on_message(message, fds)* runs for each message (it owns the fds);
+    *on_close(reason)* runs once when the connection ends, with None for a
+    clean EOF or a one-line reason.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[dict[str, Any], list[int]], None],
+        on_close: Callable[[str | None], None],
+    ) -> None:
+        self.channel = channel
+        self._loop = loop
+        self._on_message = on_message
+        self._on_close = on_close
+        self._writing = False
+        self._closing = False
+        channel.sock.setblocking(False)
+        loop.add_reader(channel.sock.fileno(), self._readable)
+
+    @property
+    def closed(self) -> bool:
+        return self.channel.closed
+
+    def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        if self.closed or self._closing:
+            return
+        try:
+            self.channel.queue(message, fds)
+        except TransportError as exc:
+            self.close(str(exc))
+            return
+        self._write()
+
+    def send_and_close(self, message: dict[str, Any]) -> None:
+        """Send a last message (an error), then close once it is written."""
+        self.send(message)
+        self._closing = True
+        if not self.closed and not self.channel.wants_write:
+            self.close(message.get("message"))
+
+    def _write(self) -> None:
+        try:
+            done = self.channel.flush()
+        except BlockingIOError:
+            done = False
+        except OSError as exc:
+            self.close(f"write failed: {exc.strerror or exc}")
+            return
+        if done:
+            if self._writing:
+                self._loop.remove_writer(self.channel.sock.fileno())
+                self._writing = False
+            if self._closing:
+                self.close(None)
+        elif not self._writing:
+            self._loop.add_writer(self.channel.sock.fileno(), self._write)
+            self._writing = True
+
+    def _readable(self) -> None:
+        try:
+            alive = self.channel.receive_some()
+        except BlockingIOError:
+            return
+        except (ProtocolError, TransportError) as exc:
+            if not self._closing:
+                self.send_and_close({"type": "error", "message": str(exc)})
+            else:
+                self.close(str(exc))
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ECONNRESET, errno.EPIPE):
+                self.close(None)
+            else:
+                self.close(f"read failed: {exc.strerror or exc}")
+            return
+        while not self.closed and not self._closing:
+            item = self.channel.next_message()
+            if item is None:
+                break
+            self._on_message(*item)
+        if not alive:
+            self.close(None)
+
+    def close(self, reason: str | None) -> None:
+        if self.closed:
+            return
+        fileno = self.channel.sock.fileno()
+        self._loop.remove_reader(fileno)
+        if self._writing:
+            self._loop.remove_writer(fileno)
+        self.channel.close()
+        self._on_close(reason)

@@ -1,0 +1,92 @@
+"""Fixtures that start fdserver and fdapp as real processes on real sockets."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support import PROJECT, Proc, run, script  # noqa: E402
+
+
+class FdserverProc(Proc):
+    """A running fdserver; .socket is its Unix socket, .address its first listener."""
+
+    socket: str
+    address: str
+
+    def status(self) -> dict:
+        result = run([script("fdctl"), "--socket", self.socket, "status", "--json"])
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def control(self):
+        from fdserver.ctl import Control
+        return Control(self.socket)
+
+    def wait_state(self, pid: int, state: str, timeout: float = 15.0) -> None:
+        """Wait (event-driven, fdserver answers on the change) for a worker state."""
+        with self.control() as control:
+            ok, now = control.wait(pid, state, timeout)
+        assert ok, f"worker {pid} is {now}, not {state}, after {timeout}s\n{self.output}"
+
+
+@pytest.fixture
+def procs():
+    """Start processes with procs.start(...); all are killed at teardown."""
+    started: list[Proc] = []
+
+    class Starter:
+        def start(self, argv, cls=Proc, **kwargs) -> Proc:
+            proc = cls(argv, **kwargs)
+            started.append(proc)
+            return proc
+
+    try:
+        yield Starter()
+    finally:
+        for proc in reversed(started):
+            proc.close()
+
+
+@pytest.fixture
+def sockdir(tmp_path_factory) -> Path:
+    # Short path: a Unix socket path must fit in 107 bytes.
+    return tmp_path_factory.mktemp("s")
+
+
+@pytest.fixture
+def start_fdserver(procs, sockdir):
+    """start_fdserver(*extra, binds=[...]) -> FdserverProc, once it serves."""
+
+    def start(*extra: str, binds=("127.0.0.1:0",), name: str = "fd.sock") -> FdserverProc:
+        path = str(sockdir / name)
+        argv = [script("fdserver"), "--socket", path, *extra]
+        for bind in binds:
+            argv += ["--bind", bind]
+        proc = procs.start(argv, cls=FdserverProc)
+        match = proc.wait_for_line(r"serving \w+ on (\S+?)[,;]")
+        proc.socket = path
+        proc.address = match.group(1)
+        return proc
+
+    return start
+
+
+@pytest.fixture
+def start_fdapp(procs):
+    """start_fdapp(server, *extra) -> Proc, once the worker reports ready."""
+
+    def start(server: FdserverProc, *extra: str, app: str = "app:make_app",
+              wait: bool = True, cwd: Path = PROJECT) -> Proc:
+        proc = procs.start([script("fdapp"), app, "--socket", server.socket, *extra], cwd=cwd)
+        if wait:
+            proc.wait_for_line(r"ready: serving")
+            server.wait_state(proc.pid, "ready")
+        return proc
+
+    return start

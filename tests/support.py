@@ -1,0 +1,131 @@
+"""Real processes for tests: started as a user would, watched, always killed.
+
+Every child gets a watchdog (killed after WATCHDOG seconds whatever happens)
+and a reader thread that collects its output so tests can wait on a line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+PROJECT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+WATCHDOG = 180.0
+
+
+class Proc:
+    """A child process whose merged output is collected line by line."""
+
+    def __init__(self, argv: list[str], *, cwd: Path | str = PROJECT, env: dict | None = None,
+                 watchdog: float = WATCHDOG, **popen) -> None:
+        self.argv = argv
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.popen = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, **popen)
+        self.pid = self.popen.pid
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._watchdog = threading.Timer(watchdog, self.kill)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = 15.0, start: int = 0) -> re.Match:
+        """Wait until a line matching *pattern* appears; fail with the output if not."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            seen = start
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no line matching {pattern!r} from {self.argv[:3]} "
+                                         f"(exit {self.popen.poll()}); output:\n{self.output}")
+                self._cond.wait(min(left, 0.5))
+
+    def wait(self, timeout: float = 15.0) -> int:
+        code = self.popen.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def close(self) -> None:
+        self._watchdog.cancel()
+        self.kill()
+        self._reader.join(5)
+
+
+def run(argv: list[str], timeout: float = 30.0, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command to completion, capturing text output."""
+    return subprocess.run(argv, cwd=kwargs.pop("cwd", PROJECT), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
+
+
+def script(name: str) -> str:
+    """Path of an installed console script (fdserver, fdapp, fdctl)."""
+    return str(BIN / name)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition"):
+    """Poll a cheap check of observable state until it holds, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def http_get(address: str, path: str = "/", timeout: float = 10.0) -> tuple[int, str]:
+    """GET http://address/path with a new connection; (status, body)."""
+    with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout) as response:
+        return response.status, response.read().decode()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+__all__ = ["PROJECT", "Proc", "run", "script", "wait_until", "http_get", "pid_alive", "signal"]

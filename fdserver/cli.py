@@ -110,6 +110,8 @@ def fdapp_parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalive-grace", type=_positive, default=1.0, metavar="SECONDS",
                    help="while draining, close a keep-alive connection once idle this long "
                         "(default %(default)s)")
+    p.add_argument("--access-log", action="store_true",
+                   help="log every request (off by default: it costs throughput)")
     p.add_argument("--xheaders", action="store_true",
                    help="trust X-Real-Ip/X-Forwarded-For (only behind a proxy)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -124,6 +126,8 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         from .runner import Worker, load_app
 
         _setup_logging("fdapp")
+        if not args.access_log:
+            logging.getLogger("tornado.access").setLevel(logging.WARNING)
         app = load_app(args.app)
         registration = register(args.socket, connect_timeout=args.connect_timeout)
         title = f"fdapp {args.app} --socket {args.socket}"
@@ -146,6 +150,19 @@ def fdctl_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = sub.add_parser("status", help="listeners and workers, with their states")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    rolling = sub.add_parser(
+        "rolling-restart",
+        help="restart app processes one at a time through supervisord, each only "
+             "after the previous replacement reported ready")
+    rolling.add_argument("--supervisor", required=True, metavar="URL",
+                         help="supervisord's server URL: unix:///path/supervisor.sock "
+                              "or http://host:port")
+    rolling.add_argument("--group", metavar="NAME",
+                         help="only this supervisord group (default: every supervisord "
+                              "process that is a worker registered with fdserver)")
+    rolling.add_argument("--ready-timeout", type=_positive, default=60.0, metavar="SECONDS",
+                         help="give up if a replacement is not ready this long after its "
+                              "start (default %(default)s)")
     return p
 
 
@@ -160,6 +177,26 @@ def fdctl_main(argv: Sequence[str] | None = None) -> int:
                 status = control.status()
             print(json.dumps(status, indent=2) if args.json else format_status(status))
             return 0
+        if args.command == "rolling-restart":
+            return _rolling_restart(args)
         raise AssertionError(args.command)
 
     return _run("fdctl", body)
+
+
+def _rolling_restart(args: argparse.Namespace) -> int:
+    import time
+
+    from .rolling import Supervisor, rolling_restart
+
+    started = time.monotonic()
+
+    def progress(step) -> None:
+        print(f"{step.name}: {step.old_pid} → {step.new_pid} ready in {step.seconds:.1f}s",
+              flush=True)
+
+    steps = rolling_restart(args.socket, Supervisor(args.supervisor), group=args.group,
+                            ready_timeout=args.ready_timeout, progress=progress)
+    print(f"rolling restart done: {len(steps)} processes replaced in "
+          f"{time.monotonic() - started:.1f}s")
+    return 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -57,6 +60,17 @@ def procs():
 def sockdir(tmp_path_factory) -> Path:
     # Short path: a Unix socket path must fit in 107 bytes.
     return tmp_path_factory.mktemp("s")
+
+
+@pytest.fixture
+def public_dir():
+    """A folder any user can write to (pytest's own tmp folders are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="fds-", dir="/tmp"))
+    os.chmod(path, 0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,118 @@
+"""A user's mistake gets one clear line, a non-zero exit, and nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+
+from support import PROJECT, http_get, run, script
+
+AS_USER = str(PROJECT / "tests" / "as_user.py")
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    assert result.returncode != 0, result
+    err = result.stderr.strip()
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def fdserver_cmd(sock: str, *binds: str) -> list[str]:
+    argv = [script("fdserver"), "--socket", sock]
+    for bind in binds:
+        argv += ["--bind", bind]
+    return argv
+
+
+def test_bind_address_in_use(sockdir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        path = sockdir / "fd.sock"
+        result = run(fdserver_cmd(str(path), address))
+    assert_one_line_error(result, f"cannot bind {address}", "address already in use")
+    assert not path.exists(), "fdserver must remove the socket file it created"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to nobody")
+def test_bind_low_port_without_privilege(public_dir):
+    result = run([sys.executable, AS_USER, "nobody", "fdserver_main",
+                  "--socket", str(public_dir / "fd.sock"), "--bind", "127.0.0.1:80"])
+    err = assert_one_line_error(result, "cannot bind 127.0.0.1:80", "permission denied")
+    assert "CAP_NET_BIND_SERVICE" in err
+
+
+@pytest.mark.parametrize("spec", ["80", "localhost:80", "0.0.0.0:http", "[::]80",
+                                  "0.0.0.0:70000", "bad name=0.0.0.0:80", "::1:80"])
+def test_malformed_bind_spec(sockdir, spec):
+    result = run(fdserver_cmd(str(sockdir / "fd.sock"), spec))
+    assert_one_line_error(result, f"--bind {spec}")
+
+
+def test_socket_folder_missing(sockdir):
+    missing = sockdir / "nope"
+    result = run(fdserver_cmd(str(missing / "fd.sock"), "127.0.0.1:0"))
+    assert_one_line_error(result, f"socket folder {missing} does not exist")
+
+
+def test_socket_path_is_a_regular_file(sockdir):
+    path = sockdir / "fd.sock"
+    path.write_text("precious\n")
+    result = run(fdserver_cmd(str(path), "127.0.0.1:0"))
+    assert_one_line_error(result, str(path), "not a socket", "refusing")
+    assert path.read_text() == "precious\n"
+
+
+def test_socket_path_is_a_live_fdserver(start_fdserver, start_fdapp):
+    server = start_fdserver()
+    result = run(fdserver_cmd(server.socket, "127.0.0.1:0"))
+    assert_one_line_error(result, server.socket, f"live server (pid {server.pid})")
+    # The first fdserver still owns its socket: a new worker joins and serves.
+    worker = start_fdapp(server)
+    assert http_get(server.address) == (200, f"Hello from {worker.pid}\n")
+    assert server.popen.poll() is None
+
+
+def test_stale_socket_is_replaced(start_fdserver, start_fdapp, sockdir):
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sockdir / "fd.sock"))
+    stale.close()            # the file stays, nobody listens: stale
+    server = start_fdserver()
+    worker = start_fdapp(server)
+    assert http_get(server.address) == (200, f"Hello from {worker.pid}\n")
+
+
+def test_fdapp_without_fdserver_gives_up_naming_the_path(sockdir):
+    path = str(sockdir / "absent.sock")
+    result = run([script("fdapp"), "app:make_app", "--socket", path, "--connect-timeout", "0.3"])
+    assert_one_line_error(result, f"no fdserver answered at {path} within 0.3s")
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("app", "not MODULE:ATTR"),
+    ("no_such_module:make_app", "cannot import 'no_such_module'"),
+    ("app:no_such_attr", "has no attribute 'no_such_attr'"),
+    ("app:HelloHandler", "calling app:HelloHandler failed"),
+    ("os:sep", "is a str, not a tornado.web.Application"),
+    ("broken_app:make_app", "importing 'broken_app' for broken_app:make_app failed"),
+])
+def test_fdapp_bad_app(tmp_path, spec, fragment):
+    (tmp_path / "broken_app.py").write_text("raise RuntimeError('boom at import')\n")
+    cwd = tmp_path if spec.startswith("broken") else PROJECT
+    # No fdserver at all: the app is checked before connecting.
+    result = run([script("fdapp"), spec, "--socket", str(tmp_path / "x.sock"),
+                  "--connect-timeout", "0"], cwd=cwd)
+    assert_one_line_error(result, fragment)
+
+
+def test_fdctl_without_fdserver(sockdir):
+    path = str(sockdir / "absent.sock")
+    result = run([script("fdctl"), "--socket", path, "status"])
+    assert_one_line_error(result, path)

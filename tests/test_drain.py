@@ -1,0 +1,165 @@
+"""fdapp's graceful drain, against real sockets and real processes."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import threading
+
+from support import http_get
+
+
+def connect(address: str) -> http.client.HTTPConnection:
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=20)
+    conn.connect()
+    return conn
+
+
+def get(conn: http.client.HTTPConnection, path: str = "/") -> http.client.HTTPResponse:
+    conn.request("GET", path)
+    response = conn.getresponse()
+    response.body = response.read()
+    return response
+
+
+def raw_get(sock: socket.socket) -> http.client.HTTPResponse:
+    """One keep-alive GET on a socket we own (http.client would close it itself)."""
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    response.read()
+    return response
+
+
+def in_background(fn, *args) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = fn(*args)
+        except Exception as exc:           # reported by the test's assertion
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def assert_closed_by_server(conn: http.client.HTTPConnection) -> None:
+    conn.sock.settimeout(20)
+    assert conn.sock.recv(1) == b"", "server should have closed the connection"
+
+
+def test_in_flight_request_finishes_and_worker_exits_zero(start_fdserver, start_fdapp):
+    server = start_fdserver()
+    worker = start_fdapp(server)
+    conn = connect(server.address)
+    thread, result = in_background(get, conn, "/slow?seconds=1")
+    wait_connected(server, worker)
+    worker.signal(signal.SIGTERM)
+    server.wait_state(worker.pid, "draining")
+    thread.join(20)
+    response = result["value"]
+    assert response.status == 200 and response.body.startswith(f"Hello from {worker.pid}".encode())
+    assert worker.wait() == 0
+    server.wait_state(worker.pid, "gone")
+
+
+def test_request_on_kept_alive_connection_during_drain_gets_connection_close(
+        start_fdserver, start_fdapp):
+    server = start_fdserver()
+    worker = start_fdapp(server, "--keepalive-grace", "30")
+    host, port = server.address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    assert raw_get(sock).getheader("Connection") is None   # kept alive
+    worker.signal(signal.SIGTERM)
+    server.wait_state(worker.pid, "draining")
+    response = raw_get(sock)                                # idle < grace: still served
+    assert response.status == 200
+    assert response.getheader("Connection") == "close"
+    assert sock.recv(1) == b"", "server should close after the response"
+    sock.close()
+    assert worker.wait() == 0
+
+
+def test_idle_keepalive_connection_is_closed_after_grace(start_fdserver, start_fdapp):
+    server = start_fdserver()
+    worker = start_fdapp(server, "--keepalive-grace", "0.2")
+    conn = connect(server.address)
+    assert get(conn).status == 200
+    worker.signal(signal.SIGTERM)
+    assert_closed_by_server(conn)
+    assert worker.wait() == 0
+    worker.wait_for_line(r"drained; exiting")
+
+
+def test_graceful_timeout_closes_what_remains(start_fdserver, start_fdapp):
+    server = start_fdserver()
+    worker = start_fdapp(server, "--graceful-timeout", "0.5")
+    conn = connect(server.address)
+    conn.request("GET", "/slow?seconds=60")
+    wait_connected(server, worker)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    worker.wait_for_line(r"graceful timeout: closed 1 connections")
+    assert_closed_by_server(conn)
+
+
+def wait_connected(server, worker) -> None:
+    # The worker is the only one: once it answers a second connection, the
+    # first (sent earlier, on the same accept queue) has been accepted too.
+    assert http_get(server.address) == (200, f"Hello from {worker.pid}\n")
+
+
+def test_second_sigint_exits_at_once(start_fdserver, start_fdapp):
+    server = start_fdserver()
+    worker = start_fdapp(server)
+    conn = connect(server.address)
+    conn.request("GET", "/slow?seconds=60")
+    wait_connected(server, worker)
+    worker.signal(signal.SIGINT)
+    server.wait_state(worker.pid, "draining")
+    worker.signal(signal.SIGINT)
+    assert worker.wait(timeout=10) == 1
+    worker.wait_for_line(r"SIGINT: exiting at once, cutting 1 connections")
+
+
+def test_sigquit_exits_at_once(start_fdserver, start_fdapp):
+    server = start_fdserver()
+    worker = start_fdapp(server)
+    conn = connect(server.address)
+    conn.request("GET", "/slow?seconds=60")
+    wait_connected(server, worker)
+    worker.signal(signal.SIGQUIT)
+    assert worker.wait(timeout=10) == 1
+
+
+def test_connections_queued_while_a_worker_leaves_are_served_by_the_next(
+        start_fdserver, start_fdapp):
+    """The accept queue outlives a leaving worker: fdserver still holds the socket."""
+    server = start_fdserver()
+    leaving = start_fdapp(server)
+    slow = connect(server.address)
+    thread, slow_result = in_background(get, slow, "/slow?seconds=2")
+    wait_connected(server, leaving)
+    leaving.signal(signal.SIGTERM)
+    server.wait_state(leaving.pid, "draining")
+    # Nobody accepts now: these connections wait in the kernel's queue.
+    host, port = server.address.rsplit(":", 1)
+    queued = []
+    for _ in range(20):
+        sock = socket.create_connection((host, int(port)), timeout=20)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        queued.append(sock)
+    assert leaving.wait() == 0           # gone, its copy of the listener closed
+    thread.join(20)
+    assert slow_result["value"].status == 200
+    newcomer = start_fdapp(server)
+    for sock in queued:
+        with sock:
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 200
+            assert response.read() == f"Hello from {newcomer.pid}\n".encode()

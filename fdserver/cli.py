@@ -42,6 +42,16 @@ def _set_title(title: str) -> None:
     setproctitle.setproctitle(title)
 
 
+def _octal(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0660") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text} is not a permission mode")
+    return value
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -56,11 +66,29 @@ def fdserver_parser() -> argparse.ArgumentParser:
         prog="fdserver",
         description="Bind listening sockets once and hand them to app processes "
                     "that connect on a Unix socket.")
-    p.add_argument("--bind", action="append", required=True, metavar="[NAME=]HOST:PORT",
-                   help="address to listen on; repeatable; IPv6 as [::]:80; "
-                        "NAME (default http) is what apps see")
+    p.add_argument("--bind", action="append", default=[], metavar="[NAME=]HOST:PORT",
+                   help="address to listen on; repeatable; IPv6 as [::]:80; NAME (default "
+                        "http) is what apps see. Not needed under systemd socket activation "
+                        "(LISTEN_FDS), whose sockets are used instead")
     p.add_argument("--socket", required=True, metavar="PATH",
                    help="Unix socket app processes and fdctl connect to")
+    p.add_argument("--user", metavar="NAME",
+                   help="after binding and creating the socket, drop to this user for good "
+                        "(start as root)")
+    p.add_argument("--group", metavar="NAME",
+                   help="group to drop to (default: the --user's primary group)")
+    p.add_argument("--socket-mode", type=_octal, default=0o660, metavar="MODE",
+                   help="permissions of the Unix socket (default 0660: owner and group)")
+    p.add_argument("--socket-group", metavar="NAME",
+                   help="group owning the Unix socket (default: --group)")
+    p.add_argument("--allow-user", action="append", default=[], metavar="NAME",
+                   help="a user whose processes may receive the listeners; repeatable")
+    p.add_argument("--allow-group", action="append", default=[], metavar="NAME",
+                   help="a group whose members may receive the listeners; repeatable. "
+                        "Root and fdserver's own user are always allowed. Without any "
+                        "--allow-*, every process that can open the socket may: the socket's "
+                        "mode and group are the gate, and with the default 0660 only its "
+                        "owner and --socket-group can connect, so this is safe")
     p.add_argument("--backlog", type=int, default=1024,
                    help="listen backlog of each listener (default %(default)s)")
     p.add_argument("--handshake-timeout", type=_positive, default=5.0, metavar="SECONDS",
@@ -73,21 +101,44 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
     args = fdserver_parser().parse_args(argv)
 
     def body() -> int:
+        import os
+
+        # Everything used after the privilege drop is imported here, first.
+        from . import privileges, systemd
         from .listeners import bind_all, parse_bind
         from .server import Server
         from .socketfile import SocketFile
 
         specs = [parse_bind(spec) for spec in args.bind]
+        if args.group and not args.user:
+            raise privileges.PrivilegeError("--group needs --user")
+        uid = privileges.uid_of(args.user) if args.user else os.getuid()
+        gid = (privileges.gid_of(args.group) if args.group
+               else privileges.primary_gid(args.user) if args.user else None)
+        socket_group = args.socket_group or args.group
+        socket_gid = privileges.gid_of(socket_group) if socket_group else gid
+        allow = privileges.AllowList.from_names(args.allow_user, args.allow_group, own_uid=uid)
         _setup_logging("fdserver")
-        socket_file = SocketFile(args.socket)
+        listeners = systemd.activated_listeners(os.environ)
+        if listeners is not None and specs:
+            raise privileges.PrivilegeError(
+                "--bind given, but systemd passed listening sockets (LISTEN_FDS); use one")
+        if listeners is None and not specs:
+            raise privileges.PrivilegeError("nothing to serve: give --bind HOST:PORT")
+        notifier = systemd.Notifier(os.environ)
+        socket_file = SocketFile(args.socket, mode=args.socket_mode, group=socket_gid)
         try:
-            listeners = bind_all(specs, args.backlog)
+            if listeners is None:
+                listeners = bind_all(specs, args.backlog)
+            _set_title("fdserver " + " ".join(f"--bind {l.name}={l.address}" for l in listeners)
+                       + f" --socket {args.socket}")
+            if args.user:
+                privileges.drop(uid, gid)
         except BaseException:
             socket_file.close()
             raise
-        _set_title("fdserver " + " ".join(f"--bind {s}" for s in args.bind)
-                   + f" --socket {args.socket}")
-        Server(listeners, socket_file, handshake_timeout=args.handshake_timeout).run()
+        Server(listeners, socket_file, handshake_timeout=args.handshake_timeout,
+               allow=allow, notifier=notifier).run()
         return 0
 
     return _run("fdserver", body)

@@ -106,8 +106,8 @@ def _why(exc: OSError, port: int) -> str:
     if exc.errno == errno.EADDRINUSE:
         return "address already in use (is another server, or an old fdserver's worker, on it?)"
     if exc.errno == errno.EACCES and port < 1024:
-        return ("permission denied: ports below 1024 need root "
-                "(run fdserver as root, or grant it CAP_NET_BIND_SERVICE)")
+        return ("permission denied: ports below 1024 need privilege (start fdserver "
+                "as root with --user NAME, or grant it CAP_NET_BIND_SERVICE)")
     if exc.errno == errno.EADDRNOTAVAIL:
         return "address not available on this host"
     return (exc.strerror or str(exc)).lower()

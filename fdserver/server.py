@@ -9,6 +9,7 @@ never pass through this loop (fdserver is not in the data path).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -20,9 +21,11 @@ from typing import Any
 
 from . import __version__
 from .listeners import Listener
+from .privileges import AllowList
 from .errors import ProtocolError
 from .protocol import MAX_FDS_PER_FRAME, PROTOCOL_VERSION, negotiate
 from .socketfile import SocketFile
+from .systemd import Notifier
 from .transport import Channel, LoopChannel, close_fds, peer_credentials
 
 log = logging.getLogger("fdserver")
@@ -69,6 +72,8 @@ class Server:
         ctl_idle_timeout: float = 60.0,
         max_pending_per_uid: int = 64,
         max_peers: int = 4096,
+        allow: AllowList | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.listeners = listeners
         self.socket_file = socket_file
@@ -76,6 +81,8 @@ class Server:
         self.ctl_idle_timeout = ctl_idle_timeout
         self.max_pending_per_uid = max_pending_per_uid
         self.max_peers = max_peers
+        self.allow = allow or AllowList(own_uid=os.getuid())
+        self.notifier = notifier
         self.peers: set[Peer] = set()
         self.started_at = time.time()
         self._waits: list[_Wait] = []
@@ -96,12 +103,16 @@ class Server:
         loop.add_reader(self.socket_file.sock.fileno(), self._accept)
         served = ", ".join(f"{l.name} on {l.address}" for l in self.listeners)
         log.info("serving %s; socket %s", served, self.socket_file.path)
+        self._notify("READY=1", f"MAINPID={os.getpid()}")
         signum = await stop
         log.info("%s: shutting down; workers keep serving", signal.Signals(signum).name)
+        self._notify("STOPPING=1", "STATUS=stopping; workers keep serving")
         loop.remove_reader(self.socket_file.sock.fileno())
         for peer in list(self.peers):
             peer.channel.close(None)
-        self.socket_file.close()
+        problem = self.socket_file.close()
+        if problem:
+            log.warning("%s; the next fdserver will replace it as stale", problem)
         for listener in self.listeners:
             listener.sock.close()      # close, never shutdown(): workers share it
 
@@ -151,6 +162,7 @@ class Server:
             log.info("worker pid %d gone (was %s)", peer.pid, peer.state)
             peer.state = "gone"
             self._check_waits(peer)
+            self._notify()
         elif reason:
             log.warning("closed connection from pid %d uid %d: %s", peer.pid, peer.uid, reason)
 
@@ -183,6 +195,11 @@ class Server:
         if message["type"] != "hello":
             raise ProtocolError(f"expected hello, got {message['type']}")
         version = negotiate(message)
+        if message["role"] == "worker" and not self.allow.allows(peer.uid, peer.gid):
+            log.warning("refused worker pid %d uid %d gid %d: not allowed", peer.pid,
+                        peer.uid, peer.gid)
+            raise ProtocolError(f"uid {peer.uid} gid {peer.gid} may not receive the listeners; "
+                                f"allowed: {self.allow.describe()}")
         peer.role = message["role"]
         peer.timer.cancel()
         peer.timer = None
@@ -192,6 +209,7 @@ class Server:
             self._hand_over(peer)
             peer.state = "starting"
             log.info("worker pid %d uid %d connected", peer.pid, peer.uid)
+            self._notify()
         else:
             peer.state = "ctl"
 
@@ -215,6 +233,14 @@ class Server:
             peer.ready_at = time.time()
         log.info("worker pid %d %s", peer.pid, state)
         self._check_waits(peer)
+        self._notify()
+
+    def _notify(self, *lines: str) -> None:
+        if self.notifier:
+            counts = collections.Counter(p.state for p in self.workers())
+            summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no workers"
+            self.notifier.notify(*lines, f"STATUS=serving {len(self.listeners)} listeners; "
+                                         f"{summary}")
 
     # -- status and waiting ------------------------------------------------
 

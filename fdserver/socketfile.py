@@ -13,6 +13,7 @@ import fcntl
 import os
 import socket
 import stat
+from typing import Callable
 
 from .errors import SocketFileError
 from .transport import peer_credentials
@@ -25,7 +26,8 @@ MAX_PATH_BYTES = 107
 class SocketFile:
     """A listening AF_UNIX socket at *path*, created by this process."""
 
-    def __init__(self, path: str, *, mode: int = 0o660, backlog: int = 128) -> None:
+    def __init__(self, path: str, *, mode: int = 0o660, group: int | None = None,
+                 backlog: int = 128, on_created: Callable[[str], None] | None = None) -> None:
         self.path = os.path.abspath(path)
         if len(os.fsencode(self.path)) > MAX_PATH_BYTES:
             raise SocketFileError(f"socket path {path} is longer than {MAX_PATH_BYTES} bytes")
@@ -41,24 +43,32 @@ class SocketFile:
         try:
             fcntl.flock(dir_fd, fcntl.LOCK_EX)
             _clear_stale(self.path)
-            self.sock = _bind(self.path, mode, backlog)
+            self.sock = _bind(self.path, mode, group, backlog, on_created)
             st = os.lstat(self.path)
             self._identity = (st.st_dev, st.st_ino)
         finally:
             os.close(dir_fd)
 
-    def remove(self) -> None:
-        """Unlink the path if it is still the socket this process created."""
+    def remove(self) -> str | None:
+        """Unlink the path if it is still the socket this process created.
+
+        Returns why it could not, if it could not (after dropping privileges
+        the folder may not be writable any more; the next fdserver then finds
+        the file stale and replaces it).
+        """
         try:
             st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.path)
         except FileNotFoundError:
-            return
-        if (st.st_dev, st.st_ino) == self._identity:
-            os.unlink(self.path)
+            pass
+        except OSError as exc:
+            return f"cannot remove {self.path}: {exc.strerror}"
+        return None
 
-    def close(self) -> None:
-        self.remove()
+    def close(self) -> str | None:
         self.sock.close()
+        return self.remove()
 
 
 def _clear_stale(path: str) -> None:
@@ -89,7 +99,8 @@ def _clear_stale(path: str) -> None:
         probe.close()
 
 
-def _bind(path: str, mode: int, backlog: int) -> socket.socket:
+def _bind(path: str, mode: int, group: int | None, backlog: int,
+          on_created: Callable[[str], None] | None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # umask 0o177: the file is born 0600, so it never exists looser than asked.
     old_umask = os.umask(0o177)
@@ -101,7 +112,17 @@ def _bind(path: str, mode: int, backlog: int) -> socket.socket:
         raise SocketFileError(f"cannot create socket {path}: {reason}") from None
     finally:
         os.umask(old_umask)
-    os.chmod(path, mode)
+    if on_created:
+        on_created(path)         # a seam for tests: the file as first created
+    try:
+        # Group first, then mode: never readable by a group it was not meant for.
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, mode)
+    except OSError as exc:
+        sock.close()
+        os.unlink(path)
+        raise SocketFileError(f"cannot set owner/mode of {path}: {exc.strerror}") from None
     sock.listen(backlog)
     sock.setblocking(False)
     return sock

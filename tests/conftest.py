@@ -77,8 +77,9 @@ def public_dir():
 def start_fdserver(procs, sockdir):
     """start_fdserver(*extra, binds=[...]) -> FdserverProc, once it serves."""
 
-    def start(*extra: str, binds=("127.0.0.1:0",), name: str = "fd.sock") -> FdserverProc:
-        path = str(sockdir / name)
+    def start(*extra: str, binds=("127.0.0.1:0",), name: str = "fd.sock",
+              dir: Path | None = None) -> FdserverProc:
+        path = str((dir or sockdir) / name)
         argv = [script("fdserver"), "--socket", path, *extra]
         for bind in binds:
             argv += ["--bind", bind]

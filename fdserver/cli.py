@@ -173,8 +173,11 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
     args = fdapp_parser().parse_args(argv)
 
     def body() -> int:
+        import os
+
         from .client import register
         from .runner import Worker, load_app
+        from .systemd import Notifier
 
         _setup_logging("fdapp")
         if not args.access_log:
@@ -183,9 +186,17 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         registration = register(args.socket, connect_timeout=args.connect_timeout)
         title = f"fdapp {args.app} --socket {args.socket}"
         _set_title(title)
+        # Under systemd (Type=notify), `systemctl restart fdapp@N` returns only
+        # once the replacement is ready: a rolling restart is a plain loop.
+        notifier = Notifier(os.environ)
+        sd_states = {"ready": "READY=1", "draining": "STOPPING=1"}
+
+        def on_state(state: str) -> None:
+            _set_title(f"{title} [{state}]")
+            notifier.notify(sd_states[state], f"STATUS={state}")
+
         worker = Worker(app, registration, graceful_timeout=args.graceful_timeout,
-                        keepalive_grace=args.keepalive_grace,
-                        on_state=lambda state: _set_title(f"{title} [{state}]"),
+                        keepalive_grace=args.keepalive_grace, on_state=on_state,
                         server_options={"xheaders": args.xheaders})
         return worker.run()
 

@@ -105,6 +105,7 @@ def test_notify_ready_status_and_stopping(start_fdserver, start_fdapp, sockdir, 
     ready = notify.recv(4096).decode().split("\n")
     assert "READY=1" in ready and f"MAINPID={server.pid}" in ready
     assert "STATUS=serving 1 listeners; no workers" in ready
+    monkeypatch.delenv("NOTIFY_SOCKET")       # for fdserver only, not for the app
     worker = start_fdapp(server)
     messages = [notify.recv(4096).decode() for _ in range(2)]
     assert messages == ["STATUS=serving 1 listeners; 1 starting",
@@ -113,3 +114,17 @@ def test_notify_ready_status_and_stopping(start_fdserver, start_fdapp, sockdir, 
     server.signal(15)
     assert notify.recv(4096).decode().startswith("STOPPING=1\n")
     assert server.wait() == 0
+
+
+def test_fdapp_notifies_ready_and_stopping(start_fdserver, procs, sockdir):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(sockdir / "app-notify"))
+    notify.settimeout(15)
+    server = start_fdserver()
+    env = dict(os.environ, NOTIFY_SOCKET=str(sockdir / "app-notify"))
+    worker = procs.start([script("fdapp"), "app:make_app", "--socket", server.socket], env=env)
+    assert notify.recv(4096).decode() == "READY=1\nSTATUS=ready"
+    server.wait_state(worker.pid, "ready")
+    worker.signal(15)
+    assert notify.recv(4096).decode() == "STOPPING=1\nSTATUS=draining"
+    assert worker.wait() == 0

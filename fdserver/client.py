@@ -64,31 +64,50 @@ def connect(path: str, role: str,
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(path)
-            break
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
+            return _handshake(path, role)
+        except _Retry as why:
             if time.monotonic() + delay > deadline:
-                why = "no such file" if isinstance(exc, FileNotFoundError) else "connection refused"
                 raise ConnectError(f"no fdserver answered at {path} within {timeout:g}s "
                                    f"({why}); is fdserver running?") from None
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
-        except OSError as exc:
-            sock.close()
-            raise ConnectError(f"cannot connect to fdserver at {path}: {exc.strerror}") from None
+
+
+class _Retry(Exception):
+    """Nobody is serving the path right now; worth another try."""
+
+
+def _handshake(path: str, role: str) -> tuple[Channel, dict[str, Any]]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except FileNotFoundError:
+        sock.close()
+        raise _Retry("no such file") from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise _Retry("connection refused") from None
+    except OSError as exc:
+        sock.close()
+        raise ConnectError(f"cannot connect to fdserver at {path}: {exc.strerror}") from None
     sock.settimeout(HANDSHAKE_TIMEOUT)
     channel = Channel(sock)
     try:
-        channel.send({"type": "hello", "versions": list(SUPPORTED_VERSIONS), "role": role,
-                      "pid": os.getpid()})
-        welcome, _ = expect(channel, "welcome", path)
+        try:
+            # "pid" is informational: fdserver trusts SO_PEERCRED only.
+            channel.send({"type": "hello", "versions": list(SUPPORTED_VERSIONS), "role": role,
+                          "pid": os.getpid()})
+            message, fds = channel.receive()
+        except (BrokenPipeError, ConnectionResetError, TransportError):
+            # A server that is shutting down (or shedding a flood) closed us.
+            raise _Retry("connection closed during the handshake") from None
+        except (TimeoutError, socket.timeout):
+            raise ConnectError(f"fdserver at {path} did not answer in time") from None
+        return channel, check(message, fds, "welcome", path)[0]
     except BaseException:
         channel.close()
         raise
-    return channel, welcome
 
 
 def expect(channel: Channel, kind: str, path: str) -> tuple[dict[str, Any], list[int]]:
@@ -101,6 +120,12 @@ def expect(channel: Channel, kind: str, path: str) -> tuple[dict[str, Any], list
         raise ConnectError(f"fdserver at {path}: {exc}") from None
     except OSError as exc:
         raise ConnectError(f"fdserver at {path}: {exc.strerror or exc}") from None
+    return check(message, fds, kind, path)
+
+
+def check(message: dict[str, Any], fds: list[int], kind: str,
+          path: str) -> tuple[dict[str, Any], list[int]]:
+    """Return (message, fds) if it is a *kind*; raise on an error or anything else."""
     if message["type"] == "error":
         close_fds(fds)
         raise RefusedError(f"fdserver at {path} refused: {message['message']}")

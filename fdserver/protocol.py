@@ -80,7 +80,10 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 def encode(message: dict[str, Any]) -> bytes:
     """Return one frame holding *message* (a dict with a ``"type"``)."""
     validate(message)
-    payload = json.dumps(message, separators=(",", ":")).encode()
+    try:
+        payload = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:       # NaN or Infinity: not JSON
+        raise ProtocolError(f"{message['type']} message is not valid JSON: {exc}") from None
     if len(payload) > MAX_PAYLOAD:
         raise ProtocolError(
             f"{message['type']} message of {len(payload)} bytes exceeds "
@@ -166,10 +169,17 @@ class Decoder:
         payload = bytes(buf[HEADER.size:end])
         del buf[:end]
         try:
-            message = json.loads(payload.decode("utf-8"))
+            message = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
+        except RecursionError:
+            raise ProtocolError("frame payload JSON is nested too deeply") from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise ProtocolError(f"frame payload is not UTF-8 JSON: {exc}") from None
         return validate(message)
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON does not, and neither do we.
+    raise ValueError(f"{name} is not JSON")
 
 
 def negotiate(hello: dict[str, Any]) -> int:

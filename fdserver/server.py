@@ -72,6 +72,7 @@ class Server:
         ctl_idle_timeout: float = 60.0,
         max_pending_per_uid: int = 64,
         max_peers: int = 4096,
+        max_ctl_per_uid: int = 64,
         allow: AllowList | None = None,
         notifier: Notifier | None = None,
     ) -> None:
@@ -81,11 +82,13 @@ class Server:
         self.ctl_idle_timeout = ctl_idle_timeout
         self.max_pending_per_uid = max_pending_per_uid
         self.max_peers = max_peers
+        self.max_ctl_per_uid = max_ctl_per_uid
         self.allow = allow or AllowList(own_uid=os.getuid())
         self.notifier = notifier
         self.peers: set[Peer] = set()
         self.started_at = time.time()
         self._waits: list[_Wait] = []
+        self._last_evict_log = -1e9
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- life cycle --------------------------------------------------------
@@ -132,11 +135,19 @@ class Server:
 
     def _admit(self, conn: socket.socket) -> None:
         pid, uid, gid = peer_credentials(conn)
-        pending = sum(1 for p in self.peers if p.role is None and p.uid == uid)
-        if len(self.peers) >= self.max_peers or pending >= self.max_pending_per_uid:
-            log.warning("refusing connection from pid %d uid %d: too many connections", pid, uid)
-            conn.close()
-            return
+        # A flood of connections that never say hello must not lock real
+        # workers out: past the limits, the oldest silent one makes room.
+        pending = [p for p in self.peers if p.role is None]
+        same_uid = [p for p in pending if p.uid == uid]
+        if len(same_uid) >= self.max_pending_per_uid:
+            self._evict(min(same_uid, key=lambda p: p.connected_at))
+        elif len(self.peers) >= self.max_peers:
+            if not pending:
+                log.warning("refusing pid %d uid %d: %d connections open", pid, uid,
+                            len(self.peers))
+                conn.close()
+                return
+            self._evict(min(pending, key=lambda p: p.connected_at))
         peer = Peer(pid=pid, uid=uid, gid=gid, connected_at=time.time())
         self.peers.add(peer)
         peer.channel = LoopChannel(
@@ -145,6 +156,14 @@ class Server:
             on_close=lambda reason: self._on_close(peer, reason),
         )
         self._arm(peer, self.handshake_timeout, "no hello within the handshake timeout")
+
+    def _evict(self, peer: Peer) -> None:
+        now = time.monotonic()
+        if now - self._last_evict_log > 10.0:
+            self._last_evict_log = now
+            log.warning("too many connections without a hello; closing the oldest "
+                        "(pid %d uid %d) (logged at most every 10s)", peer.pid, peer.uid)
+        peer.channel.close(None)       # logged above, at a bounded rate
 
     def _arm(self, peer: Peer, timeout: float, reason: str) -> None:
         if peer.timer:
@@ -159,7 +178,8 @@ class Server:
         for wait in list(peer.waits):
             self._end_wait(wait, ok=False, answer=False)
         if peer.role == "worker":
-            log.info("worker pid %d gone (was %s)", peer.pid, peer.state)
+            log.info("worker pid %d gone (was %s)%s", peer.pid, peer.state,
+                     f": {reason}" if reason else "")
             peer.state = "gone"
             self._check_waits(peer)
             self._notify()
@@ -200,6 +220,10 @@ class Server:
                         peer.uid, peer.gid)
             raise ProtocolError(f"uid {peer.uid} gid {peer.gid} may not receive the listeners; "
                                 f"allowed: {self.allow.describe()}")
+        if message["role"] == "ctl":
+            ctls = sum(1 for p in self.peers if p.role == "ctl" and p.uid == peer.uid)
+            if ctls >= self.max_ctl_per_uid:
+                raise ProtocolError(f"too many fdctl connections from uid {peer.uid}")
         peer.role = message["role"]
         peer.timer.cancel()
         peer.timer = None

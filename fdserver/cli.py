@@ -13,7 +13,7 @@ import sys
 from typing import Callable, Sequence
 
 from . import __version__
-from .errors import FdserverError
+from .errors import FdserverError, UsageError
 
 EXIT_ERROR = 1
 
@@ -91,6 +91,11 @@ def fdserver_parser() -> argparse.ArgumentParser:
                         "owner and --socket-group can connect, so this is safe")
     p.add_argument("--backlog", type=int, default=1024,
                    help="listen backlog of each listener (default %(default)s)")
+    p.add_argument("--recover-timeout", type=_positive, default=10.0, metavar="SECONDS",
+                   help="if a --bind address is in use, perhaps held by the workers of an "
+                        "fdserver that died or was restarted, wait this long for a worker "
+                        "to hand the listener back before failing; 0 fails at once "
+                        "(default %(default)s)")
     p.add_argument("--handshake-timeout", type=_positive, default=5.0, metavar="SECONDS",
                    help="close connections that send no hello in time (default %(default)s)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -106,12 +111,13 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         # Everything used after the privilege drop is imported here, first.
         from . import privileges, systemd
         from .listeners import bind_all, parse_bind
+        from .recovery import Recovery
         from .server import Server
         from .socketfile import SocketFile
 
         specs = [parse_bind(spec) for spec in args.bind]
         if args.group and not args.user:
-            raise privileges.PrivilegeError("--group needs --user")
+            raise UsageError("--group needs --user")
         uid = privileges.uid_of(args.user) if args.user else os.getuid()
         gid = (privileges.gid_of(args.group) if args.group
                else privileges.primary_gid(args.user) if args.user else None)
@@ -121,24 +127,26 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         _setup_logging("fdserver")
         listeners = systemd.activated_listeners(os.environ)
         if listeners is not None and specs:
-            raise privileges.PrivilegeError(
+            raise UsageError(
                 "--bind given, but systemd passed listening sockets (LISTEN_FDS); use one")
         if listeners is None and not specs:
-            raise privileges.PrivilegeError("nothing to serve: give --bind HOST:PORT")
+            raise UsageError("nothing to serve: give --bind HOST:PORT")
         notifier = systemd.Notifier(os.environ)
         socket_file = SocketFile(args.socket, mode=args.socket_mode, group=socket_gid)
         try:
+            recovery = None
             if listeners is None:
-                listeners = bind_all(specs, args.backlog)
-            _set_title("fdserver " + " ".join(f"--bind {l.name}={l.address}" for l in listeners)
-                       + f" --socket {args.socket}")
+                listeners, in_use = bind_all(specs, args.backlog,
+                                             defer_in_use=args.recover_timeout > 0)
+                recovery = Recovery(in_use, args.recover_timeout) if in_use else None
+            _set_title(" ".join(["fdserver", *(sys.argv[1:] if argv is None else argv)]))
             if args.user:
                 privileges.drop(uid, gid)
         except BaseException:
             socket_file.close()
             raise
         Server(listeners, socket_file, handshake_timeout=args.handshake_timeout,
-               allow=allow, notifier=notifier).run()
+               allow=allow, notifier=notifier, recovery=recovery).run()
         return 0
 
     return _run("fdserver", body)

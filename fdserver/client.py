@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConnectError, ProtocolError, RefusedError, TransportError
-from .protocol import SUPPORTED_VERSIONS
+from .protocol import MAX_FDS_PER_FRAME, SUPPORTED_VERSIONS
 from .transport import Channel, adopt_listener, close_fds
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -54,8 +54,8 @@ class Registration:
         self.channel.send({"type": "state", "state": state})
 
 
-def connect(path: str, role: str,
-            timeout: float = DEFAULT_CONNECT_TIMEOUT) -> tuple[Channel, dict[str, Any]]:
+def connect(path: str, role: str, timeout: float = DEFAULT_CONNECT_TIMEOUT,
+            **hello: Any) -> tuple[Channel, dict[str, Any]]:
     """Connect and say hello, retrying while nobody listens at *path*.
 
     Retries for up to *timeout* seconds, so app processes may start before
@@ -65,7 +65,7 @@ def connect(path: str, role: str,
     delay = 0.05
     while True:
         try:
-            return _handshake(path, role)
+            return _handshake(path, role, hello)
         except _Retry as why:
             if time.monotonic() + delay > deadline:
                 raise ConnectError(f"no fdserver answered at {path} within {timeout:g}s "
@@ -78,7 +78,7 @@ class _Retry(Exception):
     """Nobody is serving the path right now; worth another try."""
 
 
-def _handshake(path: str, role: str) -> tuple[Channel, dict[str, Any]]:
+def _handshake(path: str, role: str, extra: dict[str, Any]) -> tuple[Channel, dict[str, Any]]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
@@ -97,7 +97,7 @@ def _handshake(path: str, role: str) -> tuple[Channel, dict[str, Any]]:
         try:
             # "pid" is informational: fdserver trusts SO_PEERCRED only.
             channel.send({"type": "hello", "versions": list(SUPPORTED_VERSIONS), "role": role,
-                          "pid": os.getpid()})
+                          "pid": os.getpid(), **extra})
             message, fds = channel.receive()
         except (BrokenPipeError, ConnectionResetError, TransportError):
             # A server that is shutting down (or shedding a flood) closed us.
@@ -164,3 +164,24 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Reg
         channel.close()
         raise
     return Registration(path, channel, welcome["server_pid"], listeners)
+
+
+def resume(path: str, state: str, listeners: list[ReceivedListener]) -> Channel:
+    """Re-register a running worker with a (re)started fdserver; one attempt.
+
+    The worker keeps its sockets.  If the new fdserver could not bind them
+    (the old one's listeners live on in the workers), the welcome asks for
+    them and they are handed back.  Raises ConnectError if nobody answers.
+    """
+    channel, welcome = connect(path, "worker", timeout=0, resume={"state": state})
+    try:
+        if welcome.get("handback"):
+            for i in range(0, len(listeners), MAX_FDS_PER_FRAME):
+                batch = listeners[i:i + MAX_FDS_PER_FRAME]
+                channel.send({"type": "handback", "fds": len(batch), "listeners": [
+                    {"name": l.name, "family": l.family, "address": l.address} for l in batch]},
+                    [l.sock.fileno() for l in batch])
+    except OSError as exc:
+        channel.close()
+        raise ConnectError(f"fdserver at {path}: handback failed: {exc.strerror}") from None
+    return channel

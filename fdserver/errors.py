@@ -5,6 +5,10 @@ class FdserverError(Exception):
     """Base class: something a user or operator can act on."""
 
 
+class UsageError(FdserverError):
+    """The command line asks for something that cannot work."""
+
+
 class ProtocolError(FdserverError):
     """The peer sent something that is not a valid frame or message."""
 
@@ -15,6 +19,10 @@ class TransportError(FdserverError):
 
 class BindError(FdserverError):
     """A --bind spec is malformed or its address cannot be bound."""
+
+
+class AddressInUseError(BindError):
+    """The address is bound by another socket (perhaps our own, held by workers)."""
 
 
 class SocketFileError(FdserverError):

@@ -6,7 +6,7 @@ import errno
 import socket
 from dataclasses import dataclass
 
-from .errors import BindError
+from .errors import AddressInUseError, BindError
 
 DEFAULT_NAME = "http"
 DEFAULT_BACKLOG = 1024
@@ -86,20 +86,32 @@ def bind(spec: BindSpec, backlog: int = DEFAULT_BACKLOG) -> Listener:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise BindError(f"cannot bind {spec.address}: {_why(exc, spec.port)}") from None
+        error = AddressInUseError if exc.errno == errno.EADDRINUSE else BindError
+        raise error(f"cannot bind {spec.address}: {_why(exc, spec.port)}") from None
     return Listener(spec.name, sock)
 
 
-def bind_all(specs: list[BindSpec], backlog: int = DEFAULT_BACKLOG) -> list[Listener]:
+def bind_all(specs: list[BindSpec], backlog: int = DEFAULT_BACKLOG, *,
+             defer_in_use: bool = False) -> tuple[list[Listener], list[BindSpec]]:
+    """Bind every spec; return the listeners and the specs found in use.
+
+    Without *defer_in_use*, an address in use is an error like any other.
+    """
     listeners: list[Listener] = []
+    in_use: list[BindSpec] = []
     try:
         for spec in specs:
-            listeners.append(bind(spec, backlog))
+            try:
+                listeners.append(bind(spec, backlog))
+            except AddressInUseError:
+                if not defer_in_use:
+                    raise
+                in_use.append(spec)
     except BindError:
         for listener in listeners:
             listener.sock.close()
         raise
-    return listeners
+    return listeners, in_use
 
 
 def _why(exc: OSError, port: int) -> str:

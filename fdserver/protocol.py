@@ -19,12 +19,18 @@ an ``error`` message and the connection is closed.
 
 Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
 
-    client -> hello      {"versions": [1], "role": "worker" | "ctl"}
-    server -> welcome    {"version": 1, "server_pid": int, "listeners": int}
-  worker only:
+    client -> hello      {"versions": [1], "role": "worker" | "ctl",
+                          "resume": {"state": "ready"}}      (resume: optional)
+    server -> welcome    {"version": 1, "server_pid": int, "listeners": int,
+                          "handback": bool}
+  worker, first registration (no "resume"):
     server -> listeners  {"listeners": [{"name", "family", "address"}, ...],
                           "fds": n, "more": bool}        (repeated while more)
-    worker -> state      {"state": "ready" | "draining"}     (any time after)
+  worker re-registering after an fdserver restart ("resume"; keeps its sockets):
+    worker -> handback   {"listeners": [{"name", "family", "address"}, ...],
+                          "fds": n}            (only if the welcome asked for it)
+  any worker, any time after:
+    worker -> state      {"state": "ready" | "draining"}
   ctl only (request -> answer, any number):
     ctl    -> status     {}
     server -> status     {"server": {...}, "listeners": [...], "workers": [...]}
@@ -39,8 +45,7 @@ the registration, and its end (EOF) means the process is gone.
 
 Reserved for later versions (the frame leaves room for them): ``load``
 (worker -> server: open connections), ``connection`` (server -> worker: one
-accepted connection + fd), ``handback`` (worker -> a restarted server: the
-listeners it holds + fds).
+accepted connection + fd).
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "welcome": {"version": int, "server_pid": int, "listeners": int},
     "listeners": {"listeners": list, "fds": int, "more": bool},
     "state": {"state": str},
+    "handback": {"listeners": list, "fds": int},
     "status": {},
     "wait": {"pid": int, "state": str, "timeout": (int, float)},
     "waited": {"pid": int, "ok": bool},

@@ -3,8 +3,12 @@
 Life of a worker: register with fdserver (receive the listeners), call
 ``add_sockets``, report ``ready``; on SIGTERM or SIGINT report ``draining``,
 drain (see :mod:`fdserver.drain`) and exit 0.  A second SIGINT, or SIGQUIT,
-exits at once.  If fdserver goes away the worker keeps serving: it holds its
-own copy of every listener.
+exits at once.
+
+If fdserver goes away the worker keeps serving (it holds its own copy of
+every listener) and reconnects in the background; to a restarted fdserver
+that could not bind the port, it hands its listeners back (see
+:mod:`fdserver.recovery`).
 """
 
 from __future__ import annotations
@@ -21,15 +25,16 @@ from typing import Any, Callable
 from tornado.httputil import HTTPServerConnectionDelegate
 from tornado.web import Application
 
-from .client import Registration
+from .client import Registration, resume
 from .drain import DrainingHTTPServer
-from .errors import AppError
+from .errors import AppError, FdserverError
 from .transport import LoopChannel
 
 log = logging.getLogger("fdapp")
 
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_KEEPALIVE_GRACE = 1.0
+RECONNECT_MAX_DELAY = 1.0
 
 
 def load_app(spec: str, path: str | None = None) -> HTTPServerConnectionDelegate:
@@ -89,6 +94,7 @@ class Worker:
         self.channel: LoopChannel | None = None
         self._exit: asyncio.Future[int] | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
 
     def run(self) -> int:
         """Serve until drained; return the process exit status."""
@@ -110,8 +116,9 @@ class Worker:
         try:
             return await self._exit
         finally:
-            if self._drain_task and not self._drain_task.done():
-                self._drain_task.cancel()
+            for task in (self._drain_task, self._reconnect_task):
+                if task and not task.done():
+                    task.cancel()
             self.channel.close(None)
 
     def _report(self, state: str) -> None:
@@ -149,7 +156,28 @@ class Worker:
             log.warning("fdserver says: %s", message["message"])
 
     def _on_server_gone(self, reason: str | None) -> None:
-        if self._exit.done():
-            return
-        log.warning("lost fdserver (%s); still serving on the listeners this process holds",
-                    reason or "connection closed")
+        if self._exit.done() or self._drain_task:
+            return               # leaving anyway: nothing to re-register
+        log.warning("lost fdserver (%s); still serving on the listeners this process holds; "
+                    "reconnecting", reason or "connection closed")
+        self._reconnect_task = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        loop = asyncio.get_running_loop()
+        path = self.registration.path
+        delay = 0.05
+        while not self._drain_task:
+            try:
+                # The handshake blocks briefly; keep it off the event loop.
+                channel = await loop.run_in_executor(
+                    None, resume, path, "ready", self.registration.listeners)
+            except FdserverError as exc:
+                log.debug("reconnecting to %s: %s", path, exc)
+            else:
+                self.channel = LoopChannel(channel, loop, self._on_message, self._on_server_gone)
+                log.info("re-registered with fdserver at %s", path)
+                if self._drain_task:
+                    self.channel.send({"type": "state", "state": "draining"})
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)

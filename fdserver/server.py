@@ -22,6 +22,7 @@ from typing import Any
 from . import __version__
 from .listeners import Listener
 from .privileges import AllowList
+from .recovery import Recovery
 from .errors import ProtocolError
 from .protocol import MAX_FDS_PER_FRAME, PROTOCOL_VERSION, negotiate
 from .socketfile import SocketFile
@@ -75,6 +76,7 @@ class Server:
         max_ctl_per_uid: int = 64,
         allow: AllowList | None = None,
         notifier: Notifier | None = None,
+        recovery: Recovery | None = None,
     ) -> None:
         self.listeners = listeners
         self.socket_file = socket_file
@@ -85,6 +87,9 @@ class Server:
         self.max_ctl_per_uid = max_ctl_per_uid
         self.allow = allow or AllowList(own_uid=os.getuid())
         self.notifier = notifier
+        self.recovery = recovery if recovery and not recovery.done else None
+        self._deferred: list[Peer] = []        # new workers waiting for a recovery
+        self._give_up: asyncio.TimerHandle | None = None
         self.peers: set[Peer] = set()
         self.started_at = time.time()
         self._waits: list[_Wait] = []
@@ -94,7 +99,10 @@ class Server:
     # -- life cycle --------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then clean up and return."""
+        """Serve until SIGTERM or SIGINT, then clean up and return.
+
+        Raises BindError if a recovery (see :mod:`fdserver.recovery`) times out.
+        """
         asyncio.run(self._main())
 
     async def _main(self) -> None:
@@ -104,13 +112,30 @@ class Server:
             # The handler only resolves a future; the loop does the work.
             loop.add_signal_handler(signum, lambda s=signum: stop.done() or stop.set_result(s))
         loop.add_reader(self.socket_file.sock.fileno(), self._accept)
+        if self.recovery:
+            log.info("cannot bind %s: address in use; waiting up to %gs for a worker to "
+                     "hand it back; socket %s", self.recovery.describe(),
+                     self.recovery.timeout, self.socket_file.path)
+            self._notify(f"MAINPID={os.getpid()}")
+            failure = self.recovery.failure()
+            self._give_up = loop.call_later(
+                self.recovery.timeout, lambda: stop.done() or stop.set_exception(failure))
+        else:
+            self._serving()
+        try:
+            signum = await stop
+            log.info("%s: shutting down; workers keep serving", signal.Signals(signum).name)
+        finally:
+            self._shut_down()
+
+    def _serving(self) -> None:
         served = ", ".join(f"{l.name} on {l.address}" for l in self.listeners)
         log.info("serving %s; socket %s", served, self.socket_file.path)
         self._notify("READY=1", f"MAINPID={os.getpid()}")
-        signum = await stop
-        log.info("%s: shutting down; workers keep serving", signal.Signals(signum).name)
+
+    def _shut_down(self) -> None:
         self._notify("STOPPING=1", "STATUS=stopping; workers keep serving")
-        loop.remove_reader(self.socket_file.sock.fileno())
+        self._loop.remove_reader(self.socket_file.sock.fileno())
         for peer in list(self.peers):
             peer.channel.close(None)
         problem = self.socket_file.close()
@@ -189,12 +214,14 @@ class Server:
     # -- messages ----------------------------------------------------------
 
     def _on_message(self, peer: Peer, message: dict[str, Any], fds: list[int]) -> None:
-        if fds:
+        if fds and not (peer.role == "worker" and message["type"] == "handback"):
             close_fds(fds)
             return self._refuse(peer, f"unexpected descriptors with {message['type']}")
         try:
             if peer.role is None:
                 self._on_hello(peer, message)
+            elif peer.role == "worker" and message["type"] == "handback":
+                self._on_handback(peer, message, fds)
             elif peer.role == "worker" and message["type"] == "state":
                 self._on_state(peer, message["state"])
             elif peer.role == "ctl" and message["type"] == "status":
@@ -227,11 +254,25 @@ class Server:
         peer.role = message["role"]
         peer.timer.cancel()
         peer.timer = None
+        resume = message.get("resume")
         peer.channel.send({"type": "welcome", "version": version, "server_pid": os.getpid(),
-                           "listeners": len(self.listeners)})
-        if peer.role == "worker":
-            self._hand_over(peer)
+                           "listeners": len(self.listeners),
+                           "handback": bool(resume and self.recovery)})
+        if peer.role == "worker" and isinstance(resume, dict):
+            # A running worker re-registering after an fdserver restart: it
+            # keeps the listeners it holds and the state it is in.
+            state = resume.get("state")
+            peer.state = state if state in ("ready", "draining") else "starting"
+            if peer.state == "ready":
+                peer.ready_at = time.time()
+            log.info("worker pid %d uid %d re-registered (%s)", peer.pid, peer.uid, peer.state)
+            self._notify()
+        elif peer.role == "worker":
             peer.state = "starting"
+            if self.recovery:
+                self._deferred.append(peer)      # listeners follow once recovered
+            else:
+                self._hand_over(peer)
             log.info("worker pid %d uid %d connected", peer.pid, peer.uid)
             self._notify()
         else:
@@ -245,6 +286,28 @@ class Server:
                 {"type": "listeners", "listeners": [l.describe() for l in batch],
                  "fds": len(batch), "more": n < len(batches)},
                 [l.sock.fileno() for l in batch])
+
+    def _on_handback(self, peer: Peer, message: dict[str, Any], fds: list[int]) -> None:
+        if not self.recovery:
+            close_fds(fds)           # recovered already; another worker was faster
+            return
+        try:
+            taken = self.recovery.take(fds, message["listeners"])
+        except ProtocolError as exc:
+            log.warning("refused handback from pid %d uid %d: %s", peer.pid, peer.uid, exc)
+            raise
+        for listener in taken:
+            log.info("took back %s on %s from worker pid %d", listener.name, listener.address,
+                     peer.pid)
+        self.listeners.extend(taken)
+        if self.recovery.done:
+            self.recovery = None
+            self._give_up.cancel()
+            self._serving()
+            for waiting in self._deferred:
+                if not waiting.channel.closed:
+                    self._hand_over(waiting)
+            self._deferred.clear()
 
     def _on_state(self, peer: Peer, state: str) -> None:
         allowed = {"starting": ("ready", "draining"), "ready": ("draining",), "draining": ()}

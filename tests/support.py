@@ -89,6 +89,7 @@ class Proc:
         self._watchdog.cancel()
         self.kill()
         self._reader.join(5)
+        self.popen.stdout.close()
 
 
 def run(argv: list[str], timeout: float = 30.0, **kwargs) -> subprocess.CompletedProcess:

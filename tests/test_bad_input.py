@@ -36,9 +36,23 @@ def test_bind_address_in_use(sockdir):
         taken.listen()
         address = "127.0.0.1:%d" % taken.getsockname()[1]
         path = sockdir / "fd.sock"
-        result = run(fdserver_cmd(str(path), address))
+        result = run(fdserver_cmd(str(path), address) + ["--recover-timeout", "0"])
     assert_one_line_error(result, f"cannot bind {address}", "address already in use")
     assert not path.exists(), "fdserver must remove the socket file it created"
+
+
+def test_bind_address_in_use_and_nobody_hands_it_back(sockdir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        path = sockdir / "fd.sock"
+        result = run(fdserver_cmd(str(path), address) + ["--recover-timeout", "0.3"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"fdserver: error: cannot bind {address}: address already in use, and no worker "
+        "handed it back within 0.3s (is another server on it?)")
+    assert not path.exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to nobody")

@@ -141,7 +141,7 @@ RAW = {
     "non-utf8-payload": (frame(b'{"type": "hello\xff"}'), r"not UTF-8 JSON"),
     "deeply-nested-json": (frame(b"[" * 30_000 + b"]" * 30_000), r"JSON"),
     "json-not-an-object": (frame([HELLO]), r"not a JSON object"),
-    "unknown-type": (frame({"type": "handback", "fds": 0}), r"unknown message type 'handback'"),
+    "unknown-type": (frame({"type": "teleport", "fds": 0}), r"unknown message type 'teleport'"),
     "bool-for-int": (frame({"type": "wait", "pid": True, "state": "ready", "timeout": 1}),
                      r"wait message has a missing or bad 'pid'"),
     "fds-count-out-of-range": (frame({**HELLO, "fds": 253}), r"announces 253 descriptors"),

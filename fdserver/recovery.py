@@ -1,0 +1,104 @@
+"""Taking listeners back from the workers when fdserver restarts.
+
+If fdserver dies (SIGKILL, OOM, a crash) or is restarted for an upgrade, the
+workers keep serving: each holds its own copy of every listener.  But the
+port is still bound by that kernel socket, so the new fdserver's ``bind``
+fails with EADDRINUSE and no new worker could ever join.  Instead of failing,
+the new fdserver waits a bounded time for a worker to hand the listener back:
+
+* running workers notice the EOF on their registration, reconnect with a
+  ``resume`` hello, and when the welcome asks for it, send a ``handback``
+  message with their listening sockets attached;
+* fdserver accepts a handed-back socket only from an allowed peer (the
+  allow-list, checked on SO_PEERCRED like every worker), only if it is a
+  listening TCP socket, and only if its bound address is exactly one of the
+  ``--bind`` addresses it could not bind.  fdserver never sets SO_REUSEPORT,
+  so while that socket lives no other socket can be bound to the same
+  address: a match is the very socket the old fdserver bound, with its
+  accept queue intact;
+* if nobody hands it back in time, fdserver fails as it always did:
+  ``cannot bind ADDRESS: address already in use``.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from .errors import BindError, ProtocolError, TransportError
+from .listeners import BindSpec, Listener, format_address
+from .transport import adopt_listener, close_fds
+
+DEFAULT_RECOVER_TIMEOUT = 10.0
+
+
+def same_address(spec: BindSpec, sock: socket.socket) -> bool:
+    """Is *sock* bound to exactly the address *spec* names?"""
+    if sock.family != spec.family:
+        return False
+    host, port = sock.getsockname()[:2]
+    return (port == spec.port and
+            socket.inet_pton(spec.family, host) == socket.inet_pton(spec.family, spec.host))
+
+
+class Recovery:
+    """The --bind addresses still missing, and the rules for taking them back."""
+
+    def __init__(self, missing: list[BindSpec], timeout: float = DEFAULT_RECOVER_TIMEOUT) -> None:
+        self.specs = list(missing)       # what could not be bound at start
+        self.missing = list(missing)     # what no worker has handed back yet
+        self.timeout = timeout
+
+    @property
+    def done(self) -> bool:
+        return not self.missing
+
+    def describe(self, specs: list[BindSpec] | None = None) -> str:
+        return ", ".join(spec.address for spec in (self.missing if specs is None else specs))
+
+    def failure(self) -> BindError:
+        return BindError(f"cannot bind {self.describe()}: address already in use, and no "
+                         f"worker handed it back within {self.timeout:g}s (is another "
+                         "server on it?)")
+
+    def take(self, fds: list[int], described: list[Any]) -> list[Listener]:
+        """Adopt the handed-back descriptors that fill a missing address.
+
+        A socket for an address already taken back (another worker was
+        faster) is closed.  Anything else refuses the whole handback: every
+        descriptor is closed and ProtocolError says why.
+        """
+        if len(described) != len(fds):
+            close_fds(fds)
+            raise ProtocolError(f"handback describes {len(described)} sockets "
+                                f"but carries {len(fds)}")
+        socks: list[socket.socket] = []
+        try:
+            for i, fd in enumerate(fds):
+                try:
+                    socks.append(adopt_listener(fd))
+                except TransportError as exc:
+                    close_fds(fds[i + 1:])
+                    raise ProtocolError(f"handback refused: {exc}") from None
+            for sock in socks:
+                if not any(same_address(spec, sock) for spec in self.specs):
+                    raise ProtocolError(
+                        f"handback refused: a socket bound to {_address(sock)} matches no "
+                        f"--bind address this fdserver recovers ({self.describe(self.specs)})")
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        taken: list[Listener] = []
+        for sock in socks:
+            spec = next((s for s in self.missing if same_address(s, sock)), None)
+            if spec is None:
+                sock.close()
+            else:
+                self.missing.remove(spec)
+                taken.append(Listener(spec.name, sock))
+        return taken
+
+
+def _address(sock: socket.socket) -> str:
+    return format_address(sock.family, sock.getsockname())

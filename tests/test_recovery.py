@@ -1,0 +1,203 @@
+"""fdserver can die or be upgraded without losing the port or a request."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import socket
+import sys
+
+import pytest
+
+import fdserver
+from fdserver.client import ReceivedListener, resume
+from fdserver.errors import RefusedError
+from loadclient import LoadClient
+from support import PROJECT, http_get, wait_until
+from test_privileges import APP_USER, OTHER_USER, free_low_port, proc_ids, users  # noqa: F401
+
+AS_USER = str(PROJECT / "tests" / "as_user.py")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def listening_inodes(port: int) -> set[int]:
+    """Inodes of the kernel sockets listening on 127.0.0.1:port (/proc/net/tcp)."""
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        for row in list(table)[1:]:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], int(fields[9])
+            if state == "0A" and int(local.split(":")[1], 16) == port:
+                inodes.add(inode)
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def answered_by(address: str, pid: int) -> None:
+    wait_until(lambda: http_get(address)[1] == f"Hello from {pid}\n", timeout=30,
+               what=f"an answer from {pid}")
+
+
+def pids(server) -> list[int]:
+    return [w["pid"] for w in server.status()["workers"]]
+
+
+@pytest.mark.parametrize("mode", ["keepalive", "close"])
+def test_sigkill_under_load_then_restart(start_fdserver, start_fdapp, mode):
+    port = free_port()
+    first = start_fdserver(binds=(f"127.0.0.1:{port}",))
+    old = [start_fdapp(first) for _ in range(2)]
+    [inode] = listening_inodes(port)
+    with LoadClient(first.address, clients=8, mode=mode) as load:
+        load.wait_started()
+        first.signal(signal.SIGKILL)
+        first.wait()
+        second = start_fdserver(binds=(f"127.0.0.1:{port}",))
+        second.wait_for_line(rf"took back http on 127.0.0.1:{port} from worker pid "
+                             rf"({old[0].pid}|{old[1].pid})")
+        new = start_fdapp(second)
+        answered_by(second.address, new.pid)
+        wait_until(lambda: sorted(pids(second)) == sorted([*(w.pid for w in old), new.pid]),
+                   what="old and new workers listed")
+        report = load.stop()
+    assert report["failed"] == 0, report["failures"]
+    # The very same kernel socket, now held by the new fdserver too.
+    assert listening_inodes(port) == {inode}
+    assert inode in socket_inodes(second.pid)
+    assert {w["state"] for w in second.status()["workers"]} == {"ready"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+def test_sigkill_and_restart_with_privilege_separation(start_fdserver, start_fdapp, public_dir):
+    port = free_low_port()
+    flags = ("--user", "nobody", "--socket-mode", "0666")
+    first = start_fdserver(*flags, binds=(f"127.0.0.1:{port}",), dir=public_dir)
+    old = start_fdapp(first)
+    with LoadClient(first.address, clients=4, mode="close") as load:
+        load.wait_started()
+        first.signal(signal.SIGKILL)
+        first.wait()
+        second = start_fdserver(*flags, binds=(f"127.0.0.1:{port}",), dir=public_dir)
+        new = start_fdapp(second)
+        answered_by(second.address, new.pid)
+        report = load.stop()
+    assert report["failed"] == 0, report["failures"]
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert proc_ids(second.pid)["Uid"] == [nobody] * 4
+    assert listening_inodes(port) <= socket_inodes(second.pid)
+    assert sorted(pids(second)) == sorted([old.pid, new.pid])
+
+
+def test_planned_upgrade_under_load(start_fdserver, start_fdapp):
+    """Upgrade = stop the old fdserver, start the new code: the workers bridge it."""
+    port = free_port()
+    first = start_fdserver(binds=(f"127.0.0.1:{port}",))
+    old = [start_fdapp(first) for _ in range(2)]
+    with LoadClient(first.address, clients=8, mode="close") as load:
+        load.wait_started()
+        first.signal(signal.SIGTERM)
+        assert first.wait() == 0
+        second = start_fdserver(binds=(f"127.0.0.1:{port}",))
+        new = start_fdapp(second)
+        answered_by(second.address, new.pid)
+        for worker in old:              # then retire the old workers, gracefully
+            worker.signal(signal.SIGTERM)
+            assert worker.wait() == 0
+        report = load.stop()
+    assert report["failed"] == 0, report["failures"]
+    assert pids(second) == [new.pid]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as other users")
+def test_hostile_handback_is_refused(users, procs, start_fdserver, start_fdapp,  # noqa: F811
+                                     public_dir):
+    port = free_port()
+    first = start_fdserver("--socket-mode", "0666", binds=(f"127.0.0.1:{port}",),
+                           dir=public_dir)
+    holder = fdserver.register(first.socket)      # this test process holds the listener
+    try:
+        holder.report("ready")
+        first.signal(signal.SIGKILL)
+        first.wait()
+        second = start_fdserver_recovering(procs, public_dir, port)
+
+        # 1. An allowed peer offers some other listening socket.
+        with socket.socket() as decoy:
+            decoy.bind(("127.0.0.1", 0))
+            decoy.listen()
+            decoy_port = decoy.getsockname()[1]
+            fake = ReceivedListener("http", "AF_INET", "decoy", decoy)
+            channel = resume(second.socket, "ready", [fake])
+            message, _ = channel.receive()
+            channel.close()
+        assert message["type"] == "error"
+        assert message["message"] == (
+            f"handback refused: a socket bound to 127.0.0.1:{decoy_port} matches "
+            f"no --bind address this fdserver recovers (127.0.0.1:{port})")
+        second.wait_for_line(r"refused handback from pid \d+ uid 0: handback refused")
+
+        # 2. A peer that is not allowed offers the real one.
+        intruder = procs.start([sys.executable, "-c", INTRUDER, OTHER_USER, second.socket,
+                                str(holder.sockets()[0].fileno())],
+                               pass_fds=[holder.sockets()[0].fileno()])
+        intruder.wait_for_line(r"refused: uid \d+ gid \d+ may not receive the listeners")
+        assert intruder.wait() == 0
+        assert "serving" not in second.output            # still waiting for a real worker
+
+        # 3. The real holder hands it back; fdserver serves again.
+        channel = resume(second.socket, "ready", holder.listeners)
+        second.wait_for_line(rf"serving http on 127.0.0.1:{port};")
+        worker = start_fdapp(second)
+        answered_by(f"127.0.0.1:{port}", worker.pid)
+        channel.close()
+    finally:
+        for sock in holder.sockets():
+            sock.close()
+        holder.channel.close()
+
+
+def start_fdserver_recovering(procs, directory, port):
+    from conftest import FdserverProc
+    from support import script
+
+    path = str(directory / "fd.sock")
+    proc = procs.start([script("fdserver"), "--socket", path, "--bind", f"127.0.0.1:{port}",
+                        "--allow-user", APP_USER, "--recover-timeout", "60",
+                        "--socket-mode", "0666"], cls=FdserverProc)
+    proc.wait_for_line(rf"cannot bind 127.0.0.1:{port}: address in use; waiting")
+    proc.socket = path
+    return proc
+
+
+INTRUDER = """
+import os, pwd, socket, sys
+from fdserver.client import ReceivedListener, resume
+from fdserver.errors import RefusedError
+user, path, fd = sys.argv[1], sys.argv[2], int(sys.argv[3])
+record = pwd.getpwnam(user)
+os.setgroups([]); os.setresgid(record.pw_gid, record.pw_gid, record.pw_gid)
+os.setresuid(record.pw_uid, record.pw_uid, record.pw_uid)
+stolen = ReceivedListener("http", "AF_INET", "stolen", socket.socket(fileno=fd))
+try:
+    resume(path, "ready", [stolen])
+except RefusedError as exc:
+    print(exc, flush=True)
+"""
+assert RefusedError

@@ -91,6 +91,13 @@ def fdserver_parser() -> argparse.ArgumentParser:
                         "owner and --socket-group can connect, so this is safe")
     p.add_argument("--backlog", type=int, default=1024,
                    help="listen backlog of each listener (default %(default)s)")
+    p.add_argument("--dispatch", action="store_true",
+                   help="accept connections here and pass each one to the ready worker with "
+                        "the fewest open connections (exact balance, one more hop), instead "
+                        "of letting the workers accept on the shared listeners")
+    p.add_argument("--dispatch-timeout", type=_positive, default=10.0, metavar="SECONDS",
+                   help="with --dispatch: how long a connection waits for a ready worker "
+                        "before it is answered 503 and closed (default %(default)s)")
     p.add_argument("--recover-timeout", type=_positive, default=10.0, metavar="SECONDS",
                    help="if a --bind address is in use, perhaps held by the workers of an "
                         "fdserver that died or was restarted, wait this long for a worker "
@@ -146,7 +153,8 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
             socket_file.close()
             raise
         Server(listeners, socket_file, handshake_timeout=args.handshake_timeout,
-               allow=allow, notifier=notifier, recovery=recovery).run()
+               allow=allow, notifier=notifier, recovery=recovery, dispatch=args.dispatch,
+               dispatch_timeout=args.dispatch_timeout).run()
         return 0
 
     return _run("fdserver", body)
@@ -169,6 +177,10 @@ def fdapp_parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalive-grace", type=_positive, default=1.0, metavar="SECONDS",
                    help="while draining, close a keep-alive connection once idle this long "
                         "(default %(default)s)")
+    p.add_argument("--no-balance", action="store_true",
+                   help="accept like plain Tornado, as many connections as are queued, "
+                        "instead of holding back while this process has more than its "
+                        "share (shared mode only)")
     p.add_argument("--access-log", action="store_true",
                    help="log every request (off by default: it costs throughput)")
     p.add_argument("--xheaders", action="store_true",
@@ -205,7 +217,8 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
 
         worker = Worker(app, registration, graceful_timeout=args.graceful_timeout,
                         keepalive_grace=args.keepalive_grace, on_state=on_state,
-                        server_options={"xheaders": args.xheaders})
+                        server_options={"xheaders": args.xheaders},
+                        balance=not args.no_balance)
         return worker.run()
 
     return _run("fdapp", body)

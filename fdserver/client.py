@@ -44,6 +44,8 @@ class Registration:
     channel: Channel
     server_pid: int
     listeners: list[ReceivedListener]
+    # "shared": accept on the listeners; "dispatch": fdserver sends connections
+    mode: str = "shared"
 
     def sockets(self, name: str | None = None) -> list[socket.socket]:
         """The listening sockets, all of them or those called *name*."""
@@ -163,7 +165,8 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Reg
             listener.sock.close()
         channel.close()
         raise
-    return Registration(path, channel, welcome["server_pid"], listeners)
+    mode = "dispatch" if welcome.get("mode") == "dispatch" else "shared"
+    return Registration(path, channel, welcome["server_pid"], listeners, mode)
 
 
 def resume(path: str, state: str, listeners: list[ReceivedListener]) -> Channel:

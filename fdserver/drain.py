@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Callable
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
@@ -35,6 +35,8 @@ class DrainingHTTPServer(HTTPServer):
         self._draining = False
         self._grace = 0.0
         self._drained: asyncio.Future[None] | None = None
+        # Called whenever a connection opens or closes (load reports).
+        self.on_connections_changed: Callable[[], None] = lambda: None
 
     @property
     def connection_count(self) -> int:
@@ -55,9 +57,14 @@ class DrainingHTTPServer(HTTPServer):
         delegate = super().start_request(server_conn, request_conn)
         return _BusyTracker(self, server_conn, request_conn, delegate)
 
+    def handle_stream(self, stream: Any, address: tuple) -> None:
+        super().handle_stream(stream, address)
+        self.on_connections_changed()
+
     def on_close(self, server_conn: object) -> None:
         self._idle_since.pop(server_conn, None)
         super().on_close(server_conn)
+        self.on_connections_changed()
         if self._drained and not self._connections and not self._drained.done():
             self._drained.set_result(None)
 

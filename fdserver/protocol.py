@@ -22,7 +22,7 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
     client -> hello      {"versions": [1], "role": "worker" | "ctl",
                           "resume": {"state": "ready"}}      (resume: optional)
     server -> welcome    {"version": 1, "server_pid": int, "listeners": int,
-                          "handback": bool}
+                          "handback": bool, "mode": "shared" | "dispatch"}
   worker, first registration (no "resume"):
     server -> listeners  {"listeners": [{"name", "family", "address"}, ...],
                           "fds": n, "more": bool}        (repeated while more)
@@ -31,6 +31,12 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
                           "fds": n}            (only if the welcome asked for it)
   any worker, any time after:
     worker -> state      {"state": "ready" | "draining"}
+    worker -> load       {"connections": open now, "received": dispatched so far}
+  shared mode (workers accept on the listeners themselves):
+    server -> share      {"connections": total open, "workers": ready workers}
+  dispatch mode (fdserver accepts; workers hold the listeners only for handback):
+    server -> connection {"listener": name, "peer": [host, port], "fds": 1}
+    server -> released   {}    (answer to "draining": no more connections follow)
   ctl only (request -> answer, any number):
     ctl    -> status     {}
     server -> status     {"server": {...}, "listeners": [...], "workers": [...]}
@@ -43,9 +49,6 @@ Who the peer is comes from SO_PEERCRED on the server's side, never from the
 payload.  A worker's connection stays open for the worker's whole life: it is
 the registration, and its end (EOF) means the process is gone.
 
-Reserved for later versions (the frame leaves room for them): ``load``
-(worker -> server: open connections), ``connection`` (server -> worker: one
-accepted connection + fd).
 """
 
 from __future__ import annotations
@@ -75,6 +78,10 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "listeners": {"listeners": list, "fds": int, "more": bool},
     "state": {"state": str},
     "handback": {"listeners": list, "fds": int},
+    "load": {"connections": int, "received": int},
+    "share": {"connections": int, "workers": int},
+    "connection": {"listener": str, "peer": list, "fds": int},
+    "released": {},
     "status": {},
     "wait": {"pid": int, "state": str, "timeout": (int, float)},
     "waited": {"pid": int, "ok": bool},

@@ -1,8 +1,9 @@
 """The Tornado side of an app process: load the app, serve fdserver's sockets.
 
-Life of a worker: register with fdserver (receive the listeners), call
-``add_sockets``, report ``ready``; on SIGTERM or SIGINT report ``draining``,
-drain (see :mod:`fdserver.drain`) and exit 0.  A second SIGINT, or SIGQUIT,
+Life of a worker: register with fdserver (receive the listeners), start
+taking connections (see :mod:`fdserver.acceptor`), report ``ready``; on
+SIGTERM or SIGINT report ``draining``, drain (see :mod:`fdserver.drain`) and
+exit 0.  A second SIGINT, or SIGQUIT,
 exits at once.
 
 If fdserver goes away the worker keeps serving (it holds its own copy of
@@ -25,6 +26,7 @@ from typing import Any, Callable
 from tornado.httputil import HTTPServerConnectionDelegate
 from tornado.web import Application
 
+from .acceptor import Acceptor
 from .client import Registration, resume
 from .drain import DrainingHTTPServer
 from .errors import AppError, FdserverError
@@ -83,6 +85,7 @@ class Worker:
         keepalive_grace: float = DEFAULT_KEEPALIVE_GRACE,
         on_state: Callable[[str], None] = lambda state: None,
         server_options: dict[str, Any] | None = None,
+        balance: bool = True,
     ) -> None:
         self.app = app
         self.registration = registration
@@ -90,6 +93,9 @@ class Worker:
         self.keepalive_grace = keepalive_grace
         self.on_state = on_state
         self.server_options = server_options or {}
+        self.balance = balance
+        self.acceptor: Acceptor | None = None
+        self._released: asyncio.Future[None] | None = None
         self.server: DrainingHTTPServer | None = None
         self.channel: LoopChannel | None = None
         self._exit: asyncio.Future[int] | None = None
@@ -103,10 +109,15 @@ class Worker:
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
         self._exit = loop.create_future()
+        self._released = loop.create_future()
         self.server = DrainingHTTPServer(self.app, **self.server_options)
-        self.server.add_sockets(self.registration.sockets())
         self.channel = LoopChannel(self.registration.channel, loop,
                                    self._on_message, self._on_server_gone)
+        self.acceptor = Acceptor(self.server, self._send, balance=self.balance)
+        if self.registration.mode == "shared":
+            self.acceptor.start(self.registration.sockets())
+        # In dispatch mode the listeners are only held, for a handback to a
+        # restarted fdserver (see fdserver.recovery); fdserver accepts.
         # Signal handlers only hand the signal to the loop.
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(signum, self._on_signal, signum)
@@ -123,7 +134,10 @@ class Worker:
 
     def _report(self, state: str) -> None:
         self.on_state(state)
-        self.channel.send({"type": "state", "state": state})
+        self._send({"type": "state", "state": state})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self.channel.send(message)
 
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -138,6 +152,16 @@ class Worker:
 
     async def _drain(self) -> None:
         self._report("draining")
+        self.acceptor.close()
+        if self.registration.mode == "dispatch" and not self.channel.closed:
+            # Connections fdserver sent before it saw "draining" are still on
+            # their way: serve them too, then fdserver says "released".
+            try:
+                await asyncio.wait_for(asyncio.shield(self._released), self.graceful_timeout)
+            except asyncio.TimeoutError:
+                log.warning("fdserver did not release this worker; draining anyway")
+        for sock in self.registration.sockets():
+            sock.close()
         cut = await self.server.drain(self.graceful_timeout, self.keepalive_grace)
         if cut:
             log.warning("graceful timeout: closed %d connections still open", cut)
@@ -150,12 +174,22 @@ class Worker:
             self._exit.set_result(status)
 
     def _on_message(self, message: dict[str, Any], fds: list[int]) -> None:
+        kind = message["type"]
+        if kind == "connection" and len(fds) == 1:
+            self.acceptor.on_connection(fds[0], message["peer"])
+            return
         for fd in fds:
             os.close(fd)
-        if message["type"] == "error":
+        if kind == "share":
+            self.acceptor.on_share(message["connections"], message["workers"])
+        elif kind == "released" and not self._released.done():
+            self._released.set_result(None)
+        elif kind == "error":
             log.warning("fdserver says: %s", message["message"])
 
     def _on_server_gone(self, reason: str | None) -> None:
+        if not self._released.done():
+            self._released.set_result(None)     # nothing more can be dispatched
         if self._exit.done() or self._drain_task:
             return               # leaving anyway: nothing to re-register
         log.warning("lost fdserver (%s); still serving on the listeners this process holds; "
@@ -174,6 +208,8 @@ class Worker:
             except FdserverError as exc:
                 log.debug("reconnecting to %s: %s", path, exc)
             else:
+                if self._released.done():
+                    self._released = loop.create_future()
                 self.channel = LoopChannel(channel, loop, self._on_message, self._on_server_gone)
                 log.info("re-registered with fdserver at %s", path)
                 if self._drain_task:

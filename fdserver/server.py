@@ -22,6 +22,7 @@ from typing import Any
 from . import __version__
 from .listeners import Listener
 from .privileges import AllowList
+from .placement import Dispatcher, SharePublisher, estimate
 from .recovery import Recovery
 from .errors import ProtocolError
 from .protocol import MAX_FDS_PER_FRAME, PROTOCOL_VERSION, negotiate
@@ -43,13 +44,17 @@ class Peer:
     role: str | None = None          # None until the hello arrives
     state: str = "handshake"         # workers: starting -> ready -> draining
     ready_at: float | None = None
+    connections: int = 0             # open, as last reported by the worker
+    received: int = 0                # dispatched connections it reported receiving
+    dispatched: int = 0              # dispatched connections sent to it
+    last_dispatch: int = -1
     channel: LoopChannel | None = None
     timer: asyncio.TimerHandle | None = None
     waits: list["_Wait"] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
         return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "state": self.state,
-                "connected_at": _iso(self.connected_at),
+                "connections": estimate(self), "connected_at": _iso(self.connected_at),
                 "ready_at": _iso(self.ready_at) if self.ready_at else None}
 
 
@@ -77,6 +82,8 @@ class Server:
         allow: AllowList | None = None,
         notifier: Notifier | None = None,
         recovery: Recovery | None = None,
+        dispatch: bool = False,
+        dispatch_timeout: float = 10.0,
     ) -> None:
         self.listeners = listeners
         self.socket_file = socket_file
@@ -90,6 +97,9 @@ class Server:
         self.recovery = recovery if recovery and not recovery.done else None
         self._deferred: list[Peer] = []        # new workers waiting for a recovery
         self._give_up: asyncio.TimerHandle | None = None
+        self.mode = "dispatch" if dispatch else "shared"
+        self.dispatch_timeout = dispatch_timeout
+        self._placement: Dispatcher | SharePublisher | None = None
         self.peers: set[Peer] = set()
         self.started_at = time.time()
         self._waits: list[_Wait] = []
@@ -129,13 +139,21 @@ class Server:
             self._shut_down()
 
     def _serving(self) -> None:
+        if self.mode == "dispatch":
+            self._placement = Dispatcher(self._loop, self.listeners, self.workers,
+                                         wait_timeout=self.dispatch_timeout)
+            self._placement.start()
+        else:
+            self._placement = SharePublisher(self._loop, self.workers)
         served = ", ".join(f"{l.name} on {l.address}" for l in self.listeners)
-        log.info("serving %s; socket %s", served, self.socket_file.path)
+        log.info("serving %s; socket %s; %s mode", served, self.socket_file.path, self.mode)
         self._notify("READY=1", f"MAINPID={os.getpid()}")
 
     def _shut_down(self) -> None:
         self._notify("STOPPING=1", "STATUS=stopping; workers keep serving")
         self._loop.remove_reader(self.socket_file.sock.fileno())
+        if isinstance(self._placement, Dispatcher):
+            self._placement.close()
         for peer in list(self.peers):
             peer.channel.close(None)
         problem = self.socket_file.close()
@@ -207,6 +225,7 @@ class Server:
                      f": {reason}" if reason else "")
             peer.state = "gone"
             self._check_waits(peer)
+            self._placed()
             self._notify()
         elif reason:
             log.warning("closed connection from pid %d uid %d: %s", peer.pid, peer.uid, reason)
@@ -224,6 +243,10 @@ class Server:
                 self._on_handback(peer, message, fds)
             elif peer.role == "worker" and message["type"] == "state":
                 self._on_state(peer, message["state"])
+            elif peer.role == "worker" and message["type"] == "load":
+                peer.connections = max(0, message["connections"])
+                peer.received = max(0, message["received"])
+                self._placed()
             elif peer.role == "ctl" and message["type"] == "status":
                 peer.channel.send({"type": "status", **self.status()})
             elif peer.role == "ctl" and message["type"] == "wait":
@@ -257,7 +280,7 @@ class Server:
         resume = message.get("resume")
         peer.channel.send({"type": "welcome", "version": version, "server_pid": os.getpid(),
                            "listeners": len(self.listeners),
-                           "handback": bool(resume and self.recovery)})
+                           "handback": bool(resume and self.recovery), "mode": self.mode})
         if peer.role == "worker" and isinstance(resume, dict):
             # A running worker re-registering after an fdserver restart: it
             # keeps the listeners it holds and the state it is in.
@@ -319,8 +342,15 @@ class Server:
         if state == "ready":
             peer.ready_at = time.time()
         log.info("worker pid %d %s", peer.pid, state)
+        if state == "draining" and self.mode == "dispatch":
+            peer.channel.send({"type": "released"})     # nothing is dispatched to it now
         self._check_waits(peer)
         self._notify()
+        self._placed()
+
+    def _placed(self) -> None:
+        if self._placement:
+            self._placement.changed()
 
     def _notify(self, *lines: str) -> None:
         if self.notifier:
@@ -337,6 +367,7 @@ class Server:
     def status(self) -> dict[str, Any]:
         return {
             "server": {"pid": os.getpid(), "uid": os.getuid(), "version": __version__,
+                       "mode": self.mode,
                        "protocol": PROTOCOL_VERSION, "socket": self.socket_file.path,
                        "started_at": _iso(self.started_at)},
             "listeners": [l.describe() for l in self.listeners],

@@ -86,7 +86,8 @@ class Channel:
         self._decoder = Decoder()
         self._fds: collections.deque[int] = collections.deque()
         self._inbox: collections.deque[tuple[dict[str, Any], list[int]]] = collections.deque()
-        self._outbox: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
+        # (bytes left, fds to attach, whether we close those fds once sent)
+        self._outbox: collections.deque[tuple[memoryview, list[int], bool]] = collections.deque()
         self._output_size = 0
         self.closed = False
 
@@ -136,26 +137,35 @@ class Channel:
 
     # -- sending -----------------------------------------------------------
 
-    def queue(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
-        """Append a frame to the output; call flush() to write it."""
+    def queue(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = (), *,
+              owned: bool = False) -> None:
+        """Append a frame to the output; call flush() to write it.
+
+        With *owned*, the channel takes the descriptors over and closes them
+        once sent (or when it closes): the caller must not close them.
+        """
         if len(fds) != message.get("fds", 0):
             raise ValueError("message 'fds' count does not match the descriptors given")
         frame = encode(message)
         if self._output_size + len(frame) > MAX_OUTPUT:
+            if owned:
+                close_fds(fds)
             raise TransportError("peer is not reading its messages (output buffer full)")
-        self._outbox.append((memoryview(frame), list(fds)))
+        self._outbox.append((memoryview(frame), list(fds), owned))
         self._output_size += len(frame)
 
     def flush(self) -> bool:
         """Write what the socket takes now; True once everything is sent."""
         while self._outbox:
-            data, fds = self._outbox[0]
+            data, fds, owned = self._outbox[0]
             ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
             sent = self.sock.sendmsg([data], ancdata)
             self._output_size -= sent
+            if owned:
+                close_fds(fds)      # the peer has its copies now
             if sent < len(data):
                 # Descriptors travel with the first byte only.
-                self._outbox[0] = (data[sent:], [])
+                self._outbox[0] = (data[sent:], [], False)
                 return False
             self._outbox.popleft()
         return True
@@ -179,6 +189,10 @@ class Channel:
         for _, fds in self._inbox:
             close_fds(fds)
         self._inbox.clear()
+        for _, fds, owned in self._outbox:
+            if owned:
+                close_fds(fds)
+        self._outbox.clear()
         self.sock.close()
 
 
@@ -222,11 +236,14 @@ class LoopChannel:
     def closed(self) -> bool:
         return self.channel.closed
 
-    def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+    def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = (), *,
+             owned: bool = False) -> None:
         if self.closed or self._closing:
+            if owned:
+                close_fds(fds)
             return
         try:
-            self.channel.queue(message, fds)
+            self.channel.queue(message, fds, owned=owned)
         except TransportError as exc:
             self.close(str(exc))
             return

@@ -136,7 +136,7 @@ REFUSED_BY_ENCODE = {
     "not-a-dict": ["hello"],
     "no-type": {"versions": [1], "role": "worker"},
     "type-not-a-string": {"type": 1},
-    "unknown-type": {"type": "load", "connections": 3},
+    "unknown-type": {"type": "teleport", "connections": 3},
     "bool-for-int": {"type": "welcome", "version": True, "server_pid": 1, "listeners": 1},
     "int-for-bool": {"type": "listeners", "listeners": [], "fds": 0, "more": 0},
     "fds-over-max": {"type": "listeners", "listeners": [], "fds": MAX_FDS_PER_FRAME + 1,
@@ -196,7 +196,7 @@ HOSTILE = {
     "type-null": (frame({"type": None}), r"no string 'type'"),
     "type-number": (frame({"type": 1}), r"no string 'type'"),
     "type-list": (frame({"type": ["hello"]}), r"no string 'type'"),
-    "unknown-type": (frame({"type": "connection"}), r"unknown message type 'connection'"),
+    "unknown-type": (frame({"type": "teleport"}), r"unknown message type 'teleport'"),
     "empty-type": (frame({"type": ""}), r"unknown message type ''"),
     # fields
     "hello-no-versions": (frame({"type": "hello", "role": "worker"}),

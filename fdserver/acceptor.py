@@ -1,0 +1,157 @@
+"""How a worker takes connections: from the shared listeners, or from fdserver.
+
+Shared mode.  Tornado's own accept loop takes up to 128 connections per
+wakeup (its comment admits this hurts balance across processes): with one
+listening socket shared by many processes, whichever process wakes first
+grabs a whole burst.  So fdapp accepts itself, a few at a time, and holds
+back while it has more than its share of the open connections: the share
+comes from fdserver (``share``: total open, ready workers), the own count is
+exact.  Holding back means leaving the listener alone for *pause* seconds;
+the connection stays in the kernel's queue for another worker.  After a
+pause one connection is always taken, so a worker never starves its clients
+when the others are stuck.
+
+Dispatch mode.  fdserver accepts and sends each connection over the
+registration channel; the worker wraps it in an IOStream and hands it to
+Tornado's ``HTTPServer.handle_stream``.
+
+Either way the worker reports its open connections (``load``), coalesced to
+at most one report per *report_interval*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import math
+import socket
+from typing import Callable
+
+from tornado.iostream import IOStream
+
+from .drain import DrainingHTTPServer
+
+log = logging.getLogger("fdapp")
+
+ACCEPT_BATCH = 8
+PAUSE = 0.005
+REPORT_INTERVAL = 0.02
+SLACK = 1
+
+
+class Acceptor:
+    """Feeds connections to a DrainingHTTPServer and reports the load."""
+
+    def __init__(self, server: DrainingHTTPServer, report: Callable[[dict], None], *,
+                 balance: bool = True) -> None:
+        self.server = server
+        self.balance = balance
+        self._report = report
+        self._loop = asyncio.get_running_loop()
+        self._sockets: list[socket.socket] = []
+        self._paused = False
+        self._valve = False               # one accept allowed right after a pause
+        self._share: tuple[int, int] | None = None
+        self._reported = 0                # open connections in our last report
+        self._received = 0                # dispatched connections received so far
+        self._report_pending = False
+        server.on_connections_changed = self.changed
+
+    # -- shared mode ---------------------------------------------------------
+
+    def start(self, sockets: list[socket.socket]) -> None:
+        self._sockets = list(sockets)
+        self._watch()
+
+    def close(self) -> None:
+        """Stop accepting and close this process's copies (never shutdown())."""
+        self._unwatch()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+
+    def on_share(self, connections: int, workers: int) -> None:
+        self._share = (connections, max(workers, 1))
+
+    def _watch(self) -> None:
+        for sock in self._sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _unwatch(self) -> None:
+        for sock in self._sockets:
+            if sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
+
+    def over_share(self) -> bool:
+        """Does this process hold more than its share of the open connections?"""
+        if not self.balance or self._share is None:
+            return False
+        total, workers = self._share
+        own = self.server.connection_count
+        # The others' part of the total, as fdserver last saw it, plus ours now.
+        estimate = max(0, total - self._reported) + own
+        return own >= math.ceil(estimate / workers) + SLACK
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self._valve:
+                self._valve = False
+            elif self.over_share():
+                self._pause()
+                return
+            try:
+                conn, address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("accept failed: %s; pausing", exc.strerror)
+                    self._pause(0.1)
+                    return
+                raise
+            self._serve(conn, address)
+
+    def _pause(self, seconds: float = PAUSE) -> None:
+        if self._paused:
+            return
+        self._paused = True
+        self._unwatch()
+        self._loop.call_later(seconds, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self._sockets:
+            self._valve = True
+            self._watch()
+
+    # -- dispatch mode -------------------------------------------------------
+
+    def on_connection(self, fd: int, peer: list) -> None:
+        self._received += 1
+        conn = socket.socket(fileno=fd)
+        address = tuple(peer) if len(peer) == 2 else ("", 0)
+        self._serve(conn, address)
+
+    # -- both ----------------------------------------------------------------
+
+    def _serve(self, conn: socket.socket, address: tuple) -> None:
+        conn.setblocking(False)
+        stream = IOStream(conn, max_buffer_size=self.server.max_buffer_size,
+                          read_chunk_size=self.server.read_chunk_size)
+        self.server.handle_stream(stream, address)
+
+    def changed(self) -> None:
+        """Open connections changed: report soon (coalesced)."""
+        if not self._report_pending:
+            self._report_pending = True
+            self._loop.call_later(REPORT_INTERVAL, self._send_report)
+
+    def _send_report(self) -> None:
+        self._report_pending = False
+        own = self.server.connection_count
+        if own != self._reported or self._received:
+            self._reported = own
+            self._report({"type": "load", "connections": own, "received": self._received})

@@ -1,0 +1,190 @@
+"""Where connections go: the share in shared mode, the chosen worker in dispatch mode.
+
+Shared mode (default): every worker accepts on the shared listeners itself;
+fdserver only tells the workers how many connections are open in total and
+how many workers are ready (a ``share`` message, coalesced), so that a worker
+holding more than its share can stop accepting for a moment (see
+:mod:`fdserver.acceptor`).  fdserver stays out of the data path.
+
+Dispatch mode (``fdserver --dispatch``): fdserver accepts every connection
+and passes it to the ready worker with the fewest open connections (its last
+report, plus what was sent since).  A connection that no worker can take
+waits in fdserver at most *wait_timeout* seconds, then gets a
+``503 Service Unavailable`` with ``Connection: close``; past *max_waiting*
+connections fdserver stops accepting and the kernel's backlog holds the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import socket
+import time
+from typing import Any, Callable, Iterable
+
+from .listeners import Listener
+
+log = logging.getLogger("fdserver")
+
+SHARE_DELAY = 0.01          # coalesce share broadcasts: at most ~100 a second
+UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+               b"Content-Length: 24\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+               b"no app process is ready\n")
+
+
+def estimate(peer: Any) -> int:
+    """Open connections of a worker: its last report plus what is in flight to it."""
+    return peer.connections + (peer.dispatched - peer.received)
+
+
+class SharePublisher:
+    """Shared mode: tell the ready workers the total load, coalesced."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 workers: Callable[[], Iterable[Any]]) -> None:
+        self._loop = loop
+        self._workers = workers
+        self._scheduled = False
+        self._last: tuple[int, int] | None = None
+
+    def changed(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_later(SHARE_DELAY, self._publish)
+
+    def _publish(self) -> None:
+        self._scheduled = False
+        ready = [p for p in self._workers() if p.state == "ready"]
+        share = (sum(p.connections for p in ready), len(ready))
+        if share == self._last:
+            return
+        self._last = share
+        for peer in ready:
+            peer.channel.send({"type": "share", "connections": share[0], "workers": share[1]})
+
+
+class Dispatcher:
+    """Dispatch mode: accept on the listeners, pass each connection to a worker."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, listeners: list[Listener],
+                 workers: Callable[[], Iterable[Any]], *, wait_timeout: float = 10.0,
+                 max_waiting: int = 1024) -> None:
+        self._loop = loop
+        self._listeners = listeners
+        self._workers = workers
+        self.wait_timeout = wait_timeout
+        self.max_waiting = max_waiting
+        self._waiting: collections.deque[tuple[float, str, socket.socket, Any]] = \
+            collections.deque()
+        self._accepting = False
+        self._sequence = itertools.count()
+        self._expiry: asyncio.TimerHandle | None = None
+        self.dispatched = 0
+
+    def start(self) -> None:
+        if not self._accepting:
+            self._accepting = True
+            for listener in self._listeners:
+                self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
+
+    def pause(self) -> None:
+        if self._accepting:
+            self._accepting = False
+            for listener in self._listeners:
+                self._loop.remove_reader(listener.sock.fileno())
+
+    def close(self) -> None:
+        self.pause()
+        if self._expiry:
+            self._expiry.cancel()
+        while self._waiting:
+            _unavailable(self._waiting.popleft()[2])
+
+    def add_listeners(self, listeners: list[Listener]) -> None:
+        was = self._accepting
+        self.pause()
+        self._listeners = self._listeners + listeners
+        if was:
+            self.start()
+
+    def changed(self) -> None:
+        """A worker's state or load changed: place what waits, if anyone can take it."""
+        while self._waiting:
+            worker = self._choose()
+            if worker is None:
+                return
+            _, name, conn, address = self._waiting.popleft()
+            self._send(worker, name, conn, address)
+        self.start()
+
+    def _accept(self, listener: Listener) -> None:
+        for _ in range(64):
+            try:
+                conn, address = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                # Out of descriptors: stop for a moment, the backlog holds the rest.
+                log.warning("accept on %s failed: %s", listener.address, exc.strerror)
+                self.pause()
+                self._loop.call_later(0.1, self.start)
+                return
+            worker = self._choose()
+            if worker is not None:
+                self._send(worker, listener.name, conn, address)
+            else:
+                self._wait(listener.name, conn, address)
+
+    def _choose(self) -> Any | None:
+        ready = [p for p in self._workers() if p.state == "ready" and not p.channel.closed]
+        # Fewest open connections; among equals, the one served longest ago.
+        return min(ready, key=lambda p: (estimate(p), p.last_dispatch), default=None)
+
+    def _send(self, worker: Any, name: str, conn: socket.socket, address: Any) -> None:
+        worker.dispatched += 1
+        worker.last_dispatch = next(self._sequence)
+        self.dispatched += 1
+        peer = [address[0], address[1]] if isinstance(address, tuple) else [str(address), 0]
+        worker.channel.send({"type": "connection", "listener": name, "peer": peer, "fds": 1},
+                            [conn.detach()], owned=True)
+
+    def _wait(self, name: str, conn: socket.socket, address: Any) -> None:
+        self._waiting.append((time.monotonic(), name, conn, address))
+        if len(self._waiting) >= self.max_waiting:
+            self.pause()
+        if self._expiry is None:
+            self._expiry = self._loop.call_later(self.wait_timeout, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        deadline = time.monotonic() - self.wait_timeout
+        expired = 0
+        while self._waiting and self._waiting[0][0] <= deadline:
+            _unavailable(self._waiting.popleft()[2])
+            expired += 1
+        if expired:
+            log.warning("no ready worker: answered %d waiting connections with 503", expired)
+            self.start()
+        if self._waiting:
+            self._expiry = self._loop.call_later(
+                self._waiting[0][0] + self.wait_timeout - time.monotonic(), self._expire)
+
+
+def _unavailable(conn: socket.socket) -> None:
+    """Answer 503 and close, reading first so the close sends FIN, not RST."""
+    try:
+        conn.setblocking(False)
+        for _ in range(16):
+            if not conn.recv(65536):
+                break
+    except OSError:
+        pass
+    try:
+        conn.send(UNAVAILABLE)
+    except OSError:
+        pass
+    conn.close()

@@ -24,7 +24,6 @@ import sys
 from typing import Any, Callable
 
 from tornado.httputil import HTTPServerConnectionDelegate
-from tornado.web import Application
 
 from .acceptor import Acceptor
 from .client import Registration, resume

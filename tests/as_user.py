@@ -11,7 +11,7 @@ import pwd
 import sys
 
 import tornado.httpserver  # noqa: F401
-import tornado.web  # noqa: F401
+import tornado.web  # noqa: F401  (imported before the drop)
 
 import fdserver.cli
 import fdserver.client  # noqa: F401

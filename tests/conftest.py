@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import PROJECT, Proc, run, script  # noqa: E402
+from support import APP_USER, GROUP, OTHER_USER, PROJECT, Proc, run, script  # noqa: E402
 
 
 class FdserverProc(Proc):
@@ -105,3 +108,26 @@ def start_fdapp(procs):
         return proc
 
     return start
+
+
+@pytest.fixture(scope="session")
+def users():
+    """The group fdtest with two members, created (and removed) by this session."""
+    created = []
+    try:
+        grp.getgrnam(GROUP)
+    except KeyError:
+        subprocess.run(["groupadd", "--system", GROUP], check=True)
+        created.append(("groupdel", GROUP))
+    for name in (APP_USER, OTHER_USER):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                            "/usr/sbin/nologin", "-g", GROUP, name], check=True)
+            created.insert(0, ("userdel", name))
+    try:
+        yield {name: pwd.getpwnam(name).pw_uid for name in (APP_USER, OTHER_USER)}
+    finally:
+        for command, name in created:
+            subprocess.run([command, name], check=False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +20,8 @@ from typing import Callable
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WATCHDOG = 180.0
+# Users the privilege tests create (and remove): see conftest.users.
+GROUP, APP_USER, OTHER_USER = "fdtest", "fdtest-app", "fdtest-other"
 
 
 class Proc:
@@ -129,4 +131,26 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["PROJECT", "Proc", "run", "script", "wait_until", "http_get", "pid_alive", "signal"]
+def free_low_port() -> int:
+    for port in range(1023, 900, -1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below 1024 on 127.0.0.1")
+
+
+def proc_ids(pid: int) -> dict[str, list[int]]:
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid", "Groups"):
+                fields[key] = [int(v) for v in value.split()]
+    return fields
+
+
+__all__ = ["PROJECT", "Proc", "run", "script", "wait_until", "http_get", "pid_alive",
+           "free_low_port", "proc_ids", "GROUP", "APP_USER", "OTHER_USER"]

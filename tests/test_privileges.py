@@ -9,63 +9,17 @@ import grp
 import os
 import pwd
 import shutil
-import socket
 import stat
-import subprocess
 import sys
 
 import pytest
 
-from support import PROJECT, http_get, run, script
+from support import (APP_USER, GROUP, OTHER_USER, PROJECT, free_low_port, http_get,
+                     proc_ids, run, script)
 
 AS_USER = str(PROJECT / "tests" / "as_user.py")
-GROUP, APP_USER, OTHER_USER = "fdtest", "fdtest-app", "fdtest-other"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="privilege tests need root")
-
-
-@pytest.fixture(scope="session")
-def users():
-    """The group fdtest with two members, created (and removed) by this session."""
-    created = []
-    try:
-        grp.getgrnam(GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", "--system", GROUP], check=True)
-        created.append(("groupdel", GROUP))
-    for name in (APP_USER, OTHER_USER):
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                            "/usr/sbin/nologin", "-g", GROUP, name], check=True)
-            created.insert(0, ("userdel", name))
-    try:
-        yield {name: pwd.getpwnam(name).pw_uid for name in (APP_USER, OTHER_USER)}
-    finally:
-        for command, name in created:
-            subprocess.run([command, name], check=False)
-
-
-def free_low_port() -> int:
-    for port in range(1023, 900, -1):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.fail("no free port below 1024 on 127.0.0.1")
-
-
-def proc_ids(pid: int) -> dict[str, list[int]]:
-    fields = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("Uid", "Gid", "Groups"):
-                fields[key] = [int(v) for v in value.split()]
-    return fields
 
 
 def start_worker_as(procs, user: str, server, wait: bool = True):

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from support import PROJECT, http_get, run, script
-from test_privileges import free_low_port, proc_ids, users  # noqa: F401  (fixture)
+from support import free_low_port, proc_ids
 
 ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
 AS_USER = str(PROJECT / "tests" / "as_user.py")
@@ -64,7 +64,7 @@ def test_socket_activation_end_to_end(procs, sockdir):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start as nobody")
-def test_socket_activated_fdserver_never_needs_root(users, procs, public_dir):  # noqa: F811
+def test_socket_activated_fdserver_never_needs_root(users, procs, public_dir):
     path, port = str(public_dir / "fd.sock"), free_low_port()
     # systemd-socket-activate binds the low port as root; fdserver runs as nobody.
     _, first = activated(procs, path, port, sys.executable, AS_USER, "nobody",

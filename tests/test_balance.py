@@ -1,0 +1,114 @@
+"""Shared-mode balance and dispatch mode: correctness, with counts not timings."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+
+import pytest
+
+from loadclient import LoadClient
+from support import wait_until
+from test_recovery import answered_by, free_port
+
+
+def jain(values: list[int]) -> float:
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+
+
+def served(report: dict, workers) -> list[int]:
+    return [report["pids"].get(str(w.pid), 0) for w in workers]
+
+
+@pytest.mark.parametrize("mode", ["keepalive", "close"])
+def test_shared_mode_spreads_a_burst_over_every_worker(start_fdserver, start_fdapp, mode):
+    server = start_fdserver()
+    workers = [start_fdapp(server) for _ in range(4)]
+    with LoadClient(server.address, clients=32, mode=mode) as load:
+        load.wait_started()
+        wait_until(lambda: sum(w["connections"] for w in server.status()["workers"]) > 0,
+                   what="load reports reaching fdserver")
+        report = load.stop()
+    counts = served(report, workers)
+    assert report["failed"] == 0, report["failures"]
+    # Generous bounds (the benchmark measures the real spread): every worker
+    # took part, and nobody took the lion's share.
+    assert min(counts) > 0 and jain(counts) > 0.8, counts
+
+
+def test_status_shows_mode_and_connections(start_fdserver, start_fdapp):
+    server = start_fdserver("--dispatch")
+    worker = start_fdapp(server)
+    conn = http.client.HTTPConnection(*server.address.rsplit(":", 1), timeout=10)
+    conn.request("GET", "/")
+    assert conn.getresponse().read() == f"Hello from {worker.pid}\n".encode()
+    wait_until(lambda: server.status()["workers"][0]["connections"] == 1,
+               what="the open keep-alive connection counted")
+    assert server.status()["server"]["mode"] == "dispatch"
+    conn.close()
+    wait_until(lambda: server.status()["workers"][0]["connections"] == 0,
+               what="the closed connection uncounted")
+
+
+@pytest.mark.parametrize("mode", ["keepalive", "close"])
+def test_dispatch_mode_balances_and_restarts_lose_nothing(start_fdserver, start_fdapp, mode):
+    server = start_fdserver("--dispatch")
+    workers = [start_fdapp(server) for _ in range(3)]
+    with LoadClient(server.address, clients=12, mode=mode) as load:
+        load.wait_started()
+        for _ in range(6):
+            old = workers.pop(0)
+            old.signal(signal.SIGTERM)
+            workers.append(start_fdapp(server))
+            assert old.wait(timeout=40) == 0, old.output
+            # A draining worker is released: nothing more is sent to it.
+            old.wait_for_line(r"drained; exiting")
+        report = load.stop()
+    assert report["failed"] == 0, report["failures"]
+    assert len(report["pids"]) >= 6
+
+
+def test_dispatch_without_ready_worker_waits_then_503(start_fdserver, start_fdapp):
+    server = start_fdserver("--dispatch", "--dispatch-timeout", "0.5")
+    status, body = get_status(server.address)
+    assert (status, body) == (503, "no app process is ready\n")
+    server.wait_for_line(r"no ready worker: answered 1 waiting connections with 503")
+
+
+def test_dispatch_connection_waits_for_a_worker(start_fdserver, start_fdapp):
+    server = start_fdserver("--dispatch", "--dispatch-timeout", "60")
+    host, port = server.address.rsplit(":", 1)
+    early = socket.create_connection((host, int(port)), timeout=30)
+    early.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    worker = start_fdapp(server)
+    response = http.client.HTTPResponse(early)
+    response.begin()
+    assert (response.status, response.read()) == (200, f"Hello from {worker.pid}\n".encode())
+    early.close()
+
+
+def test_dispatch_mode_survives_fdserver_sigkill(start_fdserver, start_fdapp):
+    port = free_port()
+    first = start_fdserver("--dispatch", binds=(f"127.0.0.1:{port}",))
+    old = start_fdapp(first)
+    first.signal(signal.SIGKILL)
+    first.wait()
+    second = start_fdserver("--dispatch", binds=(f"127.0.0.1:{port}",))
+    second.wait_for_line(rf"took back http on 127.0.0.1:{port} from worker pid {old.pid}")
+    second.wait_state(old.pid, "ready")
+    new = start_fdapp(second)
+    answered_by(second.address, new.pid)
+    answered_by(second.address, old.pid)
+
+
+def get_status(address: str) -> tuple[int, str]:
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+

@@ -194,6 +194,11 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         import os
+        import signal
+
+        # Until the worker's loop takes the signals over, a stop request just
+        # ends the process cleanly: nothing has been served yet.
+        signal.signal(signal.SIGTERM, _stopped_during_start_up)
 
         from .client import register
         from .runner import Worker, load_app
@@ -203,6 +208,7 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         if not args.access_log:
             logging.getLogger("tornado.access").setLevel(logging.WARNING)
         app = load_app(args.app)
+        logging.getLogger("fdapp").info("connecting to fdserver at %s", args.socket)
         registration = register(args.socket, connect_timeout=args.connect_timeout)
         title = f"fdapp {args.app} --socket {args.socket}"
         _set_title(title)
@@ -222,6 +228,10 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         return worker.run()
 
     return _run("fdapp", body)
+
+
+def _stopped_during_start_up(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 # -- fdctl ------------------------------------------------------------------

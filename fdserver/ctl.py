@@ -53,15 +53,16 @@ def format_status(status: dict[str, Any], now: datetime | None = None) -> str:
     now = now or datetime.now(timezone.utc)
     server = status["server"]
     lines = [f"fdserver pid {server['pid']} (uid {server['uid']}), version {server['version']}, "
-             f"up {_age(server['started_at'], now)}",
+             f"{server.get('mode', 'shared')} mode, up {_age(server['started_at'], now)}",
              f"socket   {server['socket']}", ""]
     rows = [("LISTENER", "FAMILY", "ADDRESS")]
     rows += [(l["name"], l["family"], l["address"]) for l in status["listeners"]]
     lines += _table(rows) + [""]
     workers = status["workers"]
     if workers:
-        rows = [("PID", "UID", "STATE", "CONNECTED", "READY")]
-        rows += [(str(w["pid"]), str(w["uid"]), w["state"], _age(w["connected_at"], now) + " ago",
+        rows = [("PID", "UID", "STATE", "CONNS", "CONNECTED", "READY")]
+        rows += [(str(w["pid"]), str(w["uid"]), w["state"], str(w.get("connections", "-")),
+                  _age(w["connected_at"], now) + " ago",
                   _age(w["ready_at"], now) + " ago" if w["ready_at"] else "-") for w in workers]
         lines += _table(rows)
     counts = collections.Counter(w["state"] for w in workers)

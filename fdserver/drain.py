@@ -17,6 +17,7 @@ here is done by hand:
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any, Callable
 
@@ -99,8 +100,9 @@ class DrainingHTTPServer(HTTPServer):
     def _close_if_idle(self, conn: HTTP1ServerConnection, since: float) -> None:
         if self._idle_since.get(conn) != since:
             return          # busy again, or gone; a later idle period re-arms
-        # Bytes already buffered mean a request is on its way in.
-        if getattr(conn.stream, "_read_buffer_size", 0):
+        # Bytes buffered by Tornado or waiting in the kernel mean a request is
+        # on its way in: serve it (with Connection: close) rather than cut it.
+        if getattr(conn.stream, "_read_buffer_size", 0) or _input_waiting(conn.stream.socket):
             self._check_idle_later(conn, time.monotonic())
             return
         conn.stream.close()
@@ -111,6 +113,17 @@ class DrainingHTTPServer(HTTPServer):
             # Tornado's own flag: adds "Connection: close" to an HTTP/1.1
             # response and closes the connection once it is written.
             request_conn._disconnect_on_finish = True
+
+
+def _input_waiting(sock: socket.socket | None) -> bool:
+    if sock is None:
+        return False
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return False            # reset: closing it is all that is left
 
 
 class _BusyTracker(httputil.HTTPMessageDelegate):

@@ -7,7 +7,7 @@ import signal
 import socket
 import threading
 
-from support import http_get
+from support import http_get, script
 
 
 def connect(address: str) -> http.client.HTTPConnection:
@@ -163,3 +163,11 @@ def test_connections_queued_while_a_worker_leaves_are_served_by_the_next(
             response.begin()
             assert response.status == 200
             assert response.read() == f"Hello from {newcomer.pid}\n".encode()
+
+
+def test_sigterm_while_starting_exits_zero(procs, sockdir):
+    # No fdserver yet: the worker is still trying to connect when told to stop.
+    worker = procs.start([script("fdapp"), "app:make_app", "--socket", str(sockdir / "none")])
+    worker.wait_for_line(r"connecting to fdserver at ")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0

@@ -6,9 +6,12 @@ listening socket shared by many processes, whichever process wakes first
 grabs a whole burst.  So fdapp accepts itself, a few at a time, and holds
 back while it has more than its share of the open connections: the share
 comes from fdserver (``share``: total open, ready workers), the own count is
-exact.  Holding back means leaving the listener alone for *pause* seconds;
-the connection stays in the kernel's queue for another worker.  After a
-pause one connection is always taken, so a worker never starves its clients
+exact.  Holding back leaves the connection in the kernel's queue for another
+worker: a process just over its share lets its other events run first (no
+idle CPU, which matters when connections are short-lived); one at twice its
+share sleeps for PAUSE so that the others get the CPU to accept (which
+matters for a burst of keep-alive connections on few cores).  After holding
+back one connection is always taken, so a worker never starves its clients
 when the others are stuck.
 
 Dispatch mode.  fdserver accepts and sends each connection over the
@@ -34,10 +37,10 @@ from .drain import DrainingHTTPServer
 
 log = logging.getLogger("fdapp")
 
-ACCEPT_BATCH = 8
-PAUSE = 0.005
-REPORT_INTERVAL = 0.02
-SLACK = 1
+ACCEPT_BATCH = 8            # Tornado takes up to 128 per wakeup
+PAUSE = 0.005               # stepping aside when at twice the share
+REPORT_INTERVAL = 0.02      # at most 50 load reports a second
+SLACK = 1                   # connections over the share before yielding
 
 
 class Acceptor:
@@ -83,23 +86,32 @@ class Acceptor:
             if sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
 
-    def over_share(self) -> bool:
-        """Does this process hold more than its share of the open connections?"""
+    def excess(self) -> int:
+        """How far over its share of the open connections this process is.
+
+        0: within its share, accept.  1: over it, let the others go first
+        (yield to the loop).  2: at least twice its share, step aside for a
+        moment so that the others get the CPU to accept.
+        """
         if not self.balance or self._share is None:
-            return False
+            return 0
         total, workers = self._share
         own = self.server.connection_count
         # The others' part of the total, as fdserver last saw it, plus ours now.
-        estimate = max(0, total - self._reported) + own
-        return own >= math.ceil(estimate / workers) + SLACK
+        share = math.ceil((max(0, total - self._reported) + own) / workers)
+        if own >= 2 * share + SLACK:
+            return 2
+        return 1 if own >= share + SLACK else 0
 
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             if self._valve:
                 self._valve = False
-            elif self.over_share():
-                self._pause()
-                return
+            else:
+                excess = self.excess()
+                if excess:
+                    self._pause(PAUSE if excess == 2 else 0.0)
+                    return
             try:
                 conn, address = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -114,12 +126,15 @@ class Acceptor:
                 raise
             self._serve(conn, address)
 
-    def _pause(self, seconds: float = PAUSE) -> None:
+    def _pause(self, seconds: float) -> None:
         if self._paused:
             return
         self._paused = True
         self._unwatch()
-        self._loop.call_later(seconds, self._resume)
+        if seconds:
+            self._loop.call_later(seconds, self._resume)
+        else:
+            self._loop.call_soon(self._resume)     # after the events already due
 
     def _resume(self) -> None:
         self._paused = False

@@ -208,7 +208,6 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         if not args.access_log:
             logging.getLogger("tornado.access").setLevel(logging.WARNING)
         app = load_app(args.app)
-        logging.getLogger("fdapp").info("connecting to fdserver at %s", args.socket)
         registration = register(args.socket, connect_timeout=args.connect_timeout)
         title = f"fdapp {args.app} --socket {args.socket}"
         _set_title(title)

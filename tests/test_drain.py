@@ -166,8 +166,16 @@ def test_connections_queued_while_a_worker_leaves_are_served_by_the_next(
 
 
 def test_sigterm_while_starting_exits_zero(procs, sockdir):
-    # No fdserver yet: the worker is still trying to connect when told to stop.
-    worker = procs.start([script("fdapp"), "app:make_app", "--socket", str(sockdir / "none")])
-    worker.wait_for_line(r"connecting to fdserver at ")
+    # A socket that accepts but never answers: the worker is stuck in its
+    # handshake, not yet serving, when it is told to stop.
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(str(sockdir / "silent.sock"))
+    silent.listen()
+    worker = procs.start([script("fdapp"), "app:make_app", "--socket",
+                          str(sockdir / "silent.sock")])
+    silent.settimeout(15)
+    conn, _ = silent.accept()
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
+    conn.close()
+    silent.close()

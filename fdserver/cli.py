@@ -201,14 +201,15 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _stopped_during_start_up)
 
         from .client import register
-        from .runner import Worker, load_app
+        from .runner import FEATURES, Worker, load_app
         from .systemd import Notifier
 
         _setup_logging("fdapp")
         if not args.access_log:
             logging.getLogger("tornado.access").setLevel(logging.WARNING)
         app = load_app(args.app)
-        registration = register(args.socket, connect_timeout=args.connect_timeout)
+        registration = register(args.socket, connect_timeout=args.connect_timeout,
+                                features=FEATURES)
         title = f"fdapp {args.app} --socket {args.socket}"
         _set_title(title)
         # Under systemd (Type=notify), `systemctl restart fdapp@N` returns only

@@ -137,9 +137,16 @@ def check(message: dict[str, Any], fds: list[int], kind: str,
     return message, fds
 
 
-def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Registration:
-    """Register as a worker and receive every listener fdserver holds."""
-    channel, welcome = connect(path, "worker", connect_timeout)
+def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+             features: tuple[str, ...] = ()) -> Registration:
+    """Register as a worker and receive every listener fdserver holds.
+
+    *features* opt in to messages the caller will read from the channel:
+    ``share`` (load shares, shared mode) and ``dispatch`` (accepted
+    connections, dispatch mode).  fdapp opts in to both; a plain
+    ``add_sockets`` user opts in to none and is sent neither.
+    """
+    channel, welcome = connect(path, "worker", connect_timeout, features=list(features))
     listeners: list[ReceivedListener] = []
     try:
         more = True
@@ -169,14 +176,16 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> Reg
     return Registration(path, channel, welcome["server_pid"], listeners, mode)
 
 
-def resume(path: str, state: str, listeners: list[ReceivedListener]) -> Channel:
+def resume(path: str, state: str, listeners: list[ReceivedListener],
+           features: tuple[str, ...] = ()) -> Channel:
     """Re-register a running worker with a (re)started fdserver; one attempt.
 
     The worker keeps its sockets.  If the new fdserver could not bind them
     (the old one's listeners live on in the workers), the welcome asks for
     them and they are handed back.  Raises ConnectError if nobody answers.
     """
-    channel, welcome = connect(path, "worker", timeout=0, resume={"state": state})
+    channel, welcome = connect(path, "worker", timeout=0, resume={"state": state},
+                               features=list(features))
     try:
         if welcome.get("handback"):
             for i in range(0, len(listeners), MAX_FDS_PER_FRAME):

@@ -62,7 +62,8 @@ class SharePublisher:
             return
         self._last = share
         for peer in ready:
-            peer.channel.send({"type": "share", "connections": share[0], "workers": share[1]})
+            if "share" in peer.features:
+                peer.channel.send({"type": "share", "connections": share[0], "workers": share[1]})
 
 
 class Dispatcher:
@@ -140,7 +141,8 @@ class Dispatcher:
                 self._wait(listener.name, conn, address)
 
     def _choose(self) -> Any | None:
-        ready = [p for p in self._workers() if p.state == "ready" and not p.channel.closed]
+        ready = [p for p in self._workers()
+                 if p.state == "ready" and "dispatch" in p.features and not p.channel.closed]
         # Fewest open connections; among equals, the one served longest ago.
         return min(ready, key=lambda p: (estimate(p), p.last_dispatch), default=None)
 

@@ -20,7 +20,9 @@ an ``error`` message and the connection is closed.
 Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
 
     client -> hello      {"versions": [1], "role": "worker" | "ctl",
-                          "resume": {"state": "ready"}}      (resume: optional)
+                          "features": ["share", "dispatch"],  (optional: the
+                                       optional messages this worker reads)
+                          "resume": {"state": "ready"}}       (optional)
     server -> welcome    {"version": 1, "server_pid": int, "listeners": int,
                           "handback": bool, "mode": "shared" | "dispatch"}
   worker, first registration (no "resume"):

@@ -36,6 +36,8 @@ log = logging.getLogger("fdapp")
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_KEEPALIVE_GRACE = 1.0
 RECONNECT_MAX_DELAY = 1.0
+# What fdapp reads from its channel (see fdserver.client.register).
+FEATURES = ("share", "dispatch")
 
 
 def load_app(spec: str, path: str | None = None) -> HTTPServerConnectionDelegate:
@@ -203,7 +205,7 @@ class Worker:
             try:
                 # The handshake blocks briefly; keep it off the event loop.
                 channel = await loop.run_in_executor(
-                    None, resume, path, "ready", self.registration.listeners)
+                    None, resume, path, "ready", self.registration.listeners, FEATURES)
             except FdserverError as exc:
                 log.debug("reconnecting to %s: %s", path, exc)
             else:

@@ -48,6 +48,7 @@ class Peer:
     received: int = 0                # dispatched connections it reported receiving
     dispatched: int = 0              # dispatched connections sent to it
     last_dispatch: int = -1
+    features: frozenset[str] = frozenset()   # optional messages it reads
     channel: LoopChannel | None = None
     timer: asyncio.TimerHandle | None = None
     waits: list["_Wait"] = field(default_factory=list)
@@ -275,6 +276,9 @@ class Server:
             if ctls >= self.max_ctl_per_uid:
                 raise ProtocolError(f"too many fdctl connections from uid {peer.uid}")
         peer.role = message["role"]
+        features = message.get("features")
+        if isinstance(features, list):
+            peer.features = frozenset(f for f in features[:16] if isinstance(f, str))
         peer.timer.cancel()
         peer.timer = None
         resume = message.get("resume")

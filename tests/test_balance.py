@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import http.client
+import os
 import signal
 import socket
 
 import pytest
 
 from loadclient import LoadClient
-from support import wait_until
+from support import http_get, wait_until
 from test_recovery import answered_by, free_port
 
 
@@ -112,3 +113,24 @@ def get_status(address: str) -> tuple[int, str]:
     finally:
         conn.close()
 
+
+
+def test_plain_add_sockets_worker_gets_no_dispatched_connections(start_fdserver, start_fdapp):
+    """A worker that did not opt in to dispatch is never sent connections."""
+    import fdserver
+
+    server = start_fdserver("--dispatch")
+    plain = fdserver.register(server.socket)          # features: none
+    try:
+        plain.report("ready")
+        server.wait_state(os.getpid(), "ready")
+        worker = start_fdapp(server)
+        for _ in range(20):
+            assert http_get(server.address) == (200, f"Hello from {worker.pid}\n")
+        plain.channel.sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            plain.channel.receive_some()              # nothing was sent to it
+    finally:
+        for sock in plain.sockets():
+            sock.close()
+        plain.channel.close()

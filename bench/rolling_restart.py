@@ -66,7 +66,7 @@ class FdStack:
     def start(self) -> None:
         self.server = Proc([script("fdserver"), "--bind", "127.0.0.1:0", "--socket", self.socket],
                            watchdog=PROC_WATCHDOG)
-        match = self.server.wait_for_line(r"serving http on (\S+); socket", STEP_TIMEOUT)
+        match = self.server.wait_for_line(r"serving http on ([^\s;]+)", STEP_TIMEOUT)
         self.address = match.group(1)
         starting = [self._spawn() for _ in range(WORKERS)]
         for worker in starting:

@@ -29,7 +29,7 @@ import errno
 import logging
 import math
 import socket
-from typing import Callable
+from typing import Any, Callable
 
 from tornado.iostream import IOStream
 
@@ -144,10 +144,10 @@ class Acceptor:
 
     # -- dispatch mode -------------------------------------------------------
 
-    def on_connection(self, fd: int, peer: list) -> None:
+    def on_connection(self, fd: int, peer: Any) -> None:
         self._received += 1
         conn = socket.socket(fileno=fd)
-        address = tuple(peer) if len(peer) == 2 else ("", 0)
+        address = tuple(peer) if isinstance(peer, list) and len(peer) == 2 else ("", 0)
         self._serve(conn, address)
 
     # -- both ----------------------------------------------------------------

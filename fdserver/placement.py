@@ -117,15 +117,17 @@ class Dispatcher:
             if worker is None:
                 return
             _, name, conn, address = self._waiting.popleft()
-            self._send(worker, name, conn, address)
+            self._assign(worker)
+            self._send(worker, name, [(conn, address)])
         self.start()
 
     def _accept(self, listener: Listener) -> None:
+        accepted = []
         for _ in range(64):
             try:
-                conn, address = listener.sock.accept()
+                accepted.append(listener.sock.accept())
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
@@ -133,12 +135,18 @@ class Dispatcher:
                 log.warning("accept on %s failed: %s", listener.address, exc.strerror)
                 self.pause()
                 self._loop.call_later(0.1, self.start)
-                return
+                break
+        # One message per worker for what this wakeup accepted.
+        batches: dict[Any, list[tuple[socket.socket, Any]]] = {}
+        for conn, address in accepted:
             worker = self._choose()
-            if worker is not None:
-                self._send(worker, listener.name, conn, address)
-            else:
+            if worker is None:
                 self._wait(listener.name, conn, address)
+                continue
+            self._assign(worker)             # counts at once for the next choice
+            batches.setdefault(worker, []).append((conn, address))
+        for worker, batch in batches.items():
+            self._send(worker, listener.name, batch)
 
     def _choose(self) -> Any | None:
         ready = [p for p in self._workers()
@@ -146,13 +154,16 @@ class Dispatcher:
         # Fewest open connections; among equals, the one served longest ago.
         return min(ready, key=lambda p: (estimate(p), p.last_dispatch), default=None)
 
-    def _send(self, worker: Any, name: str, conn: socket.socket, address: Any) -> None:
+    def _assign(self, worker: Any) -> None:
         worker.dispatched += 1
         worker.last_dispatch = next(self._sequence)
         self.dispatched += 1
-        peer = [address[0], address[1]] if isinstance(address, tuple) else [str(address), 0]
-        worker.channel.send({"type": "connection", "listener": name, "peer": peer, "fds": 1},
-                            [conn.detach()], owned=True)
+
+    def _send(self, worker: Any, name: str, batch: list[tuple[socket.socket, Any]]) -> None:
+        peers = [[a[0], a[1]] if isinstance(a, tuple) else [str(a), 0] for _, a in batch]
+        worker.channel.send(
+            {"type": "connections", "listener": name, "peers": peers, "fds": len(batch)},
+            [conn.detach() for conn, _ in batch], owned=True)
 
     def _wait(self, name: str, conn: socket.socket, address: Any) -> None:
         self._waiting.append((time.monotonic(), name, conn, address))

@@ -37,7 +37,8 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
   shared mode (workers accept on the listeners themselves):
     server -> share      {"connections": total open, "workers": ready workers}
   dispatch mode (fdserver accepts; workers hold the listeners only for handback):
-    server -> connection {"listener": name, "peer": [host, port], "fds": 1}
+    server -> connections {"listener": name, "peers": [[host, port], ...],
+                           "fds": n}   (the connections accepted in one go)
     server -> released   {}    (answer to "draining": no more connections follow)
   ctl only (request -> answer, any number):
     ctl    -> status     {}
@@ -82,7 +83,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "handback": {"listeners": list, "fds": int},
     "load": {"connections": int, "received": int},
     "share": {"connections": int, "workers": int},
-    "connection": {"listener": str, "peer": list, "fds": int},
+    "connections": {"listener": str, "peers": list, "fds": int},
     "released": {},
     "status": {},
     "wait": {"pid": int, "state": str, "timeout": (int, float)},

@@ -176,8 +176,9 @@ class Worker:
 
     def _on_message(self, message: dict[str, Any], fds: list[int]) -> None:
         kind = message["type"]
-        if kind == "connection" and len(fds) == 1:
-            self.acceptor.on_connection(fds[0], message["peer"])
+        if kind == "connections" and len(fds) == len(message["peers"]):
+            for fd, peer in zip(fds, message["peers"]):
+                self.acceptor.on_connection(fd, peer)
             return
         for fd in fds:
             os.close(fd)

@@ -141,11 +141,11 @@ class Server:
 
     def _serving(self) -> None:
         if self.mode == "dispatch":
-            self._placement = Dispatcher(self._loop, self.listeners, self.workers,
+            self._placement = Dispatcher(self._loop, self.listeners, self._unsorted_workers,
                                          wait_timeout=self.dispatch_timeout)
             self._placement.start()
         else:
-            self._placement = SharePublisher(self._loop, self.workers)
+            self._placement = SharePublisher(self._loop, self._unsorted_workers)
         served = ", ".join(f"{l.name} on {l.address}" for l in self.listeners)
         log.info("serving %s; socket %s; %s mode", served, self.socket_file.path, self.mode)
         self._notify("READY=1", f"MAINPID={os.getpid()}")
@@ -364,6 +364,10 @@ class Server:
                                          f"{summary}")
 
     # -- status and waiting ------------------------------------------------
+
+    def _unsorted_workers(self) -> list[Peer]:
+        # On the dispatch path: no sorting, no copies beyond the filter.
+        return [p for p in self.peers if p.role == "worker"]
 
     def workers(self) -> list[Peer]:
         return sorted((p for p in self.peers if p.role == "worker"), key=lambda p: p.connected_at)

@@ -109,8 +109,13 @@ class Acceptor:
                 self._valve = False
             else:
                 excess = self.excess()
+                if excess == 2:
+                    self._pause(PAUSE)
+                    return
                 if excess:
-                    self._pause(PAUSE if excess == 2 else 0.0)
+                    # Let the events already due run first; the listener is
+                    # level-triggered, so the loop comes back here at once.
+                    self._valve = True
                     return
             try:
                 conn, address = sock.accept()
@@ -131,10 +136,7 @@ class Acceptor:
             return
         self._paused = True
         self._unwatch()
-        if seconds:
-            self._loop.call_later(seconds, self._resume)
-        else:
-            self._loop.call_soon(self._resume)     # after the events already due
+        self._loop.call_later(seconds, self._resume)
 
     def _resume(self) -> None:
         self._paused = False
@@ -144,9 +146,10 @@ class Acceptor:
 
     # -- dispatch mode -------------------------------------------------------
 
-    def on_connection(self, fd: int, peer: Any) -> None:
+    def on_connection(self, fd: int, peer: Any, family: int = socket.AF_INET) -> None:
         self._received += 1
-        conn = socket.socket(fileno=fd)
+        # Family and type given: no getsockopt calls to find them out.
+        conn = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
         address = tuple(peer) if isinstance(peer, list) and len(peer) == 2 else ("", 0)
         self._serve(conn, address)
 

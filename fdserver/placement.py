@@ -118,7 +118,7 @@ class Dispatcher:
                 return
             _, name, conn, address = self._waiting.popleft()
             self._assign(worker)
-            self._send(worker, name, [(conn, address)])
+            self._send(worker, name, conn.family, [(conn, address)])
         self.start()
 
     def _accept(self, listener: Listener) -> None:
@@ -146,7 +146,7 @@ class Dispatcher:
             self._assign(worker)             # counts at once for the next choice
             batches.setdefault(worker, []).append((conn, address))
         for worker, batch in batches.items():
-            self._send(worker, listener.name, batch)
+            self._send(worker, listener.name, listener.sock.family, batch)
 
     def _choose(self) -> Any | None:
         ready = [p for p in self._workers()
@@ -159,10 +159,12 @@ class Dispatcher:
         worker.last_dispatch = next(self._sequence)
         self.dispatched += 1
 
-    def _send(self, worker: Any, name: str, batch: list[tuple[socket.socket, Any]]) -> None:
+    def _send(self, worker: Any, name: str, family: int,
+              batch: list[tuple[socket.socket, Any]]) -> None:
         peers = [[a[0], a[1]] if isinstance(a, tuple) else [str(a), 0] for _, a in batch]
         worker.channel.send(
-            {"type": "connections", "listener": name, "peers": peers, "fds": len(batch)},
+            {"type": "connections", "listener": name, "family": socket.AddressFamily(family).name,
+             "peers": peers, "fds": len(batch)},
             [conn.detach() for conn, _ in batch], owned=True)
 
     def _wait(self, name: str, conn: socket.socket, address: Any) -> None:

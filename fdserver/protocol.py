@@ -37,8 +37,9 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
   shared mode (workers accept on the listeners themselves):
     server -> share      {"connections": total open, "workers": ready workers}
   dispatch mode (fdserver accepts; workers hold the listeners only for handback):
-    server -> connections {"listener": name, "peers": [[host, port], ...],
-                           "fds": n}   (the connections accepted in one go)
+    server -> connections {"listener": name, "family": "AF_INET" | "AF_INET6",
+                           "peers": [[host, port], ...], "fds": n}
+                           (the connections accepted for this worker in one go)
     server -> released   {}    (answer to "draining": no more connections follow)
   ctl only (request -> answer, any number):
     ctl    -> status     {}

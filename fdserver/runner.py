@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any, Callable
 
@@ -177,8 +178,9 @@ class Worker:
     def _on_message(self, message: dict[str, Any], fds: list[int]) -> None:
         kind = message["type"]
         if kind == "connections" and len(fds) == len(message["peers"]):
+            family = socket.AF_INET6 if message.get("family") == "AF_INET6" else socket.AF_INET
             for fd, peer in zip(fds, message["peers"]):
-                self.acceptor.on_connection(fd, peer)
+                self.acceptor.on_connection(fd, peer, family)
             return
         for fd in fds:
             os.close(fd)

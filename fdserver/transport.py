@@ -203,8 +203,10 @@ def _fds_from(ancdata: list) -> list[int]:
             received = array.array("i")
             received.frombytes(data[: len(data) - len(data) % received.itemsize])
             fds.extend(received)
-    for fd in fds:
-        os.set_inheritable(fd, False)
+    if not _CMSG_CLOEXEC:
+        # Without MSG_CMSG_CLOEXEC (not Linux) they arrive inheritable.
+        for fd in fds:
+            os.set_inheritable(fd, False)
     return fds
 
 

@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     if notes:
         print("\nwrk errors (connect/read/write/timeout, status = non-2xx):")
         print("\n".join(f"  {n}" for n in notes))
-    if args.plot:
+    if args.plot and "fairness" in args.sections:
         print("\n" + plot(runs, Path(args.plot)))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(runs, indent=1) + "\n")

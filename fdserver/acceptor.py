@@ -74,6 +74,18 @@ class Acceptor:
             sock.close()
         self._sockets = []
 
+    def stop_accepting(self) -> None:
+        """Stop accepting but keep the sockets open (dispatch mode holds them)."""
+        self._unwatch()
+        self._sockets = []
+
+    def restart_counts(self) -> None:
+        """A new fdserver knows nothing of what the old one sent: count afresh."""
+        self._received = 0
+        self._reported = -1
+        self._share = None
+        self.changed()
+
     def on_share(self, connections: int, workers: int) -> None:
         self._share = (connections, max(workers, 1))
 

@@ -52,6 +52,16 @@ def _octal(text: str) -> int:
     return value
 
 
+def _raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every registration, and every
+    dispatched connection not yet read by its worker, holds a descriptor."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -132,6 +142,7 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         socket_gid = privileges.gid_of(socket_group) if socket_group else gid
         allow = privileges.AllowList.from_names(args.allow_user, args.allow_group, own_uid=uid)
         _setup_logging("fdserver")
+        _raise_fd_limit()
         listeners = systemd.activated_listeners(os.environ)
         if listeners is not None and specs:
             raise UsageError(

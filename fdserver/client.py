@@ -177,12 +177,13 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 
 
 def resume(path: str, state: str, listeners: list[ReceivedListener],
-           features: tuple[str, ...] = ()) -> Channel:
+           features: tuple[str, ...] = ()) -> tuple[Channel, dict[str, Any]]:
     """Re-register a running worker with a (re)started fdserver; one attempt.
 
     The worker keeps its sockets.  If the new fdserver could not bind them
     (the old one's listeners live on in the workers), the welcome asks for
-    them and they are handed back.  Raises ConnectError if nobody answers.
+    them and they are handed back.  Returns the channel and the welcome;
+    raises ConnectError if nobody answers.
     """
     channel, welcome = connect(path, "worker", timeout=0, resume={"state": state},
                                features=list(features))
@@ -196,4 +197,4 @@ def resume(path: str, state: str, listeners: list[ReceivedListener],
     except OSError as exc:
         channel.close()
         raise ConnectError(f"fdserver at {path}: handback failed: {exc.strerror}") from None
-    return channel
+    return channel, welcome

@@ -80,6 +80,7 @@ class Dispatcher:
         self._waiting: collections.deque[tuple[float, str, socket.socket, Any]] = \
             collections.deque()
         self._accepting = False
+        self._backing_off = False
         self._sequence = itertools.count()
         self._expiry: asyncio.TimerHandle | None = None
         self.dispatched = 0
@@ -119,7 +120,8 @@ class Dispatcher:
             _, name, conn, address = self._waiting.popleft()
             self._assign(worker)
             self._send(worker, name, conn.family, [(conn, address)])
-        self.start()
+        if not self._backing_off:
+            self.start()
 
     def _accept(self, listener: Listener) -> None:
         accepted = []
@@ -134,7 +136,8 @@ class Dispatcher:
                 # Out of descriptors: stop for a moment, the backlog holds the rest.
                 log.warning("accept on %s failed: %s", listener.address, exc.strerror)
                 self.pause()
-                self._loop.call_later(0.1, self.start)
+                self._backing_off = True
+                self._loop.call_later(0.1, self._back_on)
                 break
         # One message per worker for what this wakeup accepted.
         batches: dict[Any, list[tuple[socket.socket, Any]]] = {}
@@ -148,9 +151,14 @@ class Dispatcher:
         for worker, batch in batches.items():
             self._send(worker, listener.name, listener.sock.family, batch)
 
+    def _back_on(self) -> None:
+        self._backing_off = False
+        if len(self._waiting) < self.max_waiting:
+            self.start()
+
     def _choose(self) -> Any | None:
         ready = [p for p in self._workers()
-                 if p.state == "ready" and "dispatch" in p.features and not p.channel.closed]
+                 if p.state == "ready" and "dispatch" in p.features and p.channel.usable]
         # Fewest open connections; among equals, the one served longest ago.
         return min(ready, key=lambda p: (estimate(p), p.last_dispatch), default=None)
 
@@ -183,7 +191,8 @@ class Dispatcher:
             expired += 1
         if expired:
             log.warning("no ready worker: answered %d waiting connections with 503", expired)
-            self.start()
+            if not self._backing_off:
+                self.start()
         if self._waiting:
             self._expiry = self._loop.call_later(
                 self._waiting[0][0] + self.wait_timeout - time.monotonic(), self._expire)

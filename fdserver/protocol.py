@@ -68,7 +68,9 @@ FRAME_VERSION = 1
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 HEADER = struct.Struct("!2sBBI")
-MAX_PAYLOAD = 64 * 1024
+MAX_PAYLOAD = 64 * 1024            # what fdserver accepts from any peer
+MAX_ANSWER = 16 * 1024 * 1024      # what a client accepts (a status of many workers)
+MAX_INT = 2 ** 53                  # integers JSON peers agree on
 # SCM_MAX_FD in the Linux kernel is 253; keep one spare, as the design asks.
 MAX_FDS_PER_FRAME = 252
 
@@ -94,17 +96,21 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    """Return one frame holding *message* (a dict with a ``"type"``)."""
+def encode(message: dict[str, Any], limit: int = MAX_PAYLOAD) -> bytes:
+    """Return one frame holding *message* (a dict with a ``"type"``).
+
+    *limit* is the largest payload the receiver accepts: fdserver takes
+    MAX_PAYLOAD from anyone; its answers may be up to MAX_ANSWER.
+    """
     validate(message)
     try:
         payload = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
     except ValueError as exc:       # NaN or Infinity: not JSON
         raise ProtocolError(f"{message['type']} message is not valid JSON: {exc}") from None
-    if len(payload) > MAX_PAYLOAD:
+    if len(payload) > limit:
         raise ProtocolError(
             f"{message['type']} message of {len(payload)} bytes exceeds "
-            f"the {MAX_PAYLOAD}-byte frame limit"
+            f"the {limit}-byte frame limit"
         )
     return HEADER.pack(MAGIC, FRAME_VERSION, 0, len(payload)) + payload
 
@@ -124,7 +130,7 @@ def validate(message: Any) -> dict[str, Any]:
         # bool is an int in Python; JSON keeps them apart, so do we.
         if not isinstance(value, expected) or (
             isinstance(value, bool) and expected is not bool
-        ):
+        ) or (isinstance(value, (int, float)) and not -MAX_INT <= value <= MAX_INT):
             raise ProtocolError(f"{kind} message has a missing or bad {field!r}")
     fds = message.get("fds", 0)
     if not isinstance(fds, int) or isinstance(fds, bool):

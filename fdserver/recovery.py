@@ -37,8 +37,11 @@ def same_address(spec: BindSpec, sock: socket.socket) -> bool:
     if sock.family != spec.family:
         return False
     host, port = sock.getsockname()[:2]
-    return (port == spec.port and
-            socket.inet_pton(spec.family, host) == socket.inet_pton(spec.family, spec.host))
+    try:
+        return (port == spec.port and
+                socket.inet_pton(spec.family, host) == socket.inet_pton(spec.family, spec.host))
+    except OSError:             # e.g. a scoped IPv6 address: not one we bind
+        return False
 
 
 class Recovery:

@@ -152,7 +152,20 @@ class Worker:
                      self.server.connection_count, self.graceful_timeout)
             self._drain_task = asyncio.ensure_future(self._drain())
 
+    def _adopt_mode(self, mode: str) -> None:
+        """Follow a restarted fdserver that runs in the other mode."""
+        if mode == self.registration.mode:
+            return
+        log.warning("fdserver now runs in %s mode; switching", mode)
+        self.registration.mode = mode
+        if mode == "shared":
+            self.acceptor.start(self.registration.sockets())
+        else:
+            self.acceptor.stop_accepting()    # keep the sockets, for a handback
+
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.graceful_timeout
         self._report("draining")
         self.acceptor.close()
         if self.registration.mode == "dispatch" and not self.channel.closed:
@@ -164,7 +177,8 @@ class Worker:
                 log.warning("fdserver did not release this worker; draining anyway")
         for sock in self.registration.sockets():
             sock.close()
-        cut = await self.server.drain(self.graceful_timeout, self.keepalive_grace)
+        # One deadline for all of it: supervisord's stopwaitsecs counts on it.
+        cut = await self.server.drain(max(0.0, deadline - loop.time()), self.keepalive_grace)
         if cut:
             log.warning("graceful timeout: closed %d connections still open", cut)
         else:
@@ -179,8 +193,13 @@ class Worker:
         kind = message["type"]
         if kind == "connections" and len(fds) == len(message["peers"]):
             family = socket.AF_INET6 if message.get("family") == "AF_INET6" else socket.AF_INET
-            for fd, peer in zip(fds, message["peers"]):
-                self.acceptor.on_connection(fd, peer, family)
+            for i, (fd, peer) in enumerate(zip(fds, message["peers"])):
+                try:
+                    self.acceptor.on_connection(fd, peer, family)
+                except Exception:
+                    for rest in fds[i + 1:]:
+                        os.close(rest)
+                    raise
             return
         for fd in fds:
             os.close(fd)
@@ -207,17 +226,21 @@ class Worker:
         while not self._drain_task:
             try:
                 # The handshake blocks briefly; keep it off the event loop.
-                channel = await loop.run_in_executor(
+                channel, welcome = await loop.run_in_executor(
                     None, resume, path, "ready", self.registration.listeners, FEATURES)
             except FdserverError as exc:
                 log.debug("reconnecting to %s: %s", path, exc)
             else:
+                if self._drain_task:
+                    channel.close()        # leaving now: do not come back as ready
+                    return
                 if self._released.done():
                     self._released = loop.create_future()
+                self._adopt_mode("dispatch" if welcome.get("mode") == "dispatch" else "shared")
+                self.acceptor.restart_counts()   # the new fdserver counts from zero
                 self.channel = LoopChannel(channel, loop, self._on_message, self._on_server_gone)
-                log.info("re-registered with fdserver at %s", path)
-                if self._drain_task:
-                    self.channel.send({"type": "state", "state": "draining"})
+                log.info("re-registered with fdserver at %s (%s mode)", path,
+                         self.registration.mode)
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_DELAY)

@@ -153,9 +153,11 @@ class Server:
     def _shut_down(self) -> None:
         self._notify("STOPPING=1", "STATUS=stopping; workers keep serving")
         self._loop.remove_reader(self.socket_file.sock.fileno())
-        if isinstance(self._placement, Dispatcher):
-            self._placement.close()
+        placement, self._placement = self._placement, None
+        if isinstance(placement, Dispatcher):
+            placement.close()
         for peer in list(self.peers):
+            peer.channel.flush_now()        # connections on their way to workers
             peer.channel.close(None)
         problem = self.socket_file.close()
         if problem:
@@ -171,9 +173,16 @@ class Server:
                 conn, _ = self.socket_file.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionAbortedError:
+                continue
             except OSError as exc:
-                # EMFILE and friends: log, and let the next wakeup retry.
-                log.warning("accept on %s failed: %s", self.socket_file.path, exc.strerror)
+                # Out of descriptors: back off for a moment instead of spinning
+                # on a socket that stays readable.
+                log.warning("accept on %s failed: %s; retrying in 0.1s",
+                            self.socket_file.path, exc.strerror)
+                fileno = self.socket_file.sock.fileno()
+                self._loop.remove_reader(fileno)
+                self._loop.call_later(0.1, self._loop.add_reader, fileno, self._accept)
                 return
             self._admit(conn)
 
@@ -195,7 +204,7 @@ class Server:
         peer = Peer(pid=pid, uid=uid, gid=gid, connected_at=time.time())
         self.peers.add(peer)
         peer.channel = LoopChannel(
-            Channel(conn), self._loop,
+            Channel(conn, server_side=True), self._loop,
             on_message=lambda msg, fds: self._on_message(peer, msg, fds),
             on_close=lambda reason: self._on_close(peer, reason),
         )
@@ -245,8 +254,9 @@ class Server:
             elif peer.role == "worker" and message["type"] == "state":
                 self._on_state(peer, message["state"])
             elif peer.role == "worker" and message["type"] == "load":
-                peer.connections = max(0, message["connections"])
-                peer.received = max(0, message["received"])
+                # Clamped: one worker's word must not overflow everyone's share.
+                peer.connections = min(max(0, message["connections"]), self.max_peers * 1024)
+                peer.received = min(max(0, message["received"]), peer.dispatched)
                 self._placed()
             elif peer.role == "ctl" and message["type"] == "status":
                 peer.channel.send({"type": "status", **self.status()})
@@ -293,7 +303,9 @@ class Server:
             if peer.state == "ready":
                 peer.ready_at = time.time()
             log.info("worker pid %d uid %d re-registered (%s)", peer.pid, peer.uid, peer.state)
+            self._check_waits(peer)
             self._notify()
+            self._placed()
         elif peer.role == "worker":
             peer.state = "starting"
             if self.recovery:
@@ -385,14 +397,14 @@ class Server:
     def _on_wait(self, asker: Peer, message: dict[str, Any]) -> None:
         if message["state"] not in WAITABLE_STATES:
             raise ProtocolError(f"cannot wait for state {message['state'][:40]!r}")
+        timeout = min(max(float(message["timeout"]), 0.0), 3600.0)   # bounded by validate()
         wait = _Wait(asker, message["pid"], message["state"])
+        wait.timer = self._loop.call_later(timeout, lambda: self._end_wait(wait, ok=False))
         asker.waits.append(wait)
         self._waits.append(wait)
         if asker.timer:
             asker.timer.cancel()
             asker.timer = None
-        timeout = min(max(float(message["timeout"]), 0.0), 3600.0)
-        wait.timer = self._loop.call_later(timeout, lambda: self._end_wait(wait, ok=False))
         self._check_waits()
 
     def _state_of(self, pid: int) -> str:

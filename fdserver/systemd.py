@@ -48,11 +48,13 @@ def activated_listeners(environ: MutableMapping[str, str]) -> list[Listener] | N
             sock = socket.socket(fileno=fd)
         except OSError as exc:
             raise ActivationError(f"LISTEN_FDS descriptor {fd} ({name}): {exc.strerror}") from None
-        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        if (sock.type != socket.SOCK_STREAM
+                or sock.family not in (socket.AF_INET, socket.AF_INET6)
+                or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
             sock.detach()
             raise ActivationError(f"LISTEN_FDS descriptor {fd} ({name}) is not a listening "
-                                  "stream socket (use ListenStream= in the .socket unit)")
+                                  "TCP socket (use ListenStream=ADDRESS:PORT in the .socket "
+                                  "unit)")
         sock.set_inheritable(False)
         sock.setblocking(False)
         listeners.append(Listener(name if name.isidentifier() else DEFAULT_NAME, sock))

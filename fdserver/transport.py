@@ -25,7 +25,7 @@ import struct
 from typing import Any, Callable, Iterable
 
 from .errors import ProtocolError, TransportError
-from .protocol import MAX_FDS_PER_FRAME, Decoder, encode
+from .protocol import MAX_ANSWER, MAX_FDS_PER_FRAME, MAX_PAYLOAD, Decoder, encode
 
 RECV_BYTES = 64 * 1024
 # A peer that does not read its answers must not make us buffer without end.
@@ -55,12 +55,16 @@ def adopt_listener(fd: int) -> socket.socket:
     try:
         listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
         kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        proto = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
     except OSError as exc:
         sock.close()
         raise TransportError(f"cannot inspect received socket: {exc.strerror}") from None
     if kind != socket.SOCK_STREAM or not listening:
         sock.close()
         raise TransportError("received descriptor is not a listening stream socket")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or proto != socket.IPPROTO_TCP:
+        sock.close()
+        raise TransportError("received descriptor is not a listening TCP socket")
     sock.set_inheritable(False)
     return sock
 
@@ -80,10 +84,13 @@ class Channel:
     test produce failures the kernel cannot be made to produce on demand.
     """
 
-    def __init__(self, sock: socket.socket, *, recvmsg: Recvmsg | None = None) -> None:
+    def __init__(self, sock: socket.socket, *, recvmsg: Recvmsg | None = None,
+                 server_side: bool = False) -> None:
         self.sock = sock
         self._recvmsg = recvmsg or sock.recvmsg
-        self._decoder = Decoder()
+        # fdserver reads small frames from anyone; its answers can be larger.
+        self._decoder = Decoder(MAX_PAYLOAD if server_side else MAX_ANSWER)
+        self._send_limit = MAX_ANSWER if server_side else MAX_PAYLOAD
         self._fds: collections.deque[int] = collections.deque()
         self._inbox: collections.deque[tuple[dict[str, Any], list[int]]] = collections.deque()
         # (bytes left, fds to attach, whether we close those fds once sent)
@@ -117,7 +124,9 @@ class Channel:
                 raise ProtocolError(f"{message['type']} message announced {count} "
                                     f"descriptors but {len(self._fds)} arrived")
             self._inbox.append((message, [self._fds.popleft() for _ in range(count)]))
-        if self._fds and not self._decoder.pending:
+        if len(self._fds) > MAX_FDS_PER_FRAME or (self._fds and not self._decoder.pending):
+            # Descriptors ride on a frame's first byte: at most one frame's
+            # worth can be waiting for the rest of its frame.
             stray = list(self._fds)
             self._fds.clear()
             close_fds(stray)
@@ -146,7 +155,7 @@ class Channel:
         """
         if len(fds) != message.get("fds", 0):
             raise ValueError("message 'fds' count does not match the descriptors given")
-        frame = encode(message)
+        frame = encode(message, self._send_limit)
         if self._output_size + len(frame) > MAX_OUTPUT:
             if owned:
                 close_fds(fds)
@@ -233,10 +242,25 @@ class LoopChannel:
         self._closing = False
         channel.sock.setblocking(False)
         loop.add_reader(channel.sock.fileno(), self._readable)
+        # Messages read together with the handshake are already in the inbox.
+        loop.call_soon(self._deliver)
 
     @property
     def closed(self) -> bool:
         return self.channel.closed
+
+    @property
+    def usable(self) -> bool:
+        """Open and not on its way to closing: worth sending work to."""
+        return not self.channel.closed and not self._closing
+
+    def flush_now(self) -> None:
+        """Write what the socket takes right now (before a close)."""
+        if not self.closed:
+            try:
+                self.channel.flush()
+            except OSError:
+                pass
 
     def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = (), *,
              owned: bool = False) -> None:
@@ -293,13 +317,16 @@ class LoopChannel:
             else:
                 self.close(f"read failed: {exc.strerror or exc}")
             return
+        self._deliver()
+        if not alive:
+            self.close(None)
+
+    def _deliver(self) -> None:
         while not self.closed and not self._closing:
             item = self.channel.next_message()
             if item is None:
                 break
             self._on_message(*item)
-        if not alive:
-            self.close(None)
 
     def close(self, reason: str | None) -> None:
         if self.closed:

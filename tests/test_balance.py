@@ -134,3 +134,26 @@ def test_plain_add_sockets_worker_gets_no_dispatched_connections(start_fdserver,
         for sock in plain.sockets():
             sock.close()
         plain.channel.close()
+
+
+def test_workers_follow_a_restarted_fdserver_into_the_other_mode(start_fdserver, start_fdapp):
+    port = free_port()
+    first = start_fdserver("--dispatch", binds=(f"127.0.0.1:{port}",))
+    worker = start_fdapp(first)
+    for _ in range(50):                  # a history of dispatched connections
+        assert http_get(first.address) == (200, f"Hello from {worker.pid}\n")
+    first.signal(signal.SIGKILL)
+    first.wait()
+    second = start_fdserver(binds=(f"127.0.0.1:{port}",))          # shared mode now
+    second.wait_state(worker.pid, "ready")
+    worker.wait_for_line(r"fdserver now runs in shared mode; switching")
+    assert http_get(second.address) == (200, f"Hello from {worker.pid}\n")
+    second.signal(signal.SIGKILL)
+    second.wait()
+    third = start_fdserver("--dispatch", binds=(f"127.0.0.1:{port}",))
+    third.wait_state(worker.pid, "ready")
+    newcomer = start_fdapp(third)
+    # The old worker's lifetime count must not skew the new fdserver's choice.
+    answered_by(third.address, newcomer.pid)
+    answered_by(third.address, worker.pid)
+    assert all(w["connections"] >= 0 for w in third.status()["workers"])

@@ -144,6 +144,9 @@ RAW = {
     "unknown-type": (frame({"type": "teleport", "fds": 0}), r"unknown message type 'teleport'"),
     "bool-for-int": (frame({"type": "wait", "pid": True, "state": "ready", "timeout": 1}),
                      r"wait message has a missing or bad 'pid'"),
+    "huge-int-timeout": (frame(b'{"type":"wait","pid":1,"state":"ready","timeout":1' +
+                               b"0" * 400 + b"}"),
+                         r"wait message has a missing or bad 'timeout'"),
     "fds-count-out-of-range": (frame({**HELLO, "fds": 253}), r"announces 253 descriptors"),
     "unsupported-versions-only": (
         frame({"type": "hello", "versions": [0, 2, 99], "role": "worker"}),

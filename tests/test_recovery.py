@@ -143,7 +143,7 @@ def test_hostile_handback_is_refused(users, procs, start_fdserver, start_fdapp,
             decoy.listen()
             decoy_port = decoy.getsockname()[1]
             fake = ReceivedListener("http", "AF_INET", "decoy", decoy)
-            channel = resume(second.socket, "ready", [fake])
+            channel, _ = resume(second.socket, "ready", [fake])
             message, _ = channel.receive()
             channel.close()
         assert message["type"] == "error"
@@ -161,7 +161,7 @@ def test_hostile_handback_is_refused(users, procs, start_fdserver, start_fdapp,
         assert "serving" not in second.output            # still waiting for a real worker
 
         # 3. The real holder hands it back; fdserver serves again.
-        channel = resume(second.socket, "ready", holder.listeners)
+        channel, _ = resume(second.socket, "ready", holder.listeners)
         second.wait_for_line(rf"serving http on 127.0.0.1:{port};")
         worker = start_fdapp(second)
         answered_by(f"127.0.0.1:{port}", worker.pid)

@@ -476,3 +476,19 @@ def test_msg_ctrunc_for_real_in_a_process_out_of_descriptors(pair, procs):
         close_fds(r for r, _ in pipes)
         left.close()
     assert child.wait() == 0, child.output
+
+
+def test_descriptors_cannot_pile_up_behind_an_unfinished_frame(pair, pipe):
+    """A peer that dribbles a frame, 250 descriptors per byte, is cut off."""
+    left, right = pair
+    r, w = pipe
+    header = encode({"type": "status"})[:8]         # announces a payload never sent
+    send_raw(left, header[:4], [w] * 250)
+    send_raw(left, header[4:], [w] * 250)
+    os.close(w)
+    channel = Channel(right, server_side=True)
+    with pytest.raises(ProtocolError, match="unannounced descriptors"):
+        while True:
+            channel.receive_some()
+    assert_all_closed(r)
+    channel.close()

@@ -123,6 +123,17 @@ def http_get(address: str, path: str = "/", timeout: float = 10.0) -> tuple[int,
         return response.status, response.read().decode()
 
 
+def replace_by_hand(workers: list, start_worker: Callable[[], "Proc"], times: int) -> None:
+    """Rolling restart by hand: SIGTERM the oldest worker, start a new one, wait
+    for the old one to drain and exit 0; *times* over.  *workers* is updated."""
+    for _ in range(times):
+        old = workers.pop(0)
+        old.signal(15)
+        workers.append(start_worker())
+        assert old.wait(timeout=40) == 0, old.output
+        old.wait_for_line(r"drained; exiting|graceful timeout")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

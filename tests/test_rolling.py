@@ -11,7 +11,7 @@ import xmlrpc.client
 import pytest
 
 from loadclient import LoadClient
-from support import BIN, PROJECT, Proc, run, script, wait_until
+from support import BIN, PROJECT, Proc, replace_by_hand, run, script, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="deploy/supervisord.conf switches users: needs root")
@@ -161,11 +161,7 @@ def test_thirty_restarts_by_hand_lose_nothing(start_fdserver, start_fdapp, mode)
     workers = [start_fdapp(server) for _ in range(4)]
     with LoadClient(server.address, clients=8, mode=mode) as load:
         load.wait_started()
-        for _ in range(30):
-            old = workers.pop(0)
-            old.signal(signal.SIGTERM)
-            workers.append(start_fdapp(server))
-            assert old.wait(timeout=40) == 0, old.output
+        replace_by_hand(workers, lambda: start_fdapp(server), 30)
         report = load.stop()
     assert report["failed"] == 0, report["failures"]
     assert report["ok"] > 100, report

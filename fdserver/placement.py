@@ -83,7 +83,6 @@ class Dispatcher:
         self._backing_off = False
         self._sequence = itertools.count()
         self._expiry: asyncio.TimerHandle | None = None
-        self.dispatched = 0
 
     def start(self) -> None:
         if not self._accepting:
@@ -103,13 +102,6 @@ class Dispatcher:
             self._expiry.cancel()
         while self._waiting:
             _unavailable(self._waiting.popleft()[2])
-
-    def add_listeners(self, listeners: list[Listener]) -> None:
-        was = self._accepting
-        self.pause()
-        self._listeners = self._listeners + listeners
-        if was:
-            self.start()
 
     def changed(self) -> None:
         """A worker's state or load changed: place what waits, if anyone can take it."""
@@ -165,7 +157,6 @@ class Dispatcher:
     def _assign(self, worker: Any) -> None:
         worker.dispatched += 1
         worker.last_dispatch = next(self._sequence)
-        self.dispatched += 1
 
     def _send(self, worker: Any, name: str, family: int,
               batch: list[tuple[socket.socket, Any]]) -> None:

@@ -234,9 +234,7 @@ class Server:
             log.info("worker pid %d gone (was %s)%s", peer.pid, peer.state,
                      f": {reason}" if reason else "")
             peer.state = "gone"
-            self._check_waits(peer)
-            self._placed()
-            self._notify()
+            self._worker_changed(peer)
         elif reason:
             log.warning("closed connection from pid %d uid %d: %s", peer.pid, peer.uid, reason)
 
@@ -303,9 +301,7 @@ class Server:
             if peer.state == "ready":
                 peer.ready_at = time.time()
             log.info("worker pid %d uid %d re-registered (%s)", peer.pid, peer.uid, peer.state)
-            self._check_waits(peer)
-            self._notify()
-            self._placed()
+            self._worker_changed(peer)
         elif peer.role == "worker":
             peer.state = "starting"
             if self.recovery:
@@ -360,6 +356,10 @@ class Server:
         log.info("worker pid %d %s", peer.pid, state)
         if state == "draining" and self.mode == "dispatch":
             peer.channel.send({"type": "released"})     # nothing is dispatched to it now
+        self._worker_changed(peer)
+
+    def _worker_changed(self, peer: Peer) -> None:
+        """A worker's state changed: answer waits, tell systemd, re-place load."""
         self._check_waits(peer)
         self._notify()
         self._placed()
@@ -382,7 +382,7 @@ class Server:
         return [p for p in self.peers if p.role == "worker"]
 
     def workers(self) -> list[Peer]:
-        return sorted((p for p in self.peers if p.role == "worker"), key=lambda p: p.connected_at)
+        return sorted(self._unsorted_workers(), key=lambda p: p.connected_at)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -58,6 +58,7 @@ class Acceptor:
         self._share: tuple[int, int] | None = None
         self._reported = 0                # open connections in our last report
         self._received = 0                # dispatched connections received so far
+        self._reported_received = 0       # ... as of our last report
         self._report_pending = False
         server.on_connections_changed = self.changed
 
@@ -82,7 +83,7 @@ class Acceptor:
     def restart_counts(self) -> None:
         """A new fdserver knows nothing of what the old one sent: count afresh."""
         self._received = 0
-        self._reported = -1
+        self._reported = -1               # forces the next report
         self._share = None
         self.changed()
 
@@ -182,6 +183,6 @@ class Acceptor:
     def _send_report(self) -> None:
         self._report_pending = False
         own = self.server.connection_count
-        if own != self._reported or self._received:
-            self._reported = own
+        if (own, self._received) != (self._reported, self._reported_received):
+            self._reported, self._reported_received = own, self._received
             self._report({"type": "load", "connections": own, "received": self._received})

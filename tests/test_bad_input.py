@@ -30,24 +30,25 @@ def fdserver_cmd(sock: str, *binds: str) -> list[str]:
     return argv
 
 
-def test_bind_address_in_use(sockdir):
+@pytest.fixture
+def taken_address():
+    """An address some other listening socket holds for the whole test."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        address = "127.0.0.1:%d" % taken.getsockname()[1]
-        path = sockdir / "fd.sock"
-        result = run(fdserver_cmd(str(path), address) + ["--recover-timeout", "0"])
+        yield "127.0.0.1:%d" % taken.getsockname()[1]
+
+
+def test_bind_address_in_use(sockdir, taken_address):
+    address, path = taken_address, sockdir / "fd.sock"
+    result = run(fdserver_cmd(str(path), address) + ["--recover-timeout", "0"])
     assert_one_line_error(result, f"cannot bind {address}", "address already in use")
     assert not path.exists(), "fdserver must remove the socket file it created"
 
 
-def test_bind_address_in_use_and_nobody_hands_it_back(sockdir):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        address = "127.0.0.1:%d" % taken.getsockname()[1]
-        path = sockdir / "fd.sock"
-        result = run(fdserver_cmd(str(path), address) + ["--recover-timeout", "0.3"])
+def test_bind_address_in_use_and_nobody_hands_it_back(sockdir, taken_address):
+    address, path = taken_address, sockdir / "fd.sock"
+    result = run(fdserver_cmd(str(path), address) + ["--recover-timeout", "0.3"])
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1] == (
         f"fdserver: error: cannot bind {address}: address already in use, and no worker "

@@ -3,9 +3,11 @@
 Tornado's own ``close_all_connections`` aborts in-flight work, so a drain
 here is done by hand:
 
-* ``stop()`` removes the listeners from the loop and closes this process's
-  copies (close, never ``shutdown()``: the kernel socket and its accept queue
-  live on in fdserver and the other workers, so nothing queued is lost);
+* accepting stops first: fdapp's acceptor (:mod:`fdserver.acceptor`) closes
+  this process's copies of the listeners, and ``drain()`` calls ``stop()``
+  for any added with ``add_sockets`` (close, never ``shutdown()``: the kernel
+  socket and its accept queue live on in fdserver and the other workers, so
+  nothing queued is lost);
 * a request whose headers arrive during the drain is answered with
   ``Connection: close`` and its connection closed after the response;
 * a keep-alive connection is closed only once it has been idle for *grace*

@@ -120,6 +120,7 @@ class Worker:
             self.acceptor.start(self.registration.sockets())
         # In dispatch mode the listeners are only held, for a handback to a
         # restarted fdserver (see fdserver.recovery); fdserver accepts.
+
         # Signal handlers only hand the signal to the loop.
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(signum, self._on_signal, signum)

@@ -74,18 +74,20 @@ class Dispatcher:
                  max_waiting: int = 1024) -> None:
         self._loop = loop
         self._listeners = listeners
+        self._families = {l.name: l.sock.family for l in listeners}
         self._workers = workers
         self.wait_timeout = wait_timeout
         self.max_waiting = max_waiting
         self._waiting: collections.deque[tuple[float, str, socket.socket, Any]] = \
             collections.deque()
         self._accepting = False
-        self._backing_off = False
+        self._backing_off = False         # accept failed (no descriptors left)
+        self._closed = False
         self._sequence = itertools.count()
         self._expiry: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        if not self._accepting:
+        if not self._accepting and not self._closed:
             self._accepting = True
             for listener in self._listeners:
                 self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
@@ -97,6 +99,7 @@ class Dispatcher:
                 self._loop.remove_reader(listener.sock.fileno())
 
     def close(self) -> None:
+        self._closed = True
         self.pause()
         if self._expiry:
             self._expiry.cancel()
@@ -105,21 +108,25 @@ class Dispatcher:
 
     def changed(self) -> None:
         """A worker's state or load changed: place what waits, if anyone can take it."""
+        ready = self._ready()
         while self._waiting:
-            worker = self._choose()
+            worker = self._least_loaded(ready)
             if worker is None:
                 return
             _, name, conn, address = self._waiting.popleft()
             self._assign(worker)
-            self._send(worker, name, conn.family, [(conn, address)])
+            self._send(worker, name, self._families[name], [(conn.detach(), address)])
         if not self._backing_off:
             self.start()
 
     def _accept(self, listener: Listener) -> None:
-        accepted = []
+        accepted: list[tuple[int, Any]] = []
+        # The raw accept: a descriptor is all fdserver passes on, so no
+        # socket object is built (and detached) for each connection.
+        accept = listener.sock._accept
         for _ in range(64):
             try:
-                accepted.append(listener.sock.accept())
+                accepted.append(accept())
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionAbortedError:
@@ -131,40 +138,46 @@ class Dispatcher:
                 self._backing_off = True
                 self._loop.call_later(0.1, self._back_on)
                 break
+        family = self._families[listener.name]
         # One message per worker for what this wakeup accepted.
-        batches: dict[Any, list[tuple[socket.socket, Any]]] = {}
-        for conn, address in accepted:
-            worker = self._choose()
+        batches: dict[Any, list[tuple[int, Any]]] = {}
+        ready = self._ready()
+        for fd, address in accepted:
+            worker = self._least_loaded(ready)
             if worker is None:
-                self._wait(listener.name, conn, address)
+                self._wait(listener.name, socket.socket(family, socket.SOCK_STREAM, 0, fd),
+                           address)
                 continue
             self._assign(worker)             # counts at once for the next choice
-            batches.setdefault(worker, []).append((conn, address))
+            batches.setdefault(worker, []).append((fd, address))
         for worker, batch in batches.items():
-            self._send(worker, listener.name, listener.sock.family, batch)
+            self._send(worker, listener.name, family, batch)
 
     def _back_on(self) -> None:
         self._backing_off = False
         if len(self._waiting) < self.max_waiting:
             self.start()
 
-    def _choose(self) -> Any | None:
-        ready = [p for p in self._workers()
-                 if p.state == "ready" and "dispatch" in p.features and p.channel.usable]
+    def _ready(self) -> list[Any]:
+        return [p for p in self._workers()
+                if p.state == "ready" and "dispatch" in p.features and p.channel.usable]
+
+    @staticmethod
+    def _least_loaded(ready: list[Any]) -> Any | None:
         # Fewest open connections; among equals, the one served longest ago.
-        return min(ready, key=lambda p: (estimate(p), p.last_dispatch), default=None)
+        return min(ready, key=_placement_key, default=None)
 
     def _assign(self, worker: Any) -> None:
         worker.dispatched += 1
         worker.last_dispatch = next(self._sequence)
 
-    def _send(self, worker: Any, name: str, family: int,
-              batch: list[tuple[socket.socket, Any]]) -> None:
+    def _send(self, worker: Any, name: str, family: socket.AddressFamily,
+              batch: list[tuple[int, Any]]) -> None:
         peers = [[a[0], a[1]] if isinstance(a, tuple) else [str(a), 0] for _, a in batch]
         worker.channel.send(
-            {"type": "connections", "listener": name, "family": socket.AddressFamily(family).name,
+            {"type": "connections", "listener": name, "family": family.name,
              "peers": peers, "fds": len(batch)},
-            [conn.detach() for conn, _ in batch], owned=True)
+            [fd for fd, _ in batch], owned=True)
 
     def _wait(self, name: str, conn: socket.socket, address: Any) -> None:
         self._waiting.append((time.monotonic(), name, conn, address))
@@ -187,6 +200,10 @@ class Dispatcher:
         if self._waiting:
             self._expiry = self._loop.call_later(
                 self._waiting[0][0] + self.wait_timeout - time.monotonic(), self._expire)
+
+
+def _placement_key(peer: Any) -> tuple[int, int]:
+    return estimate(peer), peer.last_dispatch
 
 
 def _unavailable(conn: socket.socket) -> None:

@@ -131,3 +131,23 @@ def test_fdctl_without_fdserver(sockdir):
     path = str(sockdir / "absent.sock")
     result = run([script("fdctl"), "--socket", path, "status"])
     assert_one_line_error(result, path)
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("soon", "'soon' is not a number of seconds"),
+    ("nan", "nan is not a finite number of seconds"),
+    ("inf", "inf is not a finite number of seconds"),
+    ("-1", "-1 is negative"),
+])
+@pytest.mark.parametrize("program, flag", [
+    ("fdserver", "--dispatch-timeout"), ("fdapp", "--graceful-timeout"),
+])
+def test_a_bad_number_of_seconds_names_the_flag(sockdir, program, flag, value, fragment):
+    argv = [script(program), *(["app:make_app"] if program == "fdapp" else []),
+            "--socket", str(sockdir / "x.sock"), f"{flag}={value}"]
+    result = run(argv)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr, result.stderr
+    # argparse prints the usage, then the one line that says what is wrong.
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"{program}: error: argument {flag}: {fragment}", result.stderr

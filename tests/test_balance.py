@@ -52,6 +52,17 @@ def test_status_shows_mode_and_connections(start_fdserver, start_fdapp):
                what="the closed connection uncounted")
 
 
+@pytest.mark.parametrize("flags, policy", [((), os.SCHED_OTHER),
+                                           (("--dispatch",), os.SCHED_BATCH)])
+def test_only_a_dispatching_fdserver_schedules_itself_as_batch(start_fdserver, start_fdapp,
+                                                               flags, policy):
+    server = start_fdserver(*flags)
+    worker = start_fdapp(server)
+    assert os.sched_getscheduler(server.pid) == policy
+    assert os.sched_getscheduler(worker.pid) == os.SCHED_OTHER   # the app's own choice
+    assert http_get(server.address) == (200, f"Hello from {worker.pid}\n")
+
+
 @pytest.mark.parametrize("mode", ["keepalive", "close"])
 def test_dispatch_mode_balances_and_restarts_lose_nothing(start_fdserver, start_fdapp, mode):
     server = start_fdserver("--dispatch")

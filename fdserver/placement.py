@@ -12,6 +12,8 @@ report, plus what was sent since).  A connection that no worker can take
 waits in fdserver at most *wait_timeout* seconds, then gets a
 ``503 Service Unavailable`` with ``Connection: close``; past *max_waiting*
 connections fdserver stops accepting and the kernel's backlog holds the rest.
+In this mode fdserver runs as SCHED_BATCH (``cli._schedule_as_batch``), so
+that under load it accepts in batches instead of preempting the workers.
 """
 
 from __future__ import annotations
@@ -50,15 +52,28 @@ class SharePublisher:
         self._last: tuple[int, int] | None = None
 
     def changed(self) -> None:
+        """The load changed: publish soon, coalesced."""
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_later(SHARE_DELAY, self._publish)
+            self._loop.call_later(SHARE_DELAY, self._coalesced)
 
-    def _publish(self) -> None:
+    def worker_changed(self) -> None:
+        """A worker came, went or changed state: publish now, to every ready worker.
+
+        A worker that just became ready has no share yet and, until it gets
+        one, accepts without holding back: a burst arriving in that moment
+        would all go to it.
+        """
+        self._publish(force=True)
+
+    def _coalesced(self) -> None:
         self._scheduled = False
+        self._publish()
+
+    def _publish(self, force: bool = False) -> None:
         ready = [p for p in self._workers() if p.state == "ready"]
         share = (sum(p.connections for p in ready), len(ready))
-        if share == self._last:
+        if share == self._last and not force:
             return
         self._last = share
         for peer in ready:
@@ -105,6 +120,9 @@ class Dispatcher:
             self._expiry.cancel()
         while self._waiting:
             _unavailable(self._waiting.popleft()[2])
+
+    def worker_changed(self) -> None:
+        self.changed()
 
     def changed(self) -> None:
         """A worker's state or load changed: place what waits, if anyone can take it."""

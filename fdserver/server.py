@@ -255,7 +255,8 @@ class Server:
                 # Clamped: one worker's word must not overflow everyone's share.
                 peer.connections = min(max(0, message["connections"]), self.max_peers * 1024)
                 peer.received = min(max(0, message["received"]), peer.dispatched)
-                self._placed()
+                if self._placement:
+                    self._placement.changed()
             elif peer.role == "ctl" and message["type"] == "status":
                 peer.channel.send({"type": "status", **self.status()})
             elif peer.role == "ctl" and message["type"] == "wait":
@@ -362,11 +363,8 @@ class Server:
         """A worker's state changed: answer waits, tell systemd, re-place load."""
         self._check_waits(peer)
         self._notify()
-        self._placed()
-
-    def _placed(self) -> None:
         if self._placement:
-            self._placement.changed()
+            self._placement.worker_changed()
 
     def _notify(self, *lines: str) -> None:
         if self.notifier:

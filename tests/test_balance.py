@@ -163,3 +163,39 @@ def test_workers_follow_a_restarted_fdserver_into_the_other_mode(start_fdserver,
     answered_by(third.address, newcomer.pid)
     answered_by(third.address, worker.pid)
     assert all(w["connections"] >= 0 for w in third.status()["workers"])
+
+
+def next_share(registration) -> tuple[int, int]:
+    """The next share message on a raw registration's channel (blocking, with a deadline)."""
+    registration.channel.sock.settimeout(10)
+    while True:
+        message, fds = registration.channel.receive()
+        for fd in fds:
+            os.close(fd)
+        if message["type"] == "share":
+            return message["connections"], message["workers"]
+
+
+def test_a_worker_gets_its_share_as_soon_as_it_is_ready(start_fdserver):
+    """Even when one worker leaving and one arriving leave the totals as they were.
+
+    A ready worker without a share accepts without holding back, so a burst
+    arriving then would all go to it.
+    """
+    import fdserver
+
+    server = start_fdserver()
+    first = fdserver.register(server.socket, features=("share",))
+    second = fdserver.register(server.socket, features=("share",))
+    try:
+        first.report("ready")
+        assert next_share(first) == (0, 1)
+        # Back to back: within one coalescing delay, and 0 open on 1 ready worker again.
+        first.report("draining")
+        second.report("ready")
+        assert next_share(second) == (0, 1)
+    finally:
+        for registration in (first, second):
+            for sock in registration.sockets():
+                sock.close()
+            registration.channel.close()

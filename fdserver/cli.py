@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from typing import Callable, Sequence
 
@@ -67,7 +68,7 @@ def _positive(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value == value or value == float("inf"):
+    if math.isnan(value) or value == math.inf:
         raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds")
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")

@@ -18,6 +18,13 @@ def jain(values: list[int]) -> float:
     return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
 
 
+def close_registration(registration) -> None:
+    """Close a raw fdserver.register() result: its listeners and its channel."""
+    for sock in registration.sockets():
+        sock.close()
+    registration.channel.close()
+
+
 def served(report: dict, workers) -> list[int]:
     return [report["pids"].get(str(w.pid), 0) for w in workers]
 
@@ -137,9 +144,7 @@ def test_plain_add_sockets_worker_gets_no_dispatched_connections(start_fdserver,
         with pytest.raises(BlockingIOError):
             plain.channel.receive_some()              # nothing was sent to it
     finally:
-        for sock in plain.sockets():
-            sock.close()
-        plain.channel.close()
+        close_registration(plain)
 
 
 def test_workers_follow_a_restarted_fdserver_into_the_other_mode(start_fdserver, start_fdapp):
@@ -195,7 +200,5 @@ def test_a_worker_gets_its_share_as_soon_as_it_is_ready(start_fdserver):
         second.report("ready")
         assert next_share(second) == (0, 1)
     finally:
-        for registration in (first, second):
-            for sock in registration.sockets():
-                sock.close()
-            registration.channel.close()
+        close_registration(first)
+        close_registration(second)

@@ -43,6 +43,25 @@ REPORT_INTERVAL = 0.02      # at most 50 load reports a second
 SLACK = 1                   # connections over the share before yielding
 
 
+class _Connection(socket.socket):
+    """A connected socket that remembers its family.
+
+    Tornado reads ``family`` twice per connection (IOStream.set_nodelay, the
+    request context) and socket.socket converts it to an enum each time.
+    """
+
+    __slots__ = ("_family",)
+
+    def __init__(self, family: socket.AddressFamily, type: int = socket.SOCK_STREAM,
+                 proto: int = 0, fileno: int | None = None) -> None:
+        super().__init__(family, type, proto, fileno)
+        self._family = family
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return self._family
+
+
 class Acceptor:
     """Feeds connections to a DrainingHTTPServer and reports the load."""
 
@@ -116,7 +135,8 @@ class Acceptor:
             return 2
         return 1 if own >= share + SLACK else 0
 
-    def _accept(self, accept: Callable[[], tuple[int, Any]], family: int) -> None:
+    def _accept(self, accept: Callable[[], tuple[int, Any]],
+                family: socket.AddressFamily) -> None:
         # *accept* is the socket's raw accept (what socket.accept() calls):
         # wrapping the descriptor here with the family known saves the enum
         # conversions socket.accept() does for every connection.
@@ -145,7 +165,7 @@ class Acceptor:
                     self._pause(0.1)
                     return
                 raise
-            self._serve(socket.socket(family, socket.SOCK_STREAM, 0, fd), address)
+            self._serve(_Connection(family, fileno=fd), address)
 
     def _pause(self, seconds: float) -> None:
         if self._paused:
@@ -162,10 +182,11 @@ class Acceptor:
 
     # -- dispatch mode -------------------------------------------------------
 
-    def on_connection(self, fd: int, peer: Any, family: int = socket.AF_INET) -> None:
+    def on_connection(self, fd: int, peer: Any,
+                      family: socket.AddressFamily = socket.AF_INET) -> None:
         self._received += 1
         # Family and type given: no getsockopt calls to find them out.
-        conn = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+        conn = _Connection(family, fileno=fd)
         address = tuple(peer) if isinstance(peer, list) and len(peer) == 2 else ("", 0)
         self._serve(conn, address)
 

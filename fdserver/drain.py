@@ -8,8 +8,9 @@ here is done by hand:
   for any added with ``add_sockets`` (close, never ``shutdown()``: the kernel
   socket and its accept queue live on in fdserver and the other workers, so
   nothing queued is lost);
-* a request whose headers arrive during the drain is answered with
-  ``Connection: close`` and its connection closed after the response;
+* a request in flight when the drain starts, or arriving during it, is
+  answered and its connection closed after the response (with
+  ``Connection: close`` unless the response had already started);
 * a keep-alive connection is closed only once it has been idle for *grace*
   seconds with no bytes pending, so a client in the middle of sending its
   next request is not cut off;
@@ -33,8 +34,9 @@ class DrainingHTTPServer(HTTPServer):
 
     def initialize(self, *args: Any, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
-        # connection -> monotonic time it went idle, or None while busy
-        self._idle_since: dict[HTTP1ServerConnection, float | None] = {}
+        # connection -> (its current request, monotonic time that request
+        # began waiting for its headers)
+        self._requests: dict[HTTP1ServerConnection, tuple[Any, float]] = {}
         self._draining = False
         self._grace = 0.0
         self._drained: asyncio.Future[None] | None = None
@@ -51,21 +53,22 @@ class DrainingHTTPServer(HTTPServer):
 
     def start_request(self, server_conn: object,
                       request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
-        # Tornado calls this when a connection is ready for its next request:
-        # from now until headers arrive, the connection is idle.
+        # Tornado calls this when a connection is ready for its next request;
+        # it is idle until that request's headers arrive.  Only the request
+        # is noted: whether its headers came is read off it when it matters
+        # (_is_idle), so serving a request costs no wrapper.
         now = time.monotonic()
-        self._idle_since[server_conn] = now
+        self._requests[server_conn] = (request_conn, now)
         if self._draining:
-            self._check_idle_later(server_conn, now)
-        delegate = super().start_request(server_conn, request_conn)
-        return _BusyTracker(self, server_conn, request_conn, delegate)
+            self._check_idle_later(server_conn, request_conn, now)
+        return super().start_request(server_conn, request_conn)
 
     def handle_stream(self, stream: Any, address: tuple) -> None:
         super().handle_stream(stream, address)
         self.on_connections_changed()
 
     def on_close(self, server_conn: object) -> None:
-        self._idle_since.pop(server_conn, None)
+        self._requests.pop(server_conn, None)
         super().on_close(server_conn)
         self.on_connections_changed()
         if self._drained and not self._connections and not self._drained.done():
@@ -80,10 +83,16 @@ class DrainingHTTPServer(HTTPServer):
         self._draining = True
         self._grace = grace
         self._drained = asyncio.get_running_loop().create_future()
+        # Tornado's own option, read as each request's headers are parsed:
+        # from now on a response says "Connection: close" and ends its
+        # connection.  Requests already past their headers are told below.
+        self.conn_params.no_keep_alive = True
         self.stop()
-        for conn, since in list(self._idle_since.items()):
-            if since is not None:
-                self._check_idle_later(conn, since)
+        for conn, (request, since) in list(self._requests.items()):
+            if _is_idle(request):
+                self._check_idle_later(conn, request, since)
+            else:
+                _close_after_response(request)
         if not self._connections:
             return 0
         try:
@@ -95,26 +104,38 @@ class DrainingHTTPServer(HTTPServer):
                 conn.stream.close()
             return len(left)
 
-    def _check_idle_later(self, conn: object, since: float) -> None:
+    def _check_idle_later(self, conn: object, request: Any, since: float) -> None:
         delay = max(0.0, since + self._grace - time.monotonic())
-        asyncio.get_running_loop().call_later(delay, self._close_if_idle, conn, since)
+        asyncio.get_running_loop().call_later(delay, self._close_if_idle, conn, request)
 
-    def _close_if_idle(self, conn: HTTP1ServerConnection, since: float) -> None:
-        if self._idle_since.get(conn) != since:
-            return          # busy again, or gone; a later idle period re-arms
+    def _close_if_idle(self, conn: HTTP1ServerConnection, request: Any) -> None:
+        current = self._requests.get(conn)
+        if current is None or current[0] is not request or not _is_idle(request):
+            return      # gone, busy (no_keep_alive ends it), or on to its next request
         # Bytes buffered by Tornado or waiting in the kernel mean a request is
         # on its way in: serve it (with Connection: close) rather than cut it.
         if getattr(conn.stream, "_read_buffer_size", 0) or _input_waiting(conn.stream.socket):
-            self._check_idle_later(conn, time.monotonic())
+            self._check_idle_later(conn, request, time.monotonic())
             return
         conn.stream.close()
 
-    def _mark_busy(self, server_conn: object, request_conn: httputil.HTTPConnection) -> None:
-        self._idle_since[server_conn] = None
-        if self._draining and isinstance(request_conn, HTTP1Connection):
-            # Tornado's own flag: adds "Connection: close" to an HTTP/1.1
-            # response and closes the connection once it is written.
-            request_conn._disconnect_on_finish = True
+
+def _is_idle(request: Any) -> bool:
+    """True until the request's headers have arrived.
+
+    Tornado's HTTP1Connection sets ``_request_start_line`` once it has parsed
+    them (tests/test_drain.py fails if a release stops doing so).
+    """
+    return isinstance(request, HTTP1Connection) and request._request_start_line is None
+
+
+def _close_after_response(request: Any) -> None:
+    if isinstance(request, HTTP1Connection):
+        # Tornado's own flag: adds "Connection: close" to an HTTP/1.1
+        # response not yet started, and closes the connection once the
+        # response is written.  Tornado sets it from the request's headers,
+        # so this must come after them.
+        request._disconnect_on_finish = True
 
 
 def _input_waiting(sock: socket.socket | None) -> bool:
@@ -126,28 +147,3 @@ def _input_waiting(sock: socket.socket | None) -> bool:
         return False
     except OSError:
         return False            # reset: closing it is all that is left
-
-
-class _BusyTracker(httputil.HTTPMessageDelegate):
-    """Passes a request through, telling the server when its headers arrive."""
-
-    def __init__(self, server: DrainingHTTPServer, server_conn: object,
-                 request_conn: httputil.HTTPConnection,
-                 delegate: httputil.HTTPMessageDelegate) -> None:
-        self._server = server
-        self._server_conn = server_conn
-        self._request_conn = request_conn
-        self._delegate = delegate
-
-    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Any:
-        self._server._mark_busy(self._server_conn, self._request_conn)
-        return self._delegate.headers_received(start_line, headers)
-
-    def data_received(self, chunk: bytes) -> Any:
-        return self._delegate.data_received(chunk)
-
-    def finish(self) -> None:
-        self._delegate.finish()
-
-    def on_connection_close(self) -> None:
-        self._delegate.on_connection_close()

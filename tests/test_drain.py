@@ -54,7 +54,8 @@ def assert_closed_by_server(conn: http.client.HTTPConnection) -> None:
 
 def test_in_flight_request_finishes_and_worker_exits_zero(start_fdserver, start_fdapp):
     server = start_fdserver()
-    worker = start_fdapp(server)
+    # A grace far shorter than the request: busy is not idle.
+    worker = start_fdapp(server, "--keepalive-grace", "0.1")
     conn = connect(server.address)
     thread, result = in_background(get, conn, "/slow?seconds=1")
     wait_connected(server, worker)
@@ -63,6 +64,8 @@ def test_in_flight_request_finishes_and_worker_exits_zero(start_fdserver, start_
     thread.join(20)
     response = result["value"]
     assert response.status == 200 and response.body.startswith(f"Hello from {worker.pid}".encode())
+    # In flight when the drain began: its connection ends with it, no grace wait.
+    assert response.getheader("Connection") == "close"
     assert worker.wait() == 0
     server.wait_state(worker.pid, "gone")
 

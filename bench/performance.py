@@ -33,6 +33,11 @@ and of the two patterns rotates from round to round.
    ``ready`` in fdserver's status; and the handout latency, the time
    ``fdserver.register(path)`` takes to return the listeners, in this process.
 
+A target's verdict is "met" or "NOT met" only when the median's confidence
+interval (distribution-free, from the order of the rounds: with 9 rounds the
+2nd lowest to the 2nd highest, 96%) lies wholly above or below it, and
+"unclear" when it straddles the target: then the noise decides, not the code.
+
 A mode that the installed fdserver lacks (``--dispatch`` in ``fdserver
 --help``, ``--no-balance`` in ``fdapp --help``) shows n/a.  The default 5
 rounds take about 3 minutes.
@@ -322,10 +327,38 @@ def num(digits: int) -> Callable[[float], str]:
     return lambda x: "inf" if math.isinf(x) else f"{x:.{digits}f}"
 
 
-def verdict(values: list[float], target: float) -> str:
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free confidence interval of the median, and its coverage.
+
+    The k-th lowest and k-th highest round, with k as large as keeps the
+    coverage, 1 - 2 P(Binomial(n, 1/2) < k), at *level* or above (with under 6
+    rounds no k reaches 95%: then the lowest and highest, and their coverage).
+    """
+    xs, n = sorted(values), len(values)
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return xs[k - 1], xs[n - k], coverage(k)
+
+
+def verdict(values: list[float], target: float, fmt: Callable[[float], str]) -> str:
+    """met / NOT met only when the median's confidence interval is clear of the target."""
     if not values:
         return ""
-    return "met" if statistics.median(values) >= target else "NOT met"
+    low, high, _ = median_interval(values)
+    word = "met" if low >= target else "NOT met" if high < target else "unclear"
+    return f"{word} (CI {fmt(low)}-{fmt(high)})"
+
+
+def verdict_legend(rounds: int) -> str:
+    coverage = median_interval(list(range(rounds)))[2]
+    return (f"met / NOT met: the median's {coverage:.0%} confidence interval (CI, from the order "
+            f"of the {rounds} rounds) lies wholly above / below the target;\nunclear: it "
+            "straddles the target, so this machine's noise hides the answer.")
 
 
 def table(rows: list[tuple[str, ...]]) -> str:
@@ -353,7 +386,7 @@ def throughput_table(runs: list[dict], plan: Plan) -> str:
             rows.append((pattern, label, spread([x["rps"] for x in mine], kilo),
                          "1 (baseline)" if name == "fork" else spread(ratios, num(2)),
                          f">= {target:g}" if target else "",
-                         verdict(ratios, target) if target else ""))
+                         verdict(ratios, target, num(2)) if target else ""))
     return table(rows)
 
 
@@ -390,7 +423,7 @@ def fairness_table(runs: list[dict], plan: Plan) -> str:
             rows.append((pattern, label, spread(jains, num(3)),
                          spread([max_min(x["per_worker"]) for x in mine], num(1)),
                          f">= {target:g}" if target else "(reference)",
-                         verdict(jains, target) if target else "",
+                         verdict(jains, target, num(3)) if target else "",
                          spread(conns, num(3)),
                          spread([x["rps"] for x in mine], kilo)))
     return table(rows)
@@ -510,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
           f"-d {args.duration:g}s; ratio to tornado fork_processes({THROUGHPUT_WORKERS}) "
           "in the same round")
     print(throughput_table(runs, plan))
+    print(verdict_legend(args.rounds))
     print(f"\n2. fdserver's own CPU (utime+stime, 10 ms ticks) during the section-1 loads "
           f"of {args.duration:g}s")
     print(cpu_table(runs))

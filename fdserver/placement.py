@@ -7,8 +7,12 @@ holding more than its share can stop accepting for a moment (see
 :mod:`fdserver.acceptor`).  fdserver stays out of the data path.
 
 Dispatch mode (``fdserver --dispatch``): fdserver accepts every connection
-and passes it to the ready worker with the fewest open connections (its last
-report, plus what was sent since).  A connection that no worker can take
+and passes it to a ready worker: first one that has read everything sent to
+it (the kernel says so: SIOCOUTQ on its channel), then the one with the
+fewest open connections (its last report, plus what was sent since).  The
+first rule ("join the idle queue") keeps a worker that waits for the CPU
+from being handed more while another sits idle; the second spreads
+long-lived connections evenly.  A connection that no worker can take
 waits in fdserver at most *wait_timeout* seconds, then gets a
 ``503 Service Unavailable`` with ``Connection: close``; past *max_waiting*
 connections fdserver stops accepting and the kernel's backlog holds the rest.
@@ -126,13 +130,13 @@ class Dispatcher:
 
     def changed(self) -> None:
         """A worker's state or load changed: place what waits, if anyone can take it."""
-        ready = self._ready()
+        ready, busy = self._ready()
         while self._waiting:
-            worker = self._least_loaded(ready)
+            worker = self._choose(ready, busy)
             if worker is None:
                 return
             _, name, conn, address = self._waiting.popleft()
-            self._assign(worker)
+            self._assign(worker, busy)
             self._send(worker, name, self._families[name], [(conn.detach(), address)])
         if not self._backing_off:
             self.start()
@@ -159,14 +163,14 @@ class Dispatcher:
         family = self._families[listener.name]
         # One message per worker for what this wakeup accepted.
         batches: dict[Any, list[tuple[int, Any]]] = {}
-        ready = self._ready()
+        ready, busy = self._ready()
         for fd, address in accepted:
-            worker = self._least_loaded(ready)
+            worker = self._choose(ready, busy)
             if worker is None:
                 self._wait(listener.name, socket.socket(family, socket.SOCK_STREAM, 0, fd),
                            address)
                 continue
-            self._assign(worker)             # counts at once for the next choice
+            self._assign(worker, busy)       # counts at once for the next choice
             batches.setdefault(worker, []).append((fd, address))
         for worker, batch in batches.items():
             self._send(worker, listener.name, family, batch)
@@ -176,18 +180,23 @@ class Dispatcher:
         if len(self._waiting) < self.max_waiting:
             self.start()
 
-    def _ready(self) -> list[Any]:
-        return [p for p in self._workers()
-                if p.state == "ready" and "dispatch" in p.features and p.channel.usable]
+    def _ready(self) -> tuple[list[Any], set[Any]]:
+        """The workers that can take connections, and those of them still busy
+        reading what they were sent."""
+        ready = [p for p in self._workers()
+                 if p.state == "ready" and "dispatch" in p.features and p.channel.usable]
+        return ready, {p for p in ready if p.channel.peer_has_unread()}
 
     @staticmethod
-    def _least_loaded(ready: list[Any]) -> Any | None:
-        # Fewest open connections; among equals, the one served longest ago.
-        return min(ready, key=_placement_key, default=None)
+    def _choose(ready: list[Any], busy: set[Any]) -> Any | None:
+        # Idle first, then the fewest open connections, then the one served
+        # longest ago.
+        return min(ready, key=lambda p: (p in busy, estimate(p), p.last_dispatch), default=None)
 
-    def _assign(self, worker: Any) -> None:
+    def _assign(self, worker: Any, busy: set[Any]) -> None:
         worker.dispatched += 1
         worker.last_dispatch = next(self._sequence)
+        busy.add(worker)                     # it has this one to read now
 
     def _send(self, worker: Any, name: str, family: socket.AddressFamily,
               batch: list[tuple[int, Any]]) -> None:
@@ -218,10 +227,6 @@ class Dispatcher:
         if self._waiting:
             self._expiry = self._loop.call_later(
                 self._waiting[0][0] + self.wait_timeout - time.monotonic(), self._expire)
-
-
-def _placement_key(peer: Any) -> tuple[int, int]:
-    return estimate(peer), peer.last_dispatch
 
 
 def _unavailable(conn: socket.socket) -> None:

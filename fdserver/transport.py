@@ -19,15 +19,18 @@ import array
 import asyncio
 import collections
 import errno
+import fcntl
 import os
 import socket
 import struct
+import termios
 from typing import Any, Callable, Iterable
 
 from .errors import ProtocolError, TransportError
 from .protocol import MAX_ANSWER, MAX_FDS_PER_FRAME, MAX_PAYLOAD, Decoder, encode
 
 RECV_BYTES = 64 * 1024
+_ZERO = bytes(4)                # an int for ioctl() to fill in
 # A peer that does not read its answers must not make us buffer without end.
 MAX_OUTPUT = 1024 * 1024
 _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
@@ -75,6 +78,7 @@ def close_fds(fds: Iterable[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
 
 
 class Channel:
@@ -248,6 +252,20 @@ class LoopChannel:
     @property
     def closed(self) -> bool:
         return self.channel.closed
+
+    def peer_has_unread(self) -> bool:
+        """Whether the peer has yet to read something sent to it.
+
+        On a Unix socket SIOCOUTQ (TIOCOUTQ) counts what was sent and not yet
+        read by the other end, in the kernel's accounting units: 0 when the
+        peer has read everything.
+        """
+        if self.channel.wants_write:
+            return True
+        try:
+            return fcntl.ioctl(self.channel.sock.fileno(), termios.TIOCOUTQ, _ZERO) != _ZERO
+        except OSError:
+            return False
 
     @property
     def usable(self) -> bool:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import os
 import signal
 import socket
+import struct
+import termios
 
 import pytest
 
@@ -202,3 +205,61 @@ def test_a_worker_gets_its_share_as_soon_as_it_is_ready(start_fdserver):
     finally:
         close_registration(first)
         close_registration(second)
+
+
+
+def test_dispatch_passes_over_a_worker_that_has_not_read_what_it_was_sent(start_fdserver):
+    """Join the idle queue: a worker still busy with its inbox (here, one that
+    never reads) is sent nothing more while another has read everything, even
+    though the one that reads holds more connections."""
+    import fdserver
+
+    server = start_fdserver("--dispatch")
+    reader = fdserver.register(server.socket, features=("dispatch",))
+    stuck = fdserver.register(server.socket, features=("dispatch",))
+    clients: list[socket.socket] = []
+    taken = 0                                   # connections the reader received
+    try:
+        reader.report("ready")
+        stuck.report("ready")
+        wait_until(lambda: [w["state"] for w in server.status()["workers"]] == ["ready"] * 2,
+                   10, "two ready workers")
+        host, port = server.address.rsplit(":", 1)
+        reader.channel.sock.settimeout(0.01)
+
+        def passed_on(waiting: int) -> bool:
+            nonlocal taken
+            got = take_connections(reader)
+            taken += got
+            return bool(got) or unread_bytes(stuck) > waiting
+
+        for _ in range(8):
+            waiting = unread_bytes(stuck)
+            clients.append(socket.create_connection((host, int(port)), timeout=10))
+            wait_until(lambda: passed_on(waiting), 10, "the connection passed on")
+        stuck.channel.sock.settimeout(0.01)
+        parked = sum(iter(lambda: take_connections(stuck), 0))
+        # The first may go to either (both idle); after it, the stuck one is busy.
+        assert parked <= 1 and taken + parked == 8, (taken, parked)
+    finally:
+        for client in clients:
+            client.close()
+        close_registration(reader)
+        close_registration(stuck)
+
+
+def take_connections(registration) -> int:
+    """Read one message, if one comes; close the connections in it and count them."""
+    try:
+        _, fds = registration.channel.receive()
+    except TimeoutError:
+        return 0
+    for fd in fds:
+        os.close(fd)
+    return len(fds)
+
+
+def unread_bytes(registration) -> int:
+    """Bytes waiting in a registration's socket (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(registration.channel.sock.fileno(),
+                                          termios.FIONREAD, bytes(4)))[0]

@@ -108,9 +108,10 @@ def fdserver_parser() -> argparse.ArgumentParser:
     p.add_argument("--backlog", type=int, default=1024,
                    help="listen backlog of each listener (default %(default)s)")
     p.add_argument("--dispatch", action="store_true",
-                   help="accept connections here and pass each one to the ready worker with "
-                        "the fewest open connections (exact balance, one more hop), instead "
-                        "of letting the workers accept on the shared listeners")
+                   help="accept connections here and pass each one to a ready worker (one "
+                        "that has read all it was sent first, then the fewest open "
+                        "connections: exact balance, one more hop), instead of letting the "
+                        "workers accept on the shared listeners")
     p.add_argument("--dispatch-timeout", type=_positive, default=10.0, metavar="SECONDS",
                    help="with --dispatch: how long a connection waits for a ready worker "
                         "before it is answered 503 and closed (default %(default)s)")

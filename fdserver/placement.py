@@ -130,7 +130,7 @@ class Dispatcher:
 
     def changed(self) -> None:
         """A worker's state or load changed: place what waits, if anyone can take it."""
-        ready, busy = self._ready()
+        ready, busy = self._ready() if self._waiting else ([], set())
         while self._waiting:
             worker = self._choose(ready, busy)
             if worker is None:

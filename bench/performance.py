@@ -6,17 +6,20 @@ Needs wrk (Debian package ``wrk``; ``./dev bench`` installs it).  Every server
 binds 127.0.0.1 port 0; wrk runs bench/count_pids.lua, which counts the
 responses of each worker from the body ``Hello from <pid>``.  Two load
 patterns: ``keep-alive`` (each wrk connection is reused) and ``new conn``
-(every request says ``Connection: close``, so wrk reconnects per request).
+(every request says ``Connection: close``, so wrk reconnects per request),
+both with wrk's default 2 threads.  Section 1 adds ``keep-alive -t 1``: one
+wrk thread opens its connections one after another, the case where one
+process of a shared socket can grab them all.
 
 One table per section.  Each figure is the median over --rounds rounds with
 the lowest and highest round beside it: the machine has 2 cores that wrk
 shares with the servers, so single runs swing widely (a run with 2 workers can
 come out at half the rate of the next, depending on which worker took the
 connections).  Every round starts each stack afresh; the order of the stacks
-and of the two patterns rotates from round to round.
+and of the patterns rotates from round to round.
 
-1. Throughput with 2 workers, ``wrk -t 2 -c 32 -d 3s``: fdserver's shared
-   mode and dispatch mode, each divided by tornado's ``fork_processes(2)``
+1. Throughput with 2 workers, ``wrk -t 2 -c 32 -d 3s`` (and ``-t 1`` for
+   ``keep-alive -t 1``): fdserver's shared mode and dispatch mode, each divided by tornado's ``fork_processes(2)``
    (bench/forked_app.py) measured in the same round.  Targets: shared >= 1.0,
    dispatch >= 0.8.
 2. fdserver's own CPU time (utime+stime of its process, /proc/PID/stat)
@@ -40,7 +43,7 @@ interval (distribution-free, from the order of the rounds: with 9 rounds the
 
 A mode that the installed fdserver lacks (``--dispatch`` in ``fdserver
 --help``, ``--no-balance`` in ``fdapp --help``) shows n/a.  The default 5
-rounds take about 3 minutes.
+rounds take about 3.5 minutes.
 """
 
 from __future__ import annotations
@@ -64,7 +67,10 @@ from support import PROJECT, http_get, run, script, wait_until  # noqa: E402
 import fdserver  # noqa: E402
 from fdserver.ctl import Control  # noqa: E402
 
-PATTERNS = {"keep-alive": False, "new conn": True}       # name -> new connection per request
+# name -> (a new connection per request, wrk threads)
+LOADS = {"keep-alive": (False, 2), "new conn": (True, 2), "keep-alive -t 1": (False, 1)}
+PATTERNS = ["keep-alive", "new conn"]                    # every section
+THROUGHPUT_PATTERNS = PATTERNS + ["keep-alive -t 1"]     # section 1 (and 2) also
 THROUGHPUT_WORKERS = 2
 FAIR_WORKERS = 8
 TARGETS = {"shared": 1.0, "dispatch": 0.8}               # throughput ratio to fork_processes
@@ -121,8 +127,9 @@ def load(stack, pattern: str, *, connections: int, duration: float,
     began = time.perf_counter()
     sampler.start()
     try:
-        result = run_wrk(stack.address, connections=connections, threads=2, duration=duration,
-                         new_connection=PATTERNS[pattern])
+        new_connection, threads = LOADS[pattern]
+        result = run_wrk(stack.address, connections=connections, threads=threads,
+                         duration=duration, new_connection=new_connection)
     finally:
         sampler.cancel()
         sampler.join()
@@ -235,7 +242,6 @@ def run_round(r: int, plan: Plan, args: argparse.Namespace,
               log: Callable[[str], None]) -> list[dict]:
     """Every section once, on stacks started afresh; a failed stack is logged, not fatal."""
     runs: list[dict] = []
-    patterns = rotate(list(PATTERNS), r)
 
     def guarded(section: str, name: str, make, body: Callable) -> None:
         if make is None:
@@ -251,7 +257,8 @@ def run_round(r: int, plan: Plan, args: argparse.Namespace,
         finally:
             stack.close()
 
-    def loads(section: str, name: str, connections: int, duration: float) -> Callable:
+    def loads(section: str, name: str, connections: int, duration: float,
+              patterns: list[str]) -> Callable:
         def body(stack) -> None:
             server_pid = getattr(stack, "server_pid", None)
             for pattern in patterns:
@@ -290,12 +297,14 @@ def run_round(r: int, plan: Plan, args: argparse.Namespace,
                   "dispatch": plan.fd("dispatch", THROUGHPUT_WORKERS)}
         for name in rotate(list(makers), r):
             guarded("throughput", name, makers[name],
-                    loads("throughput", name, args.connections, args.duration))
+                    loads("throughput", name, args.connections, args.duration,
+                          rotate(THROUGHPUT_PATTERNS, r)))
     if "fairness" in args.sections:
         makers = {mode: plan.fd(mode, FAIR_WORKERS) for mode in ("naive", "balanced", "dispatch")}
         for name in rotate(list(makers), r):
             guarded("fairness", name, makers[name],
-                    loads("fairness", name, args.fair_connections, args.fair_duration))
+                    loads("fairness", name, args.fair_connections, args.fair_duration,
+                          rotate(PATTERNS, r)))
     if "startup" in args.sections:
         for name in rotate(["shared", "dispatch"], r):
             guarded("startup", name, plan.fd(name, 0), starts(name))
@@ -377,7 +386,7 @@ def throughput_table(runs: list[dict], plan: Plan) -> str:
     labels = {"fork": "tornado fork_processes(2)",
               "shared": "fdserver shared" + ("" if plan.modes["balance"] else " (unbalanced)"),
               "dispatch": "fdserver dispatch"}
-    for pattern in PATTERNS:
+    for pattern in THROUGHPUT_PATTERNS:
         base = {x["round"]: x["rps"] for x in select(runs, "throughput", "fork", pattern)}
         for name, label in labels.items():
             mine = select(runs, "throughput", name, pattern)
@@ -393,7 +402,7 @@ def throughput_table(runs: list[dict], plan: Plan) -> str:
 def cpu_table(runs: list[dict]) -> str:
     rows = [("pattern", "mode", "fdserver CPU ms", "% of one core", "workers' CPU ms",
              "fdserver/workers", "target")]
-    for pattern in PATTERNS:
+    for pattern in THROUGHPUT_PATTERNS:
         for name in ("shared", "dispatch"):
             mine = select(runs, "throughput", name, pattern)
             rows.append((
@@ -539,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
           f"read the spread")
     for note in plan.notes:
         print(f"note: {note}")
-    print(f"\n1. Throughput, {THROUGHPUT_WORKERS} workers, wrk -t 2 -c {args.connections} "
+    print(f"\n1. Throughput, {THROUGHPUT_WORKERS} workers, wrk -t 2 (-t 1 where the pattern "
+          f"says) -c {args.connections} "
           f"-d {args.duration:g}s; ratio to tornado fork_processes({THROUGHPUT_WORKERS}) "
           "in the same round")
     print(throughput_table(runs, plan))

@@ -80,7 +80,6 @@ def close_fds(fds: Iterable[int]) -> None:
             pass
 
 
-
 class Channel:
     """Framed messages with attached descriptors over one Unix socket.
 

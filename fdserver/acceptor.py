@@ -43,11 +43,24 @@ REPORT_INTERVAL = 0.02      # at most 50 load reports a second
 SLACK = 1                   # connections over the share before yielding
 
 
+class _Stream(IOStream):
+    """An IOStream whose connection keeps TCP_NODELAY on throughout.
+
+    Tornado turns Nagle's algorithm off at the end of each response and back
+    on once it is written: two setsockopt calls per request.  fdapp turns it
+    off once per connection (as asyncio, Go's net/http and nginx on keep-alive
+    connections do); a response still goes out as soon as it is written.
+    """
+
+    def set_nodelay(self, value: bool) -> None:
+        pass
+
+
 class _Connection(socket.socket):
     """A connected socket that remembers its family.
 
-    Tornado reads ``family`` twice per connection (IOStream.set_nodelay, the
-    request context) and socket.socket converts it to an enum each time.
+    Tornado reads ``family`` for each connection's request context, and
+    socket.socket converts it to an enum each time.
     """
 
     __slots__ = ("_family",)
@@ -193,8 +206,12 @@ class Acceptor:
     # -- both ----------------------------------------------------------------
 
     def _serve(self, conn: socket.socket, address: tuple) -> None:
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass            # already reset by the peer: Tornado finds out on reading
         # IOStream makes the socket non-blocking itself.
-        stream = IOStream(conn, max_buffer_size=self.server.max_buffer_size,
+        stream = _Stream(conn, max_buffer_size=self.server.max_buffer_size,
                           read_chunk_size=self.server.read_chunk_size)
         self.server.handle_stream(stream, address)
 

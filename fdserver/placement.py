@@ -93,7 +93,6 @@ class Dispatcher:
                  max_waiting: int = 1024) -> None:
         self._loop = loop
         self._listeners = listeners
-        self._families = {l.name: l.sock.family for l in listeners}
         self._workers = workers
         self.wait_timeout = wait_timeout
         self.max_waiting = max_waiting
@@ -137,7 +136,8 @@ class Dispatcher:
                 return
             _, name, conn, address = self._waiting.popleft()
             self._assign(worker, busy)
-            self._send(worker, name, self._families[name], [(conn.detach(), address)])
+            family = conn.family
+            self._send(worker, name, family, [(conn.detach(), address)])
         if not self._backing_off:
             self.start()
 
@@ -160,7 +160,8 @@ class Dispatcher:
                 self._backing_off = True
                 self._loop.call_later(0.1, self._back_on)
                 break
-        family = self._families[listener.name]
+        # Of this listener, not of its name: IPv4 and IPv6 ones may share one.
+        family = listener.sock.family
         # One message per worker for what this wakeup accepted.
         batches: dict[Any, list[tuple[int, Any]]] = {}
         ready, busy = self._ready()
@@ -190,8 +191,10 @@ class Dispatcher:
     @staticmethod
     def _choose(ready: list[Any], busy: set[Any]) -> Any | None:
         # Idle first, then the fewest open connections, then the one served
-        # longest ago.
-        return min(ready, key=lambda p: (p in busy, estimate(p), p.last_dispatch), default=None)
+        # longest ago.  A send that failed closes a worker between _ready()
+        # and here: it no longer counts.
+        return min((p for p in ready if p.channel.usable),
+                   key=lambda p: (p in busy, estimate(p), p.last_dispatch), default=None)
 
     def _assign(self, worker: Any, busy: set[Any]) -> None:
         worker.dispatched += 1
@@ -206,11 +209,33 @@ class Dispatcher:
              "peers": peers, "fds": len(batch)},
             [fd for fd, _ in batch], owned=True)
 
+    def take_back(self, messages: list[tuple[dict[str, Any], list[int]]]) -> None:
+        """Connections sent to a worker whose channel closed before they went
+        out: place them again, first in line."""
+        # As old as the oldest waiting, so the line stays in order of age.
+        since = self._waiting[0][0] if self._waiting else time.monotonic()
+        for message, fds in reversed(messages):
+            if message.get("type") != "connections" or self._closed:
+                for fd in fds:
+                    _unavailable(socket.socket(fileno=fd))
+                continue
+            family = socket.AddressFamily[message["family"]]
+            for fd, peer in reversed(list(zip(fds, message["peers"]))):
+                conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                self._waiting.appendleft((since, message["listener"], conn, tuple(peer)))
+        if len(self._waiting) >= self.max_waiting:
+            self.pause()
+        self._arm_expiry()
+        self._loop.call_soon(self.changed)
+
     def _wait(self, name: str, conn: socket.socket, address: Any) -> None:
         self._waiting.append((time.monotonic(), name, conn, address))
         if len(self._waiting) >= self.max_waiting:
             self.pause()
-        if self._expiry is None:
+        self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        if self._expiry is None and self._waiting:
             self._expiry = self._loop.call_later(self.wait_timeout, self._expire)
 
     def _expire(self) -> None:

@@ -33,6 +33,7 @@ from .transport import Channel, LoopChannel, close_fds, peer_credentials
 log = logging.getLogger("fdserver")
 
 WAITABLE_STATES = ("starting", "ready", "draining", "gone")
+MAX_WAITS_PER_CTL = 16          # fdctl waits for one worker at a time
 
 
 @dataclass(eq=False)
@@ -103,7 +104,7 @@ class Server:
         self._placement: Dispatcher | SharePublisher | None = None
         self.peers: set[Peer] = set()
         self.started_at = time.time()
-        self._waits: list[_Wait] = []
+        self._waits: dict[_Wait, None] = {}       # in the order they came
         self._last_evict_log = -1e9
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -207,8 +208,17 @@ class Server:
             Channel(conn, server_side=True), self._loop,
             on_message=lambda msg, fds: self._on_message(peer, msg, fds),
             on_close=lambda reason: self._on_close(peer, reason),
+            on_unsent=self._take_back,
         )
         self._arm(peer, self.handshake_timeout, "no hello within the handshake timeout")
+
+    def _take_back(self, messages: list[tuple[dict[str, Any], list[int]]]) -> None:
+        """Connections queued for a worker that went away before it got them."""
+        if isinstance(self._placement, Dispatcher):
+            self._placement.take_back(messages)
+        else:
+            for _, fds in messages:
+                close_fds(fds)
 
     def _evict(self, peer: Peer) -> None:
         now = time.monotonic()
@@ -395,15 +405,19 @@ class Server:
     def _on_wait(self, asker: Peer, message: dict[str, Any]) -> None:
         if message["state"] not in WAITABLE_STATES:
             raise ProtocolError(f"cannot wait for state {message['state'][:40]!r}")
+        if len(asker.waits) >= MAX_WAITS_PER_CTL:
+            raise ProtocolError(f"too many waits at once on one connection "
+                                f"(at most {MAX_WAITS_PER_CTL})")
         timeout = min(max(float(message["timeout"]), 0.0), 3600.0)   # bounded by validate()
         wait = _Wait(asker, message["pid"], message["state"])
         wait.timer = self._loop.call_later(timeout, lambda: self._end_wait(wait, ok=False))
         asker.waits.append(wait)
-        self._waits.append(wait)
+        self._waits[wait] = None
         if asker.timer:
             asker.timer.cancel()
             asker.timer = None
-        self._check_waits()
+        if self._state_of(wait.pid) == wait.state:      # already there
+            self._end_wait(wait, ok=True)
 
     def _state_of(self, pid: int) -> str:
         for peer in self.peers:
@@ -411,16 +425,15 @@ class Server:
                 return peer.state
         return "gone"
 
-    def _check_waits(self, changed: Peer | None = None) -> None:
+    def _check_waits(self, changed: Peer) -> None:
         for wait in list(self._waits):
-            if changed is None or wait.pid == changed.pid:
-                if self._state_of(wait.pid) == wait.state:
-                    self._end_wait(wait, ok=True)
+            if wait.pid == changed.pid and self._state_of(wait.pid) == wait.state:
+                self._end_wait(wait, ok=True)
 
     def _end_wait(self, wait: _Wait, ok: bool, answer: bool = True) -> None:
         if wait not in self._waits:
             return
-        self._waits.remove(wait)
+        del self._waits[wait]
         wait.asker.waits.remove(wait)
         wait.timer.cancel()
         if answer:

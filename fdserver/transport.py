@@ -33,6 +33,8 @@ RECV_BYTES = 64 * 1024
 _ZERO = bytes(4)                # an int for ioctl() to fill in
 # A peer that does not read its answers must not make us buffer without end.
 MAX_OUTPUT = 1024 * 1024
+# How long a peer being closed gets to read its last message.
+CLOSING_GRACE = 2.0
 _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 Recvmsg = Callable[[int, int, int], tuple[bytes, list, int, Any]]
@@ -96,8 +98,10 @@ class Channel:
         self._send_limit = MAX_ANSWER if server_side else MAX_PAYLOAD
         self._fds: collections.deque[int] = collections.deque()
         self._inbox: collections.deque[tuple[dict[str, Any], list[int]]] = collections.deque()
-        # (bytes left, fds to attach, whether we close those fds once sent)
-        self._outbox: collections.deque[tuple[memoryview, list[int], bool]] = collections.deque()
+        # (bytes left, fds to attach, the message if we own those fds and
+        # close them once sent, else None)
+        self._outbox: collections.deque[tuple[memoryview, list[int], dict | None]] = \
+            collections.deque()
         self._output_size = 0
         self.closed = False
 
@@ -154,30 +158,30 @@ class Channel:
         """Append a frame to the output; call flush() to write it.
 
         With *owned*, the channel takes the descriptors over and closes them
-        once sent (or when it closes): the caller must not close them.
+        once sent (or when it closes, unless take_unsent() took them back):
+        the caller must not close them.  If the output is full, this raises
+        TransportError and the descriptors stay the caller's.
         """
         if len(fds) != message.get("fds", 0):
             raise ValueError("message 'fds' count does not match the descriptors given")
         frame = encode(message, self._send_limit)
         if self._output_size + len(frame) > MAX_OUTPUT:
-            if owned:
-                close_fds(fds)
             raise TransportError("peer is not reading its messages (output buffer full)")
-        self._outbox.append((memoryview(frame), list(fds), owned))
+        self._outbox.append((memoryview(frame), list(fds), message if owned else None))
         self._output_size += len(frame)
 
     def flush(self) -> bool:
         """Write what the socket takes now; True once everything is sent."""
         while self._outbox:
-            data, fds, owned = self._outbox[0]
+            data, fds, owned_message = self._outbox[0]
             ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
             sent = self.sock.sendmsg([data], ancdata)
             self._output_size -= sent
-            if owned:
+            if owned_message is not None:
                 close_fds(fds)      # the peer has its copies now
             if sent < len(data):
                 # Descriptors travel with the first byte only.
-                self._outbox[0] = (data[sent:], [], False)
+                self._outbox[0] = (data[sent:], [], None)
                 return False
             self._outbox.popleft()
         return True
@@ -192,17 +196,30 @@ class Channel:
     def wants_write(self) -> bool:
         return bool(self._outbox)
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def take_unsent(self) -> list[tuple[dict[str, Any], list[int]]]:
+        """Take back the owned messages not yet begun, with their descriptors."""
+        taken = [(message, fds) for _, fds, message in self._outbox if message is not None]
+        if taken:
+            kept = [entry for entry in self._outbox if entry[2] is None]
+            self._outbox = collections.deque(kept)
+            self._output_size = sum(len(entry[0]) for entry in kept)
+        return taken
+
+    def discard_input(self) -> None:
+        """Drop what was received and not yet taken, closing its descriptors."""
         close_fds(self._fds)
         self._fds.clear()
         for _, fds in self._inbox:
             close_fds(fds)
         self._inbox.clear()
-        for _, fds, owned in self._outbox:
-            if owned:
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.discard_input()
+        for _, fds, owned_message in self._outbox:
+            if owned_message is not None:
                 close_fds(fds)
         self._outbox.clear()
         self.sock.close()
@@ -227,7 +244,9 @@ class LoopChannel:
 
     *on_message(message, fds)* runs for each message (it owns the fds);
     *on_close(reason)* runs once when the connection ends, with None for a
-    clean EOF or a one-line reason.
+    clean EOF or a one-line reason.  *on_unsent(messages)*, if given, runs
+    just before it with the owned messages that never went out, as
+    ``(message, fds)`` pairs it then owns (otherwise their fds are closed).
     """
 
     def __init__(
@@ -236,11 +255,13 @@ class LoopChannel:
         loop: asyncio.AbstractEventLoop,
         on_message: Callable[[dict[str, Any], list[int]], None],
         on_close: Callable[[str | None], None],
+        on_unsent: Callable[[list[tuple[dict[str, Any], list[int]]]], None] | None = None,
     ) -> None:
         self.channel = channel
         self._loop = loop
         self._on_message = on_message
         self._on_close = on_close
+        self._on_unsent = on_unsent
         self._writing = False
         self._closing = False
         channel.sock.setblocking(False)
@@ -283,21 +304,33 @@ class LoopChannel:
              owned: bool = False) -> None:
         if self.closed or self._closing:
             if owned:
-                close_fds(fds)
+                self._give_back([(message, list(fds))])
             return
         try:
             self.channel.queue(message, fds, owned=owned)
         except TransportError as exc:
-            self.close(str(exc))
+            self.close(str(exc), unsent=[(message, list(fds))] if owned else [])
             return
         self._write()
 
     def send_and_close(self, message: dict[str, Any]) -> None:
-        """Send a last message (an error), then close once it is written."""
+        """Send a last message (an error), then close once it is written.
+
+        Nothing more is read from the peer meanwhile, and a peer that has not
+        read what is queued for it within CLOSING_GRACE is cut off.
+        """
+        if self.closed or self._closing:
+            return
         self.send(message)
+        if self.closed:
+            return
         self._closing = True
-        if not self.closed and not self.channel.wants_write:
+        if not self.channel.wants_write:
             self.close(message.get("message"))
+            return
+        self._loop.remove_reader(self.channel.sock.fileno())
+        self.channel.discard_input()
+        self._loop.call_later(CLOSING_GRACE, self.close, message.get("message"))
 
     def _write(self) -> None:
         try:
@@ -345,12 +378,22 @@ class LoopChannel:
                 break
             self._on_message(*item)
 
-    def close(self, reason: str | None) -> None:
+    def close(self, reason: str | None,
+              unsent: list[tuple[dict[str, Any], list[int]]] | None = None) -> None:
         if self.closed:
             return
+        unsent = self.channel.take_unsent() + (unsent or [])     # oldest first
         fileno = self.channel.sock.fileno()
         self._loop.remove_reader(fileno)
         if self._writing:
             self._loop.remove_writer(fileno)
         self.channel.close()
+        self._give_back(unsent)
         self._on_close(reason)
+
+    def _give_back(self, unsent: list[tuple[dict[str, Any], list[int]]]) -> None:
+        if unsent and self._on_unsent:
+            self._on_unsent(unsent)
+        else:
+            for _, fds in unsent:
+                close_fds(fds)

@@ -207,7 +207,6 @@ def test_a_worker_gets_its_share_as_soon_as_it_is_ready(start_fdserver):
         close_registration(second)
 
 
-
 def test_dispatch_passes_over_a_worker_that_has_not_read_what_it_was_sent(start_fdserver):
     """Join the idle queue: a worker still busy with its inbox (here, one that
     never reads) is sent nothing more while another has read everything, even
@@ -246,6 +245,85 @@ def test_dispatch_passes_over_a_worker_that_has_not_read_what_it_was_sent(start_
             client.close()
         close_registration(reader)
         close_registration(stuck)
+
+
+def test_dispatch_tells_each_connection_its_own_family(start_fdserver):
+    """IPv4 and IPv6 listeners under one name: each connection passed on says
+    the family its descriptor really has."""
+    import fdserver
+
+    server = start_fdserver("--dispatch", binds=("127.0.0.1:0", "[::1]:0"))
+    worker = fdserver.register(server.socket, features=("dispatch",))
+    try:
+        worker.report("ready")
+        wait_until(lambda: [w["state"] for w in server.status()["workers"]] == ["ready"],
+                   10, "a ready worker")
+        worker.channel.sock.settimeout(10)
+        listeners = server.status()["listeners"]
+        assert [(l["name"], l["family"]) for l in listeners] == [("http", "AF_INET"),
+                                                                  ("http", "AF_INET6")]
+        for listener in listeners:
+            host, port = listener["address"].rsplit(":", 1)
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+                message, fds = worker.channel.receive()
+                conns = [socket.socket(fileno=fd) for fd in fds]
+                families = [conn.family.name for conn in conns]
+                for conn in conns:
+                    conn.close()
+                assert (message["type"], message["family"], families) == \
+                    ("connections", listener["family"], [listener["family"]])
+    finally:
+        close_registration(worker)
+
+
+def test_dispatch_places_again_what_a_vanished_worker_never_got(start_fdserver):
+    """Connections fdserver still holds for a worker (its socket is full) go to
+    another worker when that one disappears, instead of being closed."""
+    import fdserver
+
+    server = start_fdserver("--dispatch")
+    stuck = fdserver.register(server.socket, features=("dispatch",))
+    reader = fdserver.register(server.socket, features=("dispatch",))
+    clients: list[socket.socket] = []
+    try:
+        stuck.report("ready")
+        host, port = server.address.rsplit(":", 1)
+        with server.control() as ctl:
+            def dispatched() -> int:
+                return sum(w["connections"] for w in ctl.status()["workers"])
+
+            wait_until(lambda: [w["state"] for w in ctl.status()["workers"]]
+                       == ["ready", "starting"], 10, "the stuck worker ready")
+            # The only ready worker never reads: once its socket is full,
+            # fdserver queues what follows.  Three in a row that add nothing
+            # to its socket are in fdserver's queue.
+            queued, before = 0, unread_bytes(stuck)
+            while queued < 3:
+                assert len(clients) < 5000, "the stuck worker's socket never filled"
+                clients.append(socket.create_connection((host, int(port)), timeout=10))
+                wait_until(lambda: dispatched() == len(clients), 10, "the connection dispatched")
+                after = unread_bytes(stuck)
+                queued = queued + 1 if after == before else 0
+                before = after
+            reader.report("ready")
+            wait_until(lambda: [w["state"] for w in ctl.status()["workers"]]
+                       == ["ready", "ready"], 10, "the reader ready")
+        close_registration(stuck)
+        reader.channel.sock.settimeout(0.05)
+        taken = 0
+
+        def all_taken() -> bool:
+            nonlocal taken
+            taken += take_connections(reader)
+            return taken >= queued
+
+        wait_until(all_taken, 10, f"the {queued} queued connections sent to the other worker")
+        assert taken == queued
+    finally:
+        for client in clients:
+            client.close()
+        close_registration(stuck)
+        close_registration(reader)
 
 
 def take_connections(registration) -> int:

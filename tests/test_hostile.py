@@ -330,3 +330,47 @@ def test_ctl_that_floods_requests_and_never_reads_is_cut_off(start_fdserver, sta
         assert_serving(server, start_fdapp)
     finally:
         channel.close()
+
+
+def test_refused_peer_that_does_not_read_is_cut_off_keeping_nothing_it_sends(
+        start_fdserver, start_fdapp):
+    server = start_fdserver()
+    channel, _ = client_connect(server.socket, "ctl")
+    hostile = channel.sock
+    r, w = os.pipe()
+    try:
+        channel.send({"type": "status"})
+        answer = len(encode(channel.receive()[0], 1 << 24))
+        # Twice what the kernel can buffer for us, and well within fdserver's
+        # 1 MiB output limit: fdserver holds answers it cannot write yet...
+        with open("/proc/sys/net/core/wmem_default") as f:
+            count = 2 * int(f.read()) // answer + 1
+        assert count * answer < 1024 * 1024
+        hostile.sendall(encode({"type": "status"}) * count)
+        # ...when it refuses us, so its error cannot go out at once.
+        hostile.sendall(encode({"type": "state", "state": "ready"}))
+        for _ in range(2):
+            send_with_fds(hostile, frame({"type": "status", "fds": 100}), [w] * 100)
+        os.close(w)
+        w = -1
+        poller = select.poll()
+        poller.register(hostile, select.POLLRDHUP | select.POLLHUP)
+        assert poller.poll(TIMEOUT * 1000), "fdserver kept a refused peer that does not read"
+        wait_for_closed_log(server, "unexpected state message from a ctl")
+        assert_all_closed(r)         # none of the descriptors sent after the refusal kept
+        assert_serving(server, start_fdapp)
+    finally:
+        channel.close()
+        close_fds([fd for fd in (r, w) if fd >= 0])
+
+
+def test_a_ctl_connection_may_wait_for_at_most_16_workers_at_once(start_fdserver, start_fdapp):
+    server = start_fdserver()
+    channel, _ = client_connect(server.socket, "ctl")
+    try:
+        for pid in range(1_000_000, 1_000_017):
+            channel.send({"type": "wait", "pid": pid, "state": "ready", "timeout": 600})
+        assert_refused(channel.sock, r"^too many waits at once on one connection \(at most 16\)$")
+        assert_serving(server, start_fdapp)
+    finally:
+        channel.close()

@@ -15,12 +15,19 @@ class HelloHandler(tornado.web.RequestHandler):
 
 
 class SlowHandler(tornado.web.RequestHandler):
-    """``GET /slow?seconds=N`` answers after N seconds (for drain demos and tests)."""
+    """``GET /slow?seconds=N`` answers after N seconds (for drain demos and tests).
+
+    With ``&stream=1`` the response starts at once (a first line, flushed)
+    and ends after N seconds.
+    """
 
     async def get(self) -> None:
         import asyncio
 
         seconds = min(float(self.get_argument("seconds", "1")), 60.0)
+        if self.get_argument("stream", ""):
+            self.write(f"Hello from {os.getpid()}, streaming\n")
+            await self.flush()
         await asyncio.sleep(seconds)
         self.write(f"Hello from {os.getpid()} after {seconds:g}s\n")
 

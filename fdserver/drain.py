@@ -9,8 +9,10 @@ here is done by hand:
   socket and its accept queue live on in fdserver and the other workers, so
   nothing queued is lost);
 * a request in flight when the drain starts, or arriving during it, is
-  answered and its connection closed after the response (with
-  ``Connection: close`` unless the response had already started);
+  answered with ``Connection: close`` (HTTP/1.0: without ``Keep-Alive``) and
+  its connection closed after the response; one whose response had already
+  started (and so promised keep-alive) finishes, then its connection is
+  treated as idle;
 * a keep-alive connection is closed only once it has been idle for *grace*
   seconds with no bytes pending, so a client in the middle of sending its
   next request is not cut off;
@@ -61,6 +63,7 @@ class DrainingHTTPServer(HTTPServer):
         self._requests[server_conn] = (request_conn, now)
         if self._draining:
             self._check_idle_later(server_conn, request_conn, now)
+            _promise_no_keep_alive(request_conn)
         return super().start_request(server_conn, request_conn)
 
     def handle_stream(self, stream: Any, address: tuple) -> None:
@@ -91,8 +94,13 @@ class DrainingHTTPServer(HTTPServer):
         for conn, (request, since) in list(self._requests.items()):
             if _is_idle(request):
                 self._check_idle_later(conn, request, since)
-            else:
+                _promise_no_keep_alive(request)
+            elif not _response_started(request):
                 _close_after_response(request)
+                _promise_no_keep_alive(request)
+            # else its headers went out saying keep-alive: closing right after
+            # the response would fail the client's next request.  Once done,
+            # the connection waits for that request as an idle one does.
         if not self._connections:
             return 0
         try:
@@ -129,6 +137,10 @@ def _is_idle(request: Any) -> bool:
     return isinstance(request, HTTP1Connection) and request._request_start_line is None
 
 
+def _response_started(request: Any) -> bool:
+    return isinstance(request, HTTP1Connection) and request._response_start_line is not None
+
+
 def _close_after_response(request: Any) -> None:
     if isinstance(request, HTTP1Connection):
         # Tornado's own flag: adds "Connection: close" to an HTTP/1.1
@@ -136,6 +148,30 @@ def _close_after_response(request: Any) -> None:
         # response is written.  Tornado sets it from the request's headers,
         # so this must come after them.
         request._disconnect_on_finish = True
+
+
+def _promise_no_keep_alive(request: Any) -> None:
+    """Stop Tornado promising keep-alive to an HTTP/1.0 client it will close.
+
+    Tornado answers ``Connection: Keep-Alive`` whenever an HTTP/1.0 request
+    asked for it, even with keep-alive off: it reads the request's header as
+    the response starts.  So, for a drain's requests only, that header is
+    turned into "close" just before; to HTTP/1.0, no header means close.
+    """
+    if not isinstance(request, HTTP1Connection):
+        return
+    write_headers = request.write_headers
+
+    def write_headers_saying_close(start_line: Any, headers: httputil.HTTPHeaders,
+                                   chunk: bytes | None = None) -> Any:
+        asked = request._request_headers
+        if (request._request_start_line is not None
+                and request._request_start_line.version == "HTTP/1.0"
+                and asked is not None and asked.get("Connection", "").lower() == "keep-alive"):
+            asked["Connection"] = "close"
+        return write_headers(start_line, headers, chunk)
+
+    request.write_headers = write_headers_saying_close
 
 
 def _input_waiting(sock: socket.socket | None) -> bool:

@@ -7,7 +7,9 @@ import signal
 import socket
 import threading
 
-from support import http_get, script
+import pytest
+
+from support import http_get, script, wait_until
 
 
 def connect(address: str) -> http.client.HTTPConnection:
@@ -31,6 +33,29 @@ def raw_get(sock: socket.socket) -> http.client.HTTPResponse:
     response.begin()
     response.read()
     return response
+
+
+def raw_response(sock: socket.socket) -> http.client.HTTPResponse:
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    response.read()
+    return response
+
+
+def server_read_all(sock: socket.socket) -> bool:
+    """The server's end of this IPv4 connection has nothing left to read
+    (its receive queue in /proc/net/tcp is empty)."""
+    def hex_address(address: tuple) -> str:
+        ip = int.from_bytes(socket.inet_aton(address[0]), "little")
+        return f"{ip:08X}:{address[1]:04X}"
+
+    server_end, client_end = hex_address(sock.getpeername()), hex_address(sock.getsockname())
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1:3] == [server_end, client_end]:
+                return int(fields[4].split(":")[1], 16) == 0
+    return False
 
 
 def in_background(fn, *args) -> tuple[threading.Thread, dict]:
@@ -82,6 +107,57 @@ def test_request_on_kept_alive_connection_during_drain_gets_connection_close(
     response = raw_get(sock)                                # idle < grace: still served
     assert response.status == 200
     assert response.getheader("Connection") == "close"
+    assert sock.recv(1) == b"", "server should close after the response"
+    sock.close()
+    assert worker.wait() == 0
+
+
+def test_response_under_way_when_the_drain_starts_keeps_its_keep_alive_promise(
+        start_fdserver, start_fdapp):
+    # Its headers went out without "Connection: close": the client may send
+    # its next request on the connection, and that one must be answered.
+    server = start_fdserver()
+    worker = start_fdapp(server, "--keepalive-grace", "30")
+    host, port = server.address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    sock.sendall(b"GET /slow?seconds=1&stream=1 HTTP/1.1\r\nHost: test\r\n\r\n")
+    response = http.client.HTTPResponse(sock)
+    response.begin()                                        # headers are out
+    assert response.getheader("Connection") is None
+    worker.signal(signal.SIGTERM)
+    server.wait_state(worker.pid, "draining")
+    assert response.read().endswith(b"after 1s\n")
+    following = raw_get(sock)
+    assert following.status == 200 and following.getheader("Connection") == "close"
+    assert sock.recv(1) == b"", "server should close after the response"
+    sock.close()
+    assert worker.wait() == 0
+
+
+@pytest.mark.parametrize("when", ["in flight", "arriving"])
+def test_http10_keep_alive_client_is_not_promised_keep_alive_during_drain(
+        start_fdserver, start_fdapp, when):
+    # Tornado answers "Connection: Keep-Alive" to an HTTP/1.0 client that asks,
+    # even when it is about to close: that client's next request would fail.
+    server = start_fdserver()
+    worker = start_fdapp(server, "--keepalive-grace", "30")
+    host, port = server.address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=20)
+
+    def send(path: str) -> None:
+        sock.sendall(f"GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
+
+    send("/")
+    assert raw_response(sock).getheader("Connection") == "Keep-Alive"   # before the drain
+    if when == "in flight":
+        send("/slow?seconds=1")
+        wait_until(lambda: server_read_all(sock), what="the request read by the worker")
+    worker.signal(signal.SIGTERM)
+    server.wait_state(worker.pid, "draining")
+    if when == "arriving":
+        send("/")
+    response = raw_response(sock)
+    assert response.status == 200 and response.getheader("Connection") is None
     assert sock.recv(1) == b"", "server should close after the response"
     sock.close()
     assert worker.wait() == 0

@@ -81,7 +81,11 @@ class _Retry(Exception):
 
 
 def _handshake(path: str, role: str, extra: dict[str, Any]) -> tuple[Channel, dict[str, Any]]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:          # e.g. out of descriptors (EMFILE)
+        raise ConnectError(f"cannot create a socket to reach fdserver at {path}: "
+                           f"{exc.strerror}") from None
     try:
         sock.connect(path)
     except FileNotFoundError:

@@ -224,13 +224,17 @@ class Worker:
         loop = asyncio.get_running_loop()
         path = self.registration.path
         delay = 0.05
+        said = None
         while not self._drain_task:
             try:
                 # The handshake blocks briefly; keep it off the event loop.
                 channel, welcome = await loop.run_in_executor(
                     None, resume, path, "ready", self.registration.listeners, FEATURES)
-            except FdserverError as exc:
-                log.debug("reconnecting to %s: %s", path, exc)
+            except (FdserverError, OSError) as exc:
+                # Each new reason once (a restart fails a few times by design);
+                # the loop goes on whatever it is.
+                (log.warning if str(exc) != said else log.debug)("reconnecting: %s", exc)
+                said = str(exc)
             else:
                 if self._drain_task:
                     channel.close()        # leaving now: do not come back as ready

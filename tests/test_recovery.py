@@ -199,3 +199,23 @@ try:
 except RefusedError as exc:
     print(exc, flush=True)
 """
+
+
+def test_worker_out_of_descriptors_keeps_trying_to_reconnect(start_fdserver, start_fdapp):
+    import resource
+
+    port = free_port()
+    first = start_fdserver(binds=(f"127.0.0.1:{port}",))
+    worker = start_fdapp(first)
+    soft, hard = resource.prlimit(worker.pid, resource.RLIMIT_NOFILE)
+    # Below what it has open: every new descriptor fails with EMFILE.
+    resource.prlimit(worker.pid, resource.RLIMIT_NOFILE, (3, hard))
+    first.signal(signal.SIGKILL)
+    first.wait()
+    worker.wait_for_line(r"WARNING reconnecting: cannot create a socket to reach fdserver "
+                         r".*: Too many open files")
+    resource.prlimit(worker.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    second = start_fdserver(binds=(f"127.0.0.1:{port}",))
+    worker.wait_for_line(r"re-registered with fdserver")
+    wait_until(lambda: pids(second) == [worker.pid], what="the worker listed again")
+    answered_by(second.address, worker.pid)

@@ -12,7 +12,6 @@ DEFAULT_NAME = "http"
 DEFAULT_BACKLOG = 1024
 
 
-
 @dataclass(frozen=True)
 class BindSpec:
     name: str

@@ -95,7 +95,6 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 
-
 def encode(message: dict[str, Any], limit: int = MAX_PAYLOAD) -> bytes:
     """Return one frame holding *message* (a dict with a ``"type"``).
 

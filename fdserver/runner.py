@@ -102,6 +102,7 @@ class Worker:
         self.channel: LoopChannel | None = None
         self._exit: asyncio.Future[int] | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        self._resuming = False            # a re-registration's handshake is under way
         self._reconnect_task: asyncio.Task[None] | None = None
 
     def run(self) -> int:
@@ -169,6 +170,11 @@ class Worker:
         deadline = loop.time() + self.graceful_timeout
         self._report("draining")
         self.acceptor.close()
+        if self._resuming:
+            # The new fdserver counts this worker ready as the handshake ends
+            # and may send it connections: let it end; _reconnect then says
+            # "draining" on the new channel, and what was sent is served.
+            await asyncio.wait([self._reconnect_task], timeout=self.graceful_timeout)
         if self.registration.mode == "dispatch" and not self.channel.closed:
             # Connections fdserver sent before it saw "draining" are still on
             # their way: serve them too, then fdserver says "released".
@@ -226,6 +232,7 @@ class Worker:
         delay = 0.05
         said = None
         while not self._drain_task:
+            self._resuming = True
             try:
                 # The handshake blocks briefly; keep it off the event loop.
                 channel, welcome = await loop.run_in_executor(
@@ -236,16 +243,23 @@ class Worker:
                 (log.warning if str(exc) != said else log.debug)("reconnecting: %s", exc)
                 said = str(exc)
             else:
-                if self._drain_task:
-                    channel.close()        # leaving now: do not come back as ready
-                    return
                 if self._released.done():
                     self._released = loop.create_future()
-                self._adopt_mode("dispatch" if welcome.get("mode") == "dispatch" else "shared")
-                self.acceptor.restart_counts()   # the new fdserver counts from zero
+                mode = "dispatch" if welcome.get("mode") == "dispatch" else "shared"
+                if self._drain_task:
+                    self.registration.mode = mode      # accept nothing more ourselves
+                else:
+                    self._adopt_mode(mode)
+                    self.acceptor.restart_counts()     # the new fdserver counts from zero
                 self.channel = LoopChannel(channel, loop, self._on_message, self._on_server_gone)
                 log.info("re-registered with fdserver at %s (%s mode)", path,
                          self.registration.mode)
+                if self._drain_task:
+                    # Draining since the handshake began: the new fdserver has
+                    # us as ready until it hears otherwise.
+                    self._send({"type": "state", "state": "draining"})
                 return
+            finally:
+                self._resuming = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_DELAY)

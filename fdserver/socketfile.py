@@ -22,7 +22,6 @@ from .transport import peer_credentials
 MAX_PATH_BYTES = 107
 
 
-
 class SocketFile:
     """A listening AF_UNIX socket at *path*, created by this process."""
 

@@ -40,7 +40,6 @@ _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 Recvmsg = Callable[[int, int, int], tuple[bytes, list, int, Any]]
 
 
-
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end, from the kernel."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

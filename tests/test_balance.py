@@ -130,7 +130,6 @@ def get_status(address: str) -> tuple[int, str]:
         conn.close()
 
 
-
 def test_plain_add_sockets_worker_gets_no_dispatched_connections(start_fdserver, start_fdapp):
     """A worker that did not opt in to dispatch is never sent connections."""
     import fdserver

@@ -219,3 +219,50 @@ def test_worker_out_of_descriptors_keeps_trying_to_reconnect(start_fdserver, sta
     worker.wait_for_line(r"re-registered with fdserver")
     wait_until(lambda: pids(second) == [worker.pid], what="the worker listed again")
     answered_by(second.address, worker.pid)
+
+
+def test_sigterm_during_re_registration_serves_what_the_new_fdserver_sent(
+        start_fdserver, start_fdapp):
+    """SIGTERM while a dispatch worker re-registers: the new fdserver counts it
+    ready as the handshake ends and may already send it connections.  This
+    test plays that fdserver, to hold the handshake open at will."""
+    from fdserver.transport import Channel
+
+    server = start_fdserver("--dispatch")
+    worker = start_fdapp(server)
+    server.signal(signal.SIGKILL)
+    server.wait()
+    worker.wait_for_line(r"lost fdserver")
+    os.unlink(server.socket)                        # the dead fdserver's file
+    played = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    web = socket.create_server(("127.0.0.1", 0))
+    client = conn = None
+    try:
+        played.bind(server.socket)
+        played.listen()
+        played.settimeout(10)
+        sock, _ = played.accept()
+        sock.settimeout(10)
+        channel = Channel(sock, server_side=True)
+        hello, _ = channel.receive()
+        assert hello["type"] == "hello" and hello["resume"] == {"state": "ready"}
+        worker.signal(signal.SIGTERM)               # in the middle of the handshake
+        worker.wait_for_line(r"SIGTERM: draining")
+        channel.send({"type": "welcome", "version": 1, "server_pid": os.getpid(),
+                      "listeners": 1, "handback": False, "mode": "dispatch"})
+        client = socket.create_connection(web.getsockname(), timeout=10)
+        conn, peer = web.accept()
+        channel.send({"type": "connections", "listener": "http", "family": "AF_INET",
+                      "peers": [list(peer)], "fds": 1}, [conn.fileno()])
+        conn.close()
+        while (message := channel.receive()[0])["type"] != "state":
+            pass                                    # load reports
+        assert message["state"] == "draining"
+        channel.send({"type": "released"})
+        client.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert client.recv(4096).endswith(f"Hello from {worker.pid}\n".encode())
+        assert worker.wait() == 0
+    finally:
+        for s in (played, web, client):
+            if s is not None:
+                s.close()

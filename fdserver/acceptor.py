@@ -216,21 +216,13 @@ class Acceptor:
         self.server.handle_stream(stream, address)
 
     def changed(self) -> None:
-        """Open connections changed: report soon (coalesced), or at once when
-        the last one closed.  Going idle is news: counts that still show a
-        wave of connections that has ended would make every share too
-        generous for the burst that may come next."""
-        if self._reported > 0 and self.server.connection_count == 0:
-            self._report_changes()
-        elif not self._report_pending:
+        """Open connections changed: report soon (coalesced)."""
+        if not self._report_pending:
             self._report_pending = True
             self._loop.call_later(REPORT_INTERVAL, self._send_report)
 
     def _send_report(self) -> None:
         self._report_pending = False
-        self._report_changes()
-
-    def _report_changes(self) -> None:
         own = self.server.connection_count
         if (own, self._received) != (self._reported, self._reported_received):
             self._reported, self._reported_received = own, self._received

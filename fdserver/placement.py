@@ -56,12 +56,8 @@ class SharePublisher:
         self._last: tuple[int, int] | None = None
 
     def changed(self) -> None:
-        """The load changed: publish soon, coalesced; at once when every ready
-        worker has gone idle (a burst may come next: see Acceptor.changed)."""
-        if self._last and self._last[0] and not any(
-                p.connections for p in self._workers() if p.state == "ready"):
-            self._publish()
-        elif not self._scheduled:
+        """The load changed: publish soon, coalesced."""
+        if not self._scheduled:
             self._scheduled = True
             self._loop.call_later(SHARE_DELAY, self._coalesced)
 

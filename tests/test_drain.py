@@ -42,6 +42,15 @@ def raw_response(sock: socket.socket) -> http.client.HTTPResponse:
     return response
 
 
+def patient_worker(start_fdserver, start_fdapp) -> tuple:
+    """fdserver, a worker that keeps idle connections through a drain for 30 s,
+    and a raw connection to it."""
+    server = start_fdserver()
+    worker = start_fdapp(server, "--keepalive-grace", "30")
+    host, port = server.address.rsplit(":", 1)
+    return server, worker, socket.create_connection((host, int(port)), timeout=20)
+
+
 def server_read_all(sock: socket.socket) -> bool:
     """The server's end of this IPv4 connection has nothing left to read
     (its receive queue in /proc/net/tcp is empty)."""
@@ -97,10 +106,7 @@ def test_in_flight_request_finishes_and_worker_exits_zero(start_fdserver, start_
 
 def test_request_on_kept_alive_connection_during_drain_gets_connection_close(
         start_fdserver, start_fdapp):
-    server = start_fdserver()
-    worker = start_fdapp(server, "--keepalive-grace", "30")
-    host, port = server.address.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=20)
+    server, worker, sock = patient_worker(start_fdserver, start_fdapp)
     assert raw_get(sock).getheader("Connection") is None   # kept alive
     worker.signal(signal.SIGTERM)
     server.wait_state(worker.pid, "draining")
@@ -116,10 +122,7 @@ def test_response_under_way_when_the_drain_starts_keeps_its_keep_alive_promise(
         start_fdserver, start_fdapp):
     # Its headers went out without "Connection: close": the client may send
     # its next request on the connection, and that one must be answered.
-    server = start_fdserver()
-    worker = start_fdapp(server, "--keepalive-grace", "30")
-    host, port = server.address.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=20)
+    server, worker, sock = patient_worker(start_fdserver, start_fdapp)
     sock.sendall(b"GET /slow?seconds=1&stream=1 HTTP/1.1\r\nHost: test\r\n\r\n")
     response = http.client.HTTPResponse(sock)
     response.begin()                                        # headers are out
@@ -139,10 +142,7 @@ def test_http10_keep_alive_client_is_not_promised_keep_alive_during_drain(
         start_fdserver, start_fdapp, when):
     # Tornado answers "Connection: Keep-Alive" to an HTTP/1.0 client that asks,
     # even when it is about to close: that client's next request would fail.
-    server = start_fdserver()
-    worker = start_fdapp(server, "--keepalive-grace", "30")
-    host, port = server.address.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=20)
+    server, worker, sock = patient_worker(start_fdserver, start_fdapp)
 
     def send(path: str) -> None:
         sock.sendall(f"GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())

@@ -136,8 +136,7 @@ class Dispatcher:
                 return
             _, name, conn, address = self._waiting.popleft()
             self._assign(worker, busy)
-            family = conn.family
-            self._send(worker, name, family, [(conn.detach(), address)])
+            self._send(worker, name, conn.family, [(conn.detach(), address)])
         if not self._backing_off:
             self.start()
 

@@ -174,7 +174,7 @@ class Worker:
             # The new fdserver counts this worker ready as the handshake ends
             # and may send it connections: let it end; _reconnect then says
             # "draining" on the new channel, and what was sent is served.
-            await asyncio.wait([self._reconnect_task], timeout=self.graceful_timeout)
+            await asyncio.wait([self._reconnect_task], timeout=max(0.0, deadline - loop.time()))
         if self.registration.mode == "dispatch" and not self.channel.closed:
             # Connections fdserver sent before it saw "draining" are still on
             # their way: serve them too, then fdserver says "released".

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import socket
 
 import tornado.web
 
-from fdserver.acceptor import Acceptor
+from fdserver.acceptor import IDLE_READ_LIMIT, Acceptor
 from fdserver.drain import DrainingHTTPServer
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -16,6 +18,51 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 class Hello(tornado.web.RequestHandler):
     def get(self) -> None:
         self.write("Hello\n")
+
+
+class Held(tornado.web.RequestHandler):
+    """Answers once the test lets it: the worker is busy, not reading, meanwhile."""
+
+    async def get(self) -> None:
+        self.settings["entered"].set()
+        await self.settings["release"].wait()
+        self.write("Held\n")
+
+    def on_connection_close(self) -> None:
+        self.settings["client_left"].set()
+
+
+def held_app() -> tornado.web.Application:
+    return tornado.web.Application([("/", Hello), ("/held", Held)], entered=asyncio.Event(),
+                                   release=asyncio.Event(), client_left=asyncio.Event())
+
+
+def watched_fds() -> set[int]:
+    """The descriptors this process's epoll instances watch, as the kernel lists them."""
+    watched = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                watched.update(int(tfd) for tfd in re.findall(r"^tfd:\s*(\d+)", info.read(), re.M))
+        except OSError:
+            continue        # closed meanwhile
+    return watched
+
+
+async def held_connection(app: tornado.web.Application):
+    """A server, and a client whose request to /held is being handled."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    server = DrainingHTTPServer(app)
+    acceptor = Acceptor(server, lambda message: None)
+    acceptor.start([listener])
+    reader, writer = await asyncio.open_connection(*listener.getsockname())
+    writer.write(b"GET /held HTTP/1.1\r\nHost: test\r\n\r\n")
+    await asyncio.wait_for(app.settings["entered"].wait(), 10)
+    (conn, _), = server._requests.items()
+    return acceptor, reader, writer, conn.stream
 
 
 async def read_response(reader: asyncio.StreamReader) -> bytes:
@@ -63,3 +110,65 @@ def test_connections_keep_nagle_off_between_requests():
         return seen
 
     assert asyncio.run(main()) == [1, 1, 1]
+
+
+def test_a_request_arriving_while_the_worker_is_busy_keeps_its_socket_watched():
+    # Tornado reads such a request into its buffer, stops watching the socket,
+    # and watches it again once it serves the request: two epoll_ctl calls
+    # per keep-alive request, which fdapp saves.
+    async def main() -> None:
+        app = held_app()
+        acceptor, reader, writer, stream = await held_connection(app)
+        try:
+            writer.write(REQUEST)
+            await wait_for(lambda: stream._read_buffer_size == len(REQUEST),
+                           "the next request read into the buffer")
+            assert stream.fileno().fileno() in watched_fds()
+            app.settings["release"].set()
+            assert await read_response(reader) == b"Held\n"
+            assert await read_response(reader) == b"Hello\n"
+        finally:
+            writer.close()
+            acceptor.close()
+
+    asyncio.run(main())
+
+
+def test_a_client_pipelining_while_the_worker_is_busy_is_read_no_further():
+    # What Tornado's rule is for: a client may not make the worker buffer
+    # without limit.  Past IDLE_READ_LIMIT the socket is no longer watched.
+    async def main() -> None:
+        app = held_app()
+        acceptor, reader, writer, stream = await held_connection(app)
+        padded = b"GET / HTTP/1.1\r\nHost: test\r\nX-Pad: " + b"x" * 1000 + b"\r\n\r\n"
+        count = 4 * IDLE_READ_LIMIT // len(padded)
+        try:
+            writer.write(padded * count)
+            fd = stream.fileno().fileno()
+            await wait_for(lambda: stream._read_buffer_size >= IDLE_READ_LIMIT
+                           and fd not in watched_fds(), "reading to stop")
+            assert stream._read_buffer_size <= IDLE_READ_LIMIT + 2 * stream.read_chunk_size
+            app.settings["release"].set()
+            assert await read_response(reader) == b"Held\n"
+            for _ in range(count):
+                assert await read_response(reader) == b"Hello\n"
+        finally:
+            writer.close()
+            acceptor.close()
+
+    asyncio.run(main())
+
+
+def test_a_client_leaving_while_the_worker_is_busy_is_noticed():
+    async def main() -> None:
+        app = held_app()
+        acceptor, reader, writer, stream = await held_connection(app)
+        try:
+            writer.close()
+            await asyncio.wait_for(app.settings["client_left"].wait(), 10)
+            assert stream.closed()
+        finally:
+            app.settings["release"].set()
+            acceptor.close()
+
+    asyncio.run(main())

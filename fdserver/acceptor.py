@@ -48,11 +48,13 @@ REPORT_INTERVAL = 0.02      # at most 50 load reports a second
 # Bytes a keep-alive connection may buffer while its worker is between
 # requests before reading stops (one 64 KiB chunk: a request head's limit).
 IDLE_READ_LIMIT = 65536
+# How long a response may take before its client's leaving is watched for.
+CLOSE_WATCH_DELAY = 0.001
 SLACK = 1                   # connections over the share before yielding
 
 
 class _Stream(IOStream):
-    """Tornado's IOStream, without two kinds of per-request system calls.
+    """Tornado's IOStream, without system calls most requests do not need.
 
     Nagle: Tornado turns TCP_NODELAY on at the end of each response and off
     again once it is written: two setsockopt calls per request.  fdapp turns
@@ -67,7 +69,16 @@ class _Stream(IOStream):
     moment later: two epoll_ctl calls and a wasted recv per request.  Here
     such a read takes one chunk and keeps watching, up to IDLE_READ_LIMIT
     buffered; past that, Tornado's own rule applies.
+
+    Watching for the client leaving: while a handler runs, Tornado watches
+    the socket so that a client that leaves is noticed.  For a connection
+    whose request came with it, that means an epoll_ctl to start and one to
+    stop, though a quick response (and with "Connection: close", the end of
+    the connection) mostly comes first.  Here the watch starts only once the
+    response has taken CLOSE_WATCH_DELAY.
     """
+
+    _close_watch: asyncio.TimerHandle | None = None
 
     def set_nodelay(self, value: bool) -> None:
         pass
@@ -82,6 +93,18 @@ class _Stream(IOStream):
                 self.close(exc_info=exc)
             return
         super()._handle_events(fd, events)
+
+    def _maybe_add_error_listener(self) -> None:
+        if self._state is None and not self.closed():      # not watched yet
+            if self._close_watch is None:
+                self._close_watch = asyncio.get_running_loop().call_later(
+                    CLOSE_WATCH_DELAY, self._watch_for_close)
+            return
+        super()._maybe_add_error_listener()
+
+    def _watch_for_close(self) -> None:
+        self._close_watch = None
+        super()._maybe_add_error_listener()     # checks again: closed, reading...
 
 
 class _Connection(socket.socket):

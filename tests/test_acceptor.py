@@ -24,6 +24,8 @@ class Held(tornado.web.RequestHandler):
     """Answers once the test lets it: the worker is busy, not reading, meanwhile."""
 
     async def get(self) -> None:
+        # Run as the handler starts, right after the request was read.
+        self.settings["watched_at_start"] = self.request.connection.stream.socket.fileno() in watched_fds()
         self.settings["entered"].set()
         await self.settings["release"].wait()
         self.write("Held\n")
@@ -52,14 +54,19 @@ def watched_fds() -> set[int]:
 
 
 async def held_connection(app: tornado.web.Application):
-    """A server, and a client whose request to /held is being handled."""
+    """A server, and a client whose request to /held is being handled.
+
+    The request is sent before the server accepts, so it is read at once
+    (as from most clients that connect for one request).
+    """
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
+    reader, writer = await asyncio.open_connection(*listener.getsockname())
+    writer.write(b"GET /held HTTP/1.1\r\nHost: test\r\n\r\n")
+    await writer.drain()
     server = DrainingHTTPServer(app)
     acceptor = Acceptor(server, lambda message: None)
     acceptor.start([listener])
-    reader, writer = await asyncio.open_connection(*listener.getsockname())
-    writer.write(b"GET /held HTTP/1.1\r\nHost: test\r\n\r\n")
     await asyncio.wait_for(app.settings["entered"].wait(), 10)
     (conn, _), = server._requests.items()
     return acceptor, reader, writer, conn.stream
@@ -123,7 +130,7 @@ def test_a_request_arriving_while_the_worker_is_busy_keeps_its_socket_watched():
             writer.write(REQUEST)
             await wait_for(lambda: stream._read_buffer_size == len(REQUEST),
                            "the next request read into the buffer")
-            assert stream.fileno().fileno() in watched_fds()
+            assert stream.socket.fileno() in watched_fds()
             app.settings["release"].set()
             assert await read_response(reader) == b"Held\n"
             assert await read_response(reader) == b"Hello\n"
@@ -144,7 +151,7 @@ def test_a_client_pipelining_while_the_worker_is_busy_is_read_no_further():
         count = 4 * IDLE_READ_LIMIT // len(padded)
         try:
             writer.write(padded * count)
-            fd = stream.fileno().fileno()
+            fd = stream.socket.fileno()
             await wait_for(lambda: stream._read_buffer_size >= IDLE_READ_LIMIT
                            and fd not in watched_fds(), "reading to stop")
             assert stream._read_buffer_size <= IDLE_READ_LIMIT + 2 * stream.read_chunk_size
@@ -160,10 +167,16 @@ def test_a_client_pipelining_while_the_worker_is_busy_is_read_no_further():
 
 
 def test_a_client_leaving_while_the_worker_is_busy_is_noticed():
+    # Tornado watches the socket for it from the moment the request is read:
+    # an epoll_ctl to start and one to stop, for nothing when the response
+    # is quick.  fdapp starts once the response has taken CLOSE_WATCH_DELAY.
     async def main() -> None:
         app = held_app()
         acceptor, reader, writer, stream = await held_connection(app)
         try:
+            assert app.settings["watched_at_start"] is False
+            fd = stream.socket.fileno()
+            await wait_for(lambda: fd in watched_fds(), "the socket watched")
             writer.close()
             await asyncio.wait_for(app.settings["client_left"].wait(), 10)
             assert stream.closed()

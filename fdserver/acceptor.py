@@ -14,6 +14,14 @@ matters for a burst of keep-alive connections on few cores).  After holding
 back one connection is always taken, so a worker never starves its clients
 when the others are stuck.
 
+The share is up to ~30 ms old: right after a wave of short connections it
+still counts them, and is too generous for a burst that follows.  So while
+more workers are ready than there are CPUs (they cannot all run at once to
+take their part), a worker also looks at the burst itself: with more
+connections waiting in the kernel's queue than there are workers, one that
+holds its part of them (its own plus those waiting, over the workers) steps
+aside.  With no more workers than CPUs that would only leave a core idle.
+
 Dispatch mode.  fdserver accepts and sends each connection over the
 registration channel; the worker wraps it in an IOStream and hands it to
 Tornado's ``HTTPServer.handle_stream``.
@@ -28,7 +36,9 @@ import asyncio
 import errno
 import logging
 import math
+import os
 import socket
+import struct
 from typing import Any, Callable
 
 from tornado.ioloop import IOLoop
@@ -51,6 +61,8 @@ IDLE_READ_LIMIT = 65536
 # How long a response may take before its client's leaving is watched for.
 CLOSE_WATCH_DELAY = 0.001
 SLACK = 1                   # connections over the share before yielding
+CPUS = len(os.sched_getaffinity(0))
+TCPI_UNACKED = 24           # struct tcp_info: a listener's accept queue length
 
 
 class _Stream(IOStream):
@@ -175,40 +187,47 @@ class Acceptor:
 
     def _watch(self) -> None:
         for sock in self._sockets:
-            self._loop.add_reader(sock.fileno(), self._accept, sock._accept, sock.family)
+            self._loop.add_reader(sock.fileno(), self._accept, sock, sock._accept, sock.family)
 
     def _unwatch(self) -> None:
         for sock in self._sockets:
             if sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
 
-    def excess(self) -> int:
+    def excess(self, waiting: int = 0) -> int:
         """How far over its share of the open connections this process is.
 
         0: within its share, accept.  1: over it, let the others go first
-        (yield to the loop).  2: at least twice its share, step aside for a
-        moment so that the others get the CPU to accept.
+        (yield to the loop).  2: at least twice its share, or its part of a
+        burst of *waiting* connections, step aside for a moment so that the
+        others get the CPU to accept.
         """
         if not self.balance or self._share is None:
             return 0
         total, workers = self._share
         own = self.server.connection_count
+        if waiting >= workers and own >= math.ceil((own + waiting) / workers) + SLACK:
+            return 2
         # The others' part of the total, as fdserver last saw it, plus ours now.
         share = math.ceil((max(0, total - self._reported) + own) / workers)
         if own >= 2 * share + SLACK:
             return 2
         return 1 if own >= share + SLACK else 0
 
-    def _accept(self, accept: Callable[[], tuple[int, Any]],
+    def _bursts_matter(self) -> bool:
+        return self.balance and self._share is not None and self._share[1] > CPUS
+
+    def _accept(self, sock: socket.socket, accept: Callable[[], tuple[int, Any]],
                 family: socket.AddressFamily) -> None:
         # *accept* is the socket's raw accept (what socket.accept() calls):
         # wrapping the descriptor here with the family known saves the enum
         # conversions socket.accept() does for every connection.
+        waiting = _accept_queue_length(sock) if self._bursts_matter() else 0
         for _ in range(ACCEPT_BATCH):
             if self._valve:
                 self._valve = False
             else:
-                excess = self.excess()
+                excess = self.excess(waiting)
                 if excess == 2:
                     self._pause(PAUSE)
                     return
@@ -229,6 +248,7 @@ class Acceptor:
                     self._pause(0.1)
                     return
                 raise
+            waiting = max(0, waiting - 1)
             self._serve(_Connection(family, fileno=fd), address)
 
     def _pause(self, seconds: float) -> None:
@@ -278,3 +298,12 @@ class Acceptor:
         if (own, self._received) != (self._reported, self._reported_received):
             self._reported, self._reported_received = own, self._received
             self._report({"type": "load", "connections": own, "received": self._received})
+
+
+def _accept_queue_length(sock: socket.socket) -> int:
+    """Connections waiting to be accepted on a listener (Linux's TCP_INFO)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_UNACKED + 4)
+    except OSError:
+        return 0
+    return struct.unpack_from("I", info, TCPI_UNACKED)[0]

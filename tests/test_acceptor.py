@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import socket
 
+import pytest
 import tornado.web
 
-from fdserver.acceptor import IDLE_READ_LIMIT, Acceptor
+from fdserver.acceptor import ACCEPT_BATCH, CPUS, IDLE_READ_LIMIT, SLACK, Acceptor
 from fdserver.drain import DrainingHTTPServer
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -185,3 +187,40 @@ def test_a_client_leaving_while_the_worker_is_busy_is_noticed():
             acceptor.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("workers", [CPUS + 6, CPUS])
+def test_a_burst_right_after_a_wave_is_taken_in_parts(workers):
+    # The share still counts a wave of connections that just ended, so it
+    # would let this worker take a whole batch of the burst.  With more
+    # workers than CPUs, the others may not run in time to take theirs: the
+    # worker takes its part of what waits and steps aside.  With no more
+    # workers than CPUs they all run at once, and it takes the batch.
+    burst = 3 * workers + ACCEPT_BATCH
+    listener = socket.create_server(("127.0.0.1", 0), backlog=burst + 8)
+    listener.setblocking(False)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(burst)]
+    loop = asyncio.new_event_loop()
+
+    async def make() -> tuple[DrainingHTTPServer, Acceptor]:
+        server = DrainingHTTPServer(tornado.web.Application([("/", Hello)]))
+        acceptor = Acceptor(server, lambda message: None)
+        acceptor.on_share(10 * workers, workers)        # 10 each, a moment ago
+        return server, acceptor
+
+    try:
+        server, acceptor = loop.run_until_complete(make())
+        acceptor.start([listener])
+        loop.call_soon(loop.stop)
+        loop.run_forever()          # one pass of the loop: no pause can end meanwhile
+        if workers > CPUS:
+            assert server.connection_count == math.ceil(burst / workers) + SLACK
+            assert listener.fileno() not in watched_fds()
+        else:
+            assert server.connection_count == ACCEPT_BATCH
+            assert listener.fileno() in watched_fds()
+    finally:
+        acceptor.close()
+        for client in clients:
+            client.close()
+        loop.close()

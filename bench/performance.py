@@ -30,7 +30,10 @@ and of the patterns rotates from round to round.
    requests per worker (1 = even, 1/n = one worker took all) and max/min, for
    the naive shared socket (``fdapp --no-balance``: tornado's own accept loop),
    the balanced shared mode and dispatch mode.  Targets: shared >= 0.95,
-   dispatch >= 0.99.
+   dispatch >= 0.99.  A third pattern, ``after wave``: the same keep-alive
+   load started the moment a 1 s wave of ``new conn`` load ends, when the
+   shares fdserver last sent still count that wave (the other loads start
+   once fdserver counts no open connection).
 4. Worker start-up: from spawning ``fdapp`` to its first served request (a
    request already waiting in the listen queue when it starts) and to
    ``ready`` in fdserver's status; and the handout latency, the time
@@ -52,6 +55,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -68,9 +72,14 @@ import fdserver  # noqa: E402
 from fdserver.ctl import Control  # noqa: E402
 
 # name -> (a new connection per request, wrk threads)
-LOADS = {"keep-alive": (False, 2), "new conn": (True, 2), "keep-alive -t 1": (False, 1)}
+LOADS = {"keep-alive": (False, 2), "new conn": (True, 2), "keep-alive -t 1": (False, 1),
+         "after wave": (False, 2)}
 PATTERNS = ["keep-alive", "new conn"]                    # every section
 THROUGHPUT_PATTERNS = PATTERNS + ["keep-alive -t 1"]     # section 1 (and 2) also
+FAIR_PATTERNS = PATTERNS + ["after wave"]                # section 3 also
+# "after wave": keep-alive clients connect the moment a wave of short
+# connections ends, while the shares still count the wave.
+WAVE_SECONDS = 1.0
 THROUGHPUT_WORKERS = 2
 FAIR_WORKERS = 8
 TARGETS = {"shared": 1.0, "dispatch": 0.8}               # throughput ratio to fork_processes
@@ -118,7 +127,11 @@ class Plan:
 def load(stack, pattern: str, *, connections: int, duration: float,
          server_pid: int | None) -> dict:
     """wrk against *stack*, with the CPU time its processes spent meanwhile."""
-    wait_idle(stack)
+    if pattern == "after wave":
+        run_wrk(stack.address, connections=connections, threads=2, duration=WAVE_SECONDS,
+                new_connection=True)
+    else:
+        wait_idle(stack)
     pids = list(stack.worker_pids) + ([server_pid] if server_pid else [])
     # Midway, the open connections of each worker as fdserver sees them.
     sampled: dict[int, int] = {}
@@ -304,7 +317,7 @@ def run_round(r: int, plan: Plan, args: argparse.Namespace,
         for name in rotate(list(makers), r):
             guarded("fairness", name, makers[name],
                     loads("fairness", name, args.fair_connections, args.fair_duration,
-                          rotate(PATTERNS, r)))
+                          rotate(FAIR_PATTERNS, r)))
     if "startup" in args.sections:
         for name in rotate(["shared", "dispatch"], r):
             guarded("startup", name, plan.fd(name, 0), starts(name))
@@ -422,7 +435,7 @@ def fairness_table(runs: list[dict], plan: Plan) -> str:
     labels = {"naive": "naive shared (" + ("--no-balance)" if plan.modes["balance"]
                                            else "fdapp as it is)"),
               "balanced": "balanced shared", "dispatch": "dispatch"}
-    for pattern in PATTERNS:
+    for pattern in FAIR_PATTERNS:
         for name, label in labels.items():
             mine = select(runs, "fairness", name, pattern)
             jains = [jain(x["per_worker"]) for x in mine]
@@ -480,10 +493,10 @@ def plot(runs: list[dict], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "plot skipped: matplotlib is not installed (pip install matplotlib)"
-    fig, axes = plt.subplots(1, len(PATTERNS), figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(FAIR_PATTERNS), figsize=(15, 4), sharey=True)
     labels = {"naive": "naive shared", "balanced": "balanced shared", "dispatch": "dispatch"}
     width = 0.8 / len(labels)
-    for ax, pattern in zip(axes, PATTERNS):
+    for ax, pattern in zip(axes, FAIR_PATTERNS):
         for i, (name, label) in enumerate(labels.items()):
             mine = select(runs, "fairness", name, pattern)
             if not mine:
@@ -507,6 +520,8 @@ def plot(runs: list[dict], path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM unwinds as Ctrl-C does, so every stack started is closed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--duration", type=float, default=3.0, help="seconds per throughput run")

@@ -227,6 +227,8 @@ def table(runs: list[dict], names: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM unwinds as Ctrl-C does, so every stack started is closed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--clients", type=int, default=8)

@@ -46,7 +46,7 @@ interval (distribution-free, from the order of the rounds: with 9 rounds the
 
 A mode that the installed fdserver lacks (``--dispatch`` in ``fdserver
 --help``, ``--no-balance`` in ``fdapp --help``) shows n/a.  The default 5
-rounds take about 3.5 minutes.
+rounds take about 4.5 minutes.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ are pip-installed into this interpreter's environment first unless
 --no-install; without them the rolling-restart bench leaves gunicorn out and
 the plot is skipped.  Tables go to stdout, progress to stderr.  A bench that
 fails does not stop the next; the exit status is then 1.  The default rounds
-take about 5 minutes on 2 cores.
+take about 6 minutes on 2 cores.
 """
 
 from __future__ import annotations

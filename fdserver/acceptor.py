@@ -19,8 +19,9 @@ still counts them, and is too generous for a burst that follows.  So while
 more workers are ready than there are CPUs (they cannot all run at once to
 take their part), a worker also looks at the burst itself: with more
 connections waiting in the kernel's queue than there are workers, one that
-holds its part of them (its own plus those waiting, over the workers) steps
-aside.  With no more workers than CPUs that would only leave a core idle.
+took its part of them since the last share (what it took plus those
+waiting, over the workers) steps aside.  With no more workers than CPUs that
+would only leave a core idle.
 
 Dispatch mode.  fdserver accepts and sends each connection over the
 registration channel; the worker wraps it in an IOStream and hands it to
@@ -55,9 +56,6 @@ ACCEPT_BATCH = 8            # Tornado takes up to 128 per wakeup
 # the others accept a keep-alive burst.
 PAUSE = 0.001
 REPORT_INTERVAL = 0.02      # at most 50 load reports a second
-# Bytes a keep-alive connection may buffer while its worker is between
-# requests before reading stops (one 64 KiB chunk: a request head's limit).
-IDLE_READ_LIMIT = 65536
 # How long a response may take before its client's leaving is watched for.
 CLOSE_WATCH_DELAY = 0.001
 SLACK = 1                   # connections over the share before yielding
@@ -79,8 +77,10 @@ class _Stream(IOStream):
     then reads it into its buffer and stops watching the socket (so that a
     client cannot make it buffer without limit), only to watch it again a
     moment later: two epoll_ctl calls and a wasted recv per request.  Here
-    such a read takes one chunk and keeps watching, up to IDLE_READ_LIMIT
-    buffered; past that, Tornado's own rule applies.
+    such a read, into an empty buffer, takes one chunk and keeps watching.
+    If more comes (or the client's FIN) before Tornado takes what is
+    buffered, watching stops unread, as Tornado's rule has it: what is
+    buffered is served first, and the buffer holds at most one chunk.
 
     Watching for the client leaving: while a handler runs, Tornado watches
     the socket so that a client that leaves is noticed.  For a connection
@@ -96,8 +96,15 @@ class _Stream(IOStream):
         pass
 
     def _handle_events(self, fd: Any, events: int) -> None:
-        if (events & IOLoop.READ and not self.reading() and not self.closed()
-                and self._read_buffer_size < IDLE_READ_LIMIT):
+        if events & IOLoop.READ and not self.reading() and not self.closed():
+            if self._read_buffer_size:
+                # Reading on could meet a FIN and close before the buffered
+                # request is served.
+                state = IOLoop.ERROR | (IOLoop.WRITE if self.writing() else 0)
+                if state != self._state:
+                    self._state = state
+                    self.io_loop.update_handler(fd, state)
+                return
             try:
                 self._read_to_buffer()      # closes the stream on EOF or reset
             except Exception as exc:        # as Tornado's _handle_read does
@@ -151,6 +158,7 @@ class Acceptor:
         self._paused = False
         self._valve = False               # one accept allowed right after a pause
         self._share: tuple[int, int] | None = None
+        self._taken = 0                   # connections accepted since the last share
         self._reported = 0                # open connections in our last report
         self._received = 0                # dispatched connections received so far
         self._reported_received = 0       # ... as of our last report
@@ -184,6 +192,7 @@ class Acceptor:
 
     def on_share(self, connections: int, workers: int) -> None:
         self._share = (connections, max(workers, 1))
+        self._taken = 0
 
     def _watch(self) -> None:
         for sock in self._sockets:
@@ -206,7 +215,10 @@ class Acceptor:
             return 0
         total, workers = self._share
         own = self.server.connection_count
-        if waiting >= workers and own >= math.ceil((own + waiting) / workers) + SLACK:
+        # Of a burst, what it took since the last share (not the connections
+        # it held before: those the share counts).
+        taken = self._taken
+        if waiting >= workers and taken >= math.ceil((taken + waiting) / workers) + SLACK:
             return 2
         # The others' part of the total, as fdserver last saw it, plus ours now.
         share = math.ceil((max(0, total - self._reported) + own) / workers)
@@ -249,6 +261,7 @@ class Acceptor:
                     return
                 raise
             waiting = max(0, waiting - 1)
+            self._taken += 1
             self._serve(_Connection(family, fileno=fd), address)
 
     def _pause(self, seconds: float) -> None:

@@ -11,7 +11,7 @@ import socket
 import pytest
 import tornado.web
 
-from fdserver.acceptor import ACCEPT_BATCH, CPUS, IDLE_READ_LIMIT, SLACK, Acceptor
+from fdserver.acceptor import ACCEPT_BATCH, CPUS, SLACK, Acceptor
 from fdserver.drain import DrainingHTTPServer
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -55,7 +55,7 @@ def watched_fds() -> set[int]:
     return watched
 
 
-async def held_connection(app: tornado.web.Application):
+async def held_connection(app: tornado.web.Application, **server_options):
     """A server, and a client whose request to /held is being handled.
 
     The request is sent before the server accepts, so it is read at once
@@ -66,7 +66,7 @@ async def held_connection(app: tornado.web.Application):
     reader, writer = await asyncio.open_connection(*listener.getsockname())
     writer.write(b"GET /held HTTP/1.1\r\nHost: test\r\n\r\n")
     await writer.drain()
-    server = DrainingHTTPServer(app)
+    server = DrainingHTTPServer(app, **server_options)
     acceptor = Acceptor(server, lambda message: None)
     acceptor.start([listener])
     await asyncio.wait_for(app.settings["entered"].wait(), 10)
@@ -145,22 +145,48 @@ def test_a_request_arriving_while_the_worker_is_busy_keeps_its_socket_watched():
 
 def test_a_client_pipelining_while_the_worker_is_busy_is_read_no_further():
     # What Tornado's rule is for: a client may not make the worker buffer
-    # without limit.  Past IDLE_READ_LIMIT the socket is no longer watched.
+    # without limit.  fdapp reads ahead into an empty buffer only, so even
+    # a max_buffer_size of two chunks is never reached.
     async def main() -> None:
         app = held_app()
-        acceptor, reader, writer, stream = await held_connection(app)
+        chunk = 65536
+        acceptor, reader, writer, stream = await held_connection(
+            app, max_buffer_size=2 * chunk, chunk_size=chunk)
         padded = b"GET / HTTP/1.1\r\nHost: test\r\nX-Pad: " + b"x" * 1000 + b"\r\n\r\n"
-        count = 4 * IDLE_READ_LIMIT // len(padded)
+        count = 4 * chunk // len(padded)
         try:
             writer.write(padded * count)
             fd = stream.socket.fileno()
-            await wait_for(lambda: stream._read_buffer_size >= IDLE_READ_LIMIT
-                           and fd not in watched_fds(), "reading to stop")
-            assert stream._read_buffer_size <= IDLE_READ_LIMIT + 2 * stream.read_chunk_size
+            await wait_for(lambda: stream._read_buffer_size and fd not in watched_fds(),
+                           "reading to stop")
+            assert stream._read_buffer_size <= chunk
             app.settings["release"].set()
             assert await read_response(reader) == b"Held\n"
             for _ in range(count):
                 assert await read_response(reader) == b"Hello\n"
+        finally:
+            writer.close()
+            acceptor.close()
+
+    asyncio.run(main())
+
+
+def test_a_client_that_half_closes_after_its_next_request_gets_both_answers():
+    # The FIN arrives after the request was read ahead: reading on would
+    # meet it and close the connection with the request unserved.
+    async def main() -> None:
+        app = held_app()
+        acceptor, reader, writer, stream = await held_connection(app)
+        try:
+            writer.write(REQUEST)
+            await wait_for(lambda: stream._read_buffer_size == len(REQUEST),
+                           "the next request read ahead")
+            writer.write_eof()
+            fd = stream.socket.fileno()
+            await wait_for(lambda: fd not in watched_fds(), "reading to stop")
+            app.settings["release"].set()
+            assert await read_response(reader) == b"Held\n"
+            assert await read_response(reader) == b"Hello\n"
         finally:
             writer.close()
             acceptor.close()
@@ -189,38 +215,51 @@ def test_a_client_leaving_while_the_worker_is_busy_is_noticed():
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("workers", [CPUS + 6, CPUS])
-def test_a_burst_right_after_a_wave_is_taken_in_parts(workers):
-    # The share still counts a wave of connections that just ended, so it
-    # would let this worker take a whole batch of the burst.  With more
-    # workers than CPUs, the others may not run in time to take theirs: the
-    # worker takes its part of what waits and steps aside.  With no more
-    # workers than CPUs they all run at once, and it takes the batch.
+def burst_in_one_pass(workers: int, held: int = 0) -> tuple[int, bool]:
+    """A worker of *workers* holding *held* connections, its share saying 20
+    each (a moment ago), meets a burst queued at once: how many of it the
+    worker takes in one pass of its loop, and whether it still watches the
+    listener.
+    """
     burst = 3 * workers + ACCEPT_BATCH
-    listener = socket.create_server(("127.0.0.1", 0), backlog=burst + 8)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=held + burst + 8)
     listener.setblocking(False)
-    clients = [socket.create_connection(listener.getsockname()) for _ in range(burst)]
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(held)]
     loop = asyncio.new_event_loop()
 
     async def make() -> tuple[DrainingHTTPServer, Acceptor]:
         server = DrainingHTTPServer(tornado.web.Application([("/", Hello)]))
         acceptor = Acceptor(server, lambda message: None)
-        acceptor.on_share(10 * workers, workers)        # 10 each, a moment ago
+        acceptor.start([listener])
+        await wait_for(lambda: server.connection_count == held, "the held connections")
+        acceptor.on_share(20 * workers, workers)
         return server, acceptor
 
     try:
         server, acceptor = loop.run_until_complete(make())
-        acceptor.start([listener])
+        clients += [socket.create_connection(listener.getsockname()) for _ in range(burst)]
         loop.call_soon(loop.stop)
         loop.run_forever()          # one pass of the loop: no pause can end meanwhile
-        if workers > CPUS:
-            assert server.connection_count == math.ceil(burst / workers) + SLACK
-            assert listener.fileno() not in watched_fds()
-        else:
-            assert server.connection_count == ACCEPT_BATCH
-            assert listener.fileno() in watched_fds()
+        return server.connection_count - held, listener.fileno() in watched_fds()
     finally:
         acceptor.close()
         for client in clients:
             client.close()
         loop.close()
+
+
+def test_a_burst_right_after_a_wave_is_taken_in_parts():
+    # The share still counts a wave of connections that just ended, so it
+    # would let this worker take a whole batch of the burst.  With more
+    # workers than CPUs, the others may not run in time to take theirs: the
+    # worker takes its part of what waits and steps aside.
+    workers = CPUS + 6
+    part = math.ceil((3 * workers + ACCEPT_BATCH) / workers) + SLACK
+    assert burst_in_one_pass(workers) == (part, False)
+    # Its part is of the burst: connections it held before, the share counts.
+    assert burst_in_one_pass(workers, held=10) == (part, False)
+
+
+def test_with_no_more_workers_than_cpus_a_burst_is_taken_on_the_share():
+    # They all run at once; stepping aside would only leave a core idle.
+    assert burst_in_one_pass(CPUS) == (ACCEPT_BATCH, True)

@@ -19,8 +19,9 @@ still counts them, and is too generous for a burst that follows.  So while
 more workers are ready than there are CPUs (they cannot all run at once to
 take their part), a worker also looks at the burst itself: with more
 connections waiting in the kernel's queue than there are workers, one that
-took its part of them since the last share (what it took plus those
-waiting, over the workers) steps aside.  With no more workers than CPUs that
+took its part of them (what it took plus those waiting, over the workers;
+not counting the connections it held when the queue was last short) steps
+aside.  With no more workers than CPUs that
 would only leave a core idle.
 
 Dispatch mode.  fdserver accepts and sends each connection over the
@@ -158,7 +159,9 @@ class Acceptor:
         self._paused = False
         self._valve = False               # one accept allowed right after a pause
         self._share: tuple[int, int] | None = None
-        self._taken = 0                   # connections accepted since the last share
+        # Open connections when the accept queue was last short: what the
+        # worker takes of a burst is what it holds above that.
+        self._burst_base = 0
         self._reported = 0                # open connections in our last report
         self._received = 0                # dispatched connections received so far
         self._reported_received = 0       # ... as of our last report
@@ -192,7 +195,6 @@ class Acceptor:
 
     def on_share(self, connections: int, workers: int) -> None:
         self._share = (connections, max(workers, 1))
-        self._taken = 0
 
     def _watch(self) -> None:
         for sock in self._sockets:
@@ -215,9 +217,9 @@ class Acceptor:
             return 0
         total, workers = self._share
         own = self.server.connection_count
-        # Of a burst, what it took since the last share (not the connections
-        # it held before: those the share counts).
-        taken = self._taken
+        # Of a burst, what it took (not the connections it held before:
+        # those the share counts).
+        taken = max(0, own - self._burst_base)
         if waiting >= workers and taken >= math.ceil((taken + waiting) / workers) + SLACK:
             return 2
         # The others' part of the total, as fdserver last saw it, plus ours now.
@@ -231,10 +233,18 @@ class Acceptor:
 
     def _accept(self, sock: socket.socket, accept: Callable[[], tuple[int, Any]],
                 family: socket.AddressFamily) -> None:
+        waiting = _accept_queue_length(sock) if self._bursts_matter() else 0
+        in_burst = waiting > 0 and self._share is not None and waiting >= self._share[1]
+        self._burst_base = min(self._burst_base, self.server.connection_count)
+        self._take(accept, family, waiting)
+        if not in_burst:            # what it holds now is the share's business
+            self._burst_base = self.server.connection_count
+
+    def _take(self, accept: Callable[[], tuple[int, Any]], family: socket.AddressFamily,
+              waiting: int) -> None:
         # *accept* is the socket's raw accept (what socket.accept() calls):
         # wrapping the descriptor here with the family known saves the enum
         # conversions socket.accept() does for every connection.
-        waiting = _accept_queue_length(sock) if self._bursts_matter() else 0
         for _ in range(ACCEPT_BATCH):
             if self._valve:
                 self._valve = False
@@ -261,7 +271,6 @@ class Acceptor:
                     return
                 raise
             waiting = max(0, waiting - 1)
-            self._taken += 1
             self._serve(_Connection(family, fileno=fd), address)
 
     def _pause(self, seconds: float) -> None:

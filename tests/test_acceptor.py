@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import re
@@ -55,8 +56,9 @@ def watched_fds() -> set[int]:
     return watched
 
 
+@contextlib.asynccontextmanager
 async def held_connection(app: tornado.web.Application, **server_options):
-    """A server, and a client whose request to /held is being handled.
+    """A client whose request to /held is being handled: (reader, writer, stream).
 
     The request is sent before the server accepts, so it is read at once
     (as from most clients that connect for one request).
@@ -69,9 +71,30 @@ async def held_connection(app: tornado.web.Application, **server_options):
     server = DrainingHTTPServer(app, **server_options)
     acceptor = Acceptor(server, lambda message: None)
     acceptor.start([listener])
-    await asyncio.wait_for(app.settings["entered"].wait(), 10)
-    (conn, _), = server._requests.items()
-    return acceptor, reader, writer, conn.stream
+    try:
+        await asyncio.wait_for(app.settings["entered"].wait(), 10)
+        (conn, _), = server._requests.items()
+        yield reader, writer, conn.stream
+    finally:
+        app.settings["release"].set()
+        writer.close()
+        acceptor.close()
+
+
+async def send_next_request(writer: asyncio.StreamWriter, stream) -> None:
+    """Send another request while /held is handled; wait until it is read ahead."""
+    writer.write(REQUEST)
+    await wait_for(lambda: stream._read_buffer_size == len(REQUEST),
+                   "the next request read ahead")
+
+
+async def release_and_read(app: tornado.web.Application, reader: asyncio.StreamReader,
+                           more: int = 1) -> None:
+    """Let /held answer; then *more* answers from GET / must follow."""
+    app.settings["release"].set()
+    assert await read_response(reader) == b"Held\n"
+    for _ in range(more):
+        assert await read_response(reader) == b"Hello\n"
 
 
 async def read_response(reader: asyncio.StreamReader) -> bytes:
@@ -127,18 +150,10 @@ def test_a_request_arriving_while_the_worker_is_busy_keeps_its_socket_watched():
     # per keep-alive request, which fdapp saves.
     async def main() -> None:
         app = held_app()
-        acceptor, reader, writer, stream = await held_connection(app)
-        try:
-            writer.write(REQUEST)
-            await wait_for(lambda: stream._read_buffer_size == len(REQUEST),
-                           "the next request read into the buffer")
+        async with held_connection(app) as (reader, writer, stream):
+            await send_next_request(writer, stream)
             assert stream.socket.fileno() in watched_fds()
-            app.settings["release"].set()
-            assert await read_response(reader) == b"Held\n"
-            assert await read_response(reader) == b"Hello\n"
-        finally:
-            writer.close()
-            acceptor.close()
+            await release_and_read(app, reader)
 
     asyncio.run(main())
 
@@ -150,23 +165,16 @@ def test_a_client_pipelining_while_the_worker_is_busy_is_read_no_further():
     async def main() -> None:
         app = held_app()
         chunk = 65536
-        acceptor, reader, writer, stream = await held_connection(
-            app, max_buffer_size=2 * chunk, chunk_size=chunk)
         padded = b"GET / HTTP/1.1\r\nHost: test\r\nX-Pad: " + b"x" * 1000 + b"\r\n\r\n"
         count = 4 * chunk // len(padded)
-        try:
+        async with held_connection(app, max_buffer_size=2 * chunk,
+                                   chunk_size=chunk) as (reader, writer, stream):
             writer.write(padded * count)
             fd = stream.socket.fileno()
             await wait_for(lambda: stream._read_buffer_size and fd not in watched_fds(),
                            "reading to stop")
             assert stream._read_buffer_size <= chunk
-            app.settings["release"].set()
-            assert await read_response(reader) == b"Held\n"
-            for _ in range(count):
-                assert await read_response(reader) == b"Hello\n"
-        finally:
-            writer.close()
-            acceptor.close()
+            await release_and_read(app, reader, more=count)
 
     asyncio.run(main())
 
@@ -176,20 +184,12 @@ def test_a_client_that_half_closes_after_its_next_request_gets_both_answers():
     # meet it and close the connection with the request unserved.
     async def main() -> None:
         app = held_app()
-        acceptor, reader, writer, stream = await held_connection(app)
-        try:
-            writer.write(REQUEST)
-            await wait_for(lambda: stream._read_buffer_size == len(REQUEST),
-                           "the next request read ahead")
+        async with held_connection(app) as (reader, writer, stream):
+            await send_next_request(writer, stream)
             writer.write_eof()
             fd = stream.socket.fileno()
             await wait_for(lambda: fd not in watched_fds(), "reading to stop")
-            app.settings["release"].set()
-            assert await read_response(reader) == b"Held\n"
-            assert await read_response(reader) == b"Hello\n"
-        finally:
-            writer.close()
-            acceptor.close()
+            await release_and_read(app, reader)
 
     asyncio.run(main())
 
@@ -200,17 +200,13 @@ def test_a_client_leaving_while_the_worker_is_busy_is_noticed():
     # is quick.  fdapp starts once the response has taken CLOSE_WATCH_DELAY.
     async def main() -> None:
         app = held_app()
-        acceptor, reader, writer, stream = await held_connection(app)
-        try:
+        async with held_connection(app) as (reader, writer, stream):
             assert app.settings["watched_at_start"] is False
             fd = stream.socket.fileno()
             await wait_for(lambda: fd in watched_fds(), "the socket watched")
             writer.close()
             await asyncio.wait_for(app.settings["client_left"].wait(), 10)
             assert stream.closed()
-        finally:
-            app.settings["release"].set()
-            acceptor.close()
 
     asyncio.run(main())
 

@@ -21,8 +21,7 @@ take their part), a worker also looks at the burst itself: with more
 connections waiting in the kernel's queue than there are workers, one that
 took its part of them (what it took plus those waiting, over the workers;
 not counting the connections it held when the queue was last short) steps
-aside.  With no more workers than CPUs that
-would only leave a core idle.
+aside.  With no more workers than CPUs that would only leave a core idle.
 
 Dispatch mode.  fdserver accepts and sends each connection over the
 registration channel; the worker wraps it in an IOStream and hands it to

@@ -222,18 +222,17 @@ class Dispatcher:
             for fd, peer in reversed(list(zip(fds, message["peers"]))):
                 conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
                 self._waiting.appendleft((since, message["listener"], conn, tuple(peer)))
-        if len(self._waiting) >= self.max_waiting:
-            self.pause()
-        self._arm_expiry()
+        self._waiting_grew()
         self._loop.call_soon(self.changed)
 
     def _wait(self, name: str, conn: socket.socket, address: Any) -> None:
         self._waiting.append((time.monotonic(), name, conn, address))
+        self._waiting_grew()
+
+    def _waiting_grew(self) -> None:
+        """Stop accepting once the line is full; expire what waits too long."""
         if len(self._waiting) >= self.max_waiting:
             self.pause()
-        self._arm_expiry()
-
-    def _arm_expiry(self) -> None:
         if self._expiry is None and self._waiting:
             self._expiry = self._loop.call_later(self.wait_timeout, self._expire)
 

@@ -101,7 +101,8 @@ def fdserver_parser() -> argparse.ArgumentParser:
                    help="a user whose processes may receive the listeners; repeatable")
     p.add_argument("--allow-group", action="append", default=[], metavar="NAME",
                    help="a group whose members may receive the listeners; repeatable. "
-                        "Root and fdserver's own user are always allowed. Without any "
+                        "With any --allow-*, exactly those users and groups (and root) may: "
+                        "not fdserver's own --user. Without any "
                         "--allow-*, every process that can open the socket may: the socket's "
                         "mode and group are the gate, and with the default 0660 only its "
                         "owner and --socket-group can connect, so this is safe")
@@ -147,7 +148,7 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
                else privileges.primary_gid(args.user) if args.user else None)
         socket_group = args.socket_group or args.group
         socket_gid = privileges.gid_of(socket_group) if socket_group else gid
-        allow = privileges.AllowList.from_names(args.allow_user, args.allow_group, own_uid=uid)
+        allow = privileges.AllowList.from_names(args.allow_user, args.allow_group)
         _setup_logging("fdserver")
         _raise_fd_limit()
         listeners = systemd.activated_listeners(os.environ)
@@ -157,7 +158,8 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         if listeners is None and not specs:
             raise UsageError("nothing to serve: give --bind HOST:PORT")
         notifier = systemd.Notifier(os.environ)
-        socket_file = SocketFile(args.socket, mode=args.socket_mode, group=socket_gid)
+        socket_file = SocketFile(args.socket, mode=args.socket_mode, group=socket_gid,
+                                 owners=(uid,))
         try:
             recovery = None
             if listeners is None:
@@ -209,6 +211,11 @@ def fdapp_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", required=True, metavar="PATH", help="fdserver's Unix socket")
     p.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="SECONDS",
                    help="keep trying to reach fdserver this long (default %(default)s)")
+    p.add_argument("--server-user", metavar="NAME",
+                   help="the user fdserver runs as, if neither root nor this process's user "
+                        "(e.g. fdserver under systemd socket activation): the process "
+                        "serving --socket must be one of those before this process "
+                        "registers with it or hands it a listener")
     p.add_argument("--graceful-timeout", type=_positive, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, wait this long for open connections (default %(default)s)")
     p.add_argument("--keepalive-grace", type=_positive, default=1.0, metavar="SECONDS",
@@ -237,16 +244,18 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         # ends the process cleanly: nothing has been served yet.
         signal.signal(signal.SIGTERM, _stopped_during_start_up)
 
-        from .client import register
+        from .client import register, trusted_server_uids
+        from .privileges import uid_of
         from .runner import FEATURES, Worker, load_app
         from .systemd import Notifier
 
+        server_uids = trusted_server_uids(uid_of(args.server_user) if args.server_user else None)
         _setup_logging("fdapp")
         if not args.access_log:
             logging.getLogger("tornado.access").setLevel(logging.WARNING)
         app = load_app(args.app)
         registration = register(args.socket, connect_timeout=args.connect_timeout,
-                                features=FEATURES)
+                                features=FEATURES, server_uids=server_uids)
         title = f"fdapp {args.app} --socket {args.socket}"
         _set_title(title)
         # Under systemd (Type=notify), `systemctl restart fdapp@N` returns only

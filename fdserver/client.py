@@ -20,9 +20,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConnectError, ProtocolError, RefusedError, TransportError
+from .errors import (ConnectError, ProtocolError, RefusedError, TransportError,
+                     UntrustedServerError)
 from .protocol import MAX_FDS_PER_FRAME, SUPPORTED_VERSIONS
-from .transport import Channel, adopt_listener, close_fds
+from .transport import Channel, adopt_listener, close_fds, peer_credentials
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
@@ -46,6 +47,8 @@ class Registration:
     listeners: list[ReceivedListener]
     # "shared": accept on the listeners; "dispatch": fdserver sends connections
     mode: str = "shared"
+    # who may serve *path*: checked again on every reconnect
+    server_uids: frozenset[int] = frozenset({0})
 
     def sockets(self, name: str | None = None) -> list[socket.socket]:
         """The listening sockets, all of them or those called *name*."""
@@ -56,18 +59,26 @@ class Registration:
         self.channel.send({"type": "state", "state": state})
 
 
+def trusted_server_uids(server_uid: int | None = None) -> frozenset[int]:
+    """The uids a worker accepts as its fdserver: root, its own, *server_uid*."""
+    return frozenset({0, os.geteuid(), *(() if server_uid is None else (server_uid,))})
+
+
 def connect(path: str, role: str, timeout: float = DEFAULT_CONNECT_TIMEOUT,
+            server_uids: frozenset[int] | None = None,
             **hello: Any) -> tuple[Channel, dict[str, Any]]:
     """Connect and say hello, retrying while nobody listens at *path*.
 
     Retries for up to *timeout* seconds, so app processes may start before
     fdserver; returns a blocking Channel past the welcome, and the welcome.
+    With *server_uids*, the process serving *path* must run as one of them
+    (SO_PEERCRED) before anything is sent: UntrustedServerError otherwise.
     """
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
         try:
-            return _handshake(path, role, hello)
+            return _handshake(path, role, hello, server_uids)
         except _Retry as why:
             if time.monotonic() + delay > deadline:
                 raise ConnectError(f"no fdserver answered at {path} within {timeout:g}s "
@@ -80,7 +91,8 @@ class _Retry(Exception):
     """Nobody is serving the path right now; worth another try."""
 
 
-def _handshake(path: str, role: str, extra: dict[str, Any]) -> tuple[Channel, dict[str, Any]]:
+def _handshake(path: str, role: str, extra: dict[str, Any],
+               server_uids: frozenset[int] | None) -> tuple[Channel, dict[str, Any]]:
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:          # e.g. out of descriptors (EMFILE)
@@ -97,6 +109,15 @@ def _handshake(path: str, role: str, extra: dict[str, Any]) -> tuple[Channel, di
     except OSError as exc:
         sock.close()
         raise ConnectError(f"cannot connect to fdserver at {path}: {exc.strerror}") from None
+    if server_uids is not None:
+        pid, uid, _ = peer_credentials(sock)
+        if uid not in server_uids:
+            sock.close()
+            allowed = ", ".join(map(str, sorted(server_uids)))
+            raise UntrustedServerError(
+                f"the process serving {path} (pid {pid}) runs as uid {uid}, not as fdserver's "
+                f"user (uid {allowed}); refusing to talk to it (if fdserver runs as that user, "
+                f"pass --server-user)")
     sock.settimeout(HANDSHAKE_TIMEOUT)
     channel = Channel(sock)
     try:
@@ -142,15 +163,23 @@ def check(message: dict[str, Any], fds: list[int], kind: str,
 
 
 def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-             features: tuple[str, ...] = ()) -> Registration:
+             features: tuple[str, ...] = (),
+             server_uids: frozenset[int] | None = None) -> Registration:
     """Register as a worker and receive every listener fdserver holds.
 
     *features* opt in to messages the caller will read from the channel:
     ``share`` (load shares, shared mode) and ``dispatch`` (accepted
     connections, dispatch mode).  fdapp opts in to both; a plain
     ``add_sockets`` user opts in to none and is sent neither.
+
+    *server_uids* (default: root and this process's own user, see
+    :func:`trusted_server_uids`) are the users the process serving *path*
+    may run as; anyone else gets nothing, and UntrustedServerError is raised.
     """
-    channel, welcome = connect(path, "worker", connect_timeout, features=list(features))
+    if server_uids is None:
+        server_uids = trusted_server_uids()
+    channel, welcome = connect(path, "worker", connect_timeout, server_uids,
+                               features=list(features))
     listeners: list[ReceivedListener] = []
     try:
         more = True
@@ -177,26 +206,33 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         channel.close()
         raise
     mode = "dispatch" if welcome.get("mode") == "dispatch" else "shared"
-    return Registration(path, channel, welcome["server_pid"], listeners, mode)
+    return Registration(path, channel, welcome["server_pid"], listeners, mode,
+                        frozenset(server_uids))
 
 
 def resume(path: str, state: str, listeners: list[ReceivedListener],
-           features: tuple[str, ...] = ()) -> tuple[Channel, dict[str, Any]]:
+           features: tuple[str, ...] = (),
+           server_uids: frozenset[int] = frozenset({0})) -> tuple[Channel, dict[str, Any]]:
     """Re-register a running worker with a (re)started fdserver; one attempt.
 
-    The worker keeps its sockets.  If the new fdserver could not bind them
-    (the old one's listeners live on in the workers), the welcome asks for
-    them and they are handed back.  Returns the channel and the welcome;
-    raises ConnectError if nobody answers.
+    The worker keeps its sockets.  The welcome asks for them: a new fdserver
+    that could not bind them (the old one's listeners live on in the
+    workers) takes them back, and any fdserver checks them before it counts
+    the worker ``ready`` again.  They go only to a process running as one of
+    *server_uids*, and carry the welcome's token, so fdserver knows they
+    answer its welcome.  Returns the channel and the welcome; raises
+    ConnectError if nobody answers.
     """
-    channel, welcome = connect(path, "worker", timeout=0, resume={"state": state},
+    channel, welcome = connect(path, "worker", 0, server_uids, resume={"state": state},
                                features=list(features))
     try:
         if welcome.get("handback"):
+            token = welcome.get("token")
             for i in range(0, len(listeners), MAX_FDS_PER_FRAME):
                 batch = listeners[i:i + MAX_FDS_PER_FRAME]
                 channel.send({"type": "handback", "fds": len(batch), "listeners": [
-                    {"name": l.name, "family": l.family, "address": l.address} for l in batch]},
+                    {"name": l.name, "family": l.family, "address": l.address} for l in batch],
+                    **({"token": token} if isinstance(token, str) else {})},
                     [l.sock.fileno() for l in batch])
     except OSError as exc:
         channel.close()

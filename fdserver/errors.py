@@ -33,6 +33,10 @@ class ConnectError(FdserverError):
     """No fdserver answered at the socket path."""
 
 
+class UntrustedServerError(ConnectError):
+    """The process serving the socket path is not fdserver's expected user."""
+
+
 class RefusedError(FdserverError):
     """fdserver answered, but with an error message."""
 

@@ -76,21 +76,21 @@ def drop(uid: int, gid: int) -> None:
 class AllowList:
     """Which peers (by SO_PEERCRED uid/gid) may receive or hand back listeners.
 
-    Root and fdserver's own user are always allowed.  An empty list allows
-    every peer that can open the socket: its file mode and group are the
-    gate (0660 by default, so only its owner and group can connect).
+    With a list, exactly the listed users and groups are allowed, and root:
+    not fdserver's own user, which is often a shared one such as ``nobody``.
+    An empty list allows every peer that can open the socket: its file mode
+    and group are the gate (0660 by default, so only its owner and group can
+    connect).
     """
 
     uids: set[int] = field(default_factory=set)
     gids: set[int] = field(default_factory=set)
     # uids named as members of an allowed group, resolved before the drop
     member_uids: set[int] = field(default_factory=set)
-    own_uid: int = 0
 
     @classmethod
-    def from_names(cls, users: list[str], groups: list[str], own_uid: int) -> "AllowList":
-        allow = cls(uids={uid_of(u) for u in users}, gids={gid_of(g) for g in groups},
-                    own_uid=own_uid)
+    def from_names(cls, users: list[str], groups: list[str]) -> "AllowList":
+        allow = cls(uids={uid_of(u) for u in users}, gids={gid_of(g) for g in groups})
         for name in groups:
             try:
                 members = grp.getgrnam(name).gr_mem
@@ -108,7 +108,7 @@ class AllowList:
         return bool(self.uids or self.gids)
 
     def allows(self, uid: int, gid: int) -> bool:
-        if not self.restricted or uid in (0, self.own_uid):
+        if not self.restricted or uid == 0:
             return True
         return uid in self.uids or uid in self.member_uids or gid in self.gids
 
@@ -118,7 +118,7 @@ class AllowList:
             parts.append("users " + ",".join(_user_name(u) for u in sorted(self.uids)))
         if self.gids:
             parts.append("groups " + ",".join(_group_name(g) for g in sorted(self.gids)))
-        return "; ".join(parts) + " (and root, and fdserver's own user)"
+        return "; ".join(parts) + " (and root)"
 
 
 def _user_name(uid: int) -> str:

@@ -24,13 +24,17 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
                                        optional messages this worker reads)
                           "resume": {"state": "ready"}}       (optional)
     server -> welcome    {"version": 1, "server_pid": int, "listeners": int,
-                          "handback": bool, "mode": "shared" | "dispatch"}
+                          "handback": bool, "mode": "shared" | "dispatch",
+                          "token": str}        (with "handback": true only)
   worker, first registration (no "resume"):
     server -> listeners  {"listeners": [{"name", "family", "address"}, ...],
                           "fds": n, "more": bool}        (repeated while more)
   worker re-registering after an fdserver restart ("resume"; keeps its sockets):
     worker -> handback   {"listeners": [{"name", "family", "address"}, ...],
-                          "fds": n}            (only if the welcome asked for it)
+                          "fds": n, "token": the welcome's}
+                         (only if the welcome asked for it; fdserver counts a
+                          resumed worker "starting" until its handback shows
+                          it holds every listener fdserver serves)
   any worker, any time after:
     worker -> state      {"state": "ready" | "draining"}
     worker -> load       {"connections": open now, "received": dispatched so far}

@@ -10,19 +10,24 @@ the new fdserver waits a bounded time for a worker to hand the listener back:
   ``resume`` hello, and when the welcome asks for it, send a ``handback``
   message with their listening sockets attached;
 * fdserver accepts a handed-back socket only from an allowed peer (the
-  allow-list, checked on SO_PEERCRED like every worker), only if it is a
-  listening TCP socket, and only if its bound address is exactly one of the
-  ``--bind`` addresses it could not bind.  fdserver never sets SO_REUSEPORT,
-  so while that socket lives no other socket can be bound to the same
-  address: a match is the very socket the old fdserver bound, with its
-  accept queue intact;
+  allow-list, checked on SO_PEERCRED like every worker), only in answer to
+  its own welcome (the handback echoes the welcome's token), only if it is a
+  listening TCP socket in fdserver's own network namespace (SO_NETNS_COOKIE),
+  and only if its bound address is exactly one of the ``--bind`` addresses
+  it could not bind.  fdserver never sets SO_REUSEPORT, so while that socket
+  lives no other socket in the namespace can be bound to the same address:
+  a match is the very socket the old fdserver bound, with its accept queue
+  intact;
 * if nobody hands it back in time, fdserver fails as it always did:
   ``cannot bind ADDRESS: address already in use``.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
+import struct
 from typing import Any
 
 from .errors import BindError, ProtocolError, TransportError
@@ -30,6 +35,20 @@ from .listeners import BindSpec, Listener, format_address
 from .transport import adopt_listener, close_fds
 
 DEFAULT_RECOVER_TIMEOUT = 10.0
+# Linux >= 5.14; Python's socket module does not name it.
+SO_NETNS_COOKIE = getattr(socket, "SO_NETNS_COOKIE", 71)
+
+log = logging.getLogger("fdserver")
+
+
+def netns_cookie(sock: socket.socket) -> int | None:
+    """The network namespace *sock* lives in, or None if the kernel can't say."""
+    try:
+        return struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL):
+            return None
+        raise
 
 
 def same_address(spec: BindSpec, sock: socket.socket) -> bool:
@@ -51,6 +70,12 @@ class Recovery:
         self.specs = list(missing)       # what could not be bound at start
         self.missing = list(missing)     # what no worker has handed back yet
         self.timeout = timeout
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as own:
+            self.netns = netns_cookie(own)
+        if self.netns is None:
+            log.warning("this kernel cannot tell a socket's network namespace "
+                        "(SO_NETNS_COOKIE, Linux 5.14); handed-back listeners are checked "
+                        "by address only")
 
     @property
     def done(self) -> bool:
@@ -84,6 +109,10 @@ class Recovery:
                     close_fds(fds[i + 1:])
                     raise ProtocolError(f"handback refused: {exc}") from None
             for sock in socks:
+                if self.netns is not None and netns_cookie(sock) != self.netns:
+                    raise ProtocolError(
+                        f"handback refused: the socket bound to {_address(sock)} is in "
+                        "another network namespace")
                 if not any(same_address(spec, sock) for spec in self.specs):
                     raise ProtocolError(
                         f"handback refused: a socket bound to {_address(sock)} matches no "

@@ -236,7 +236,8 @@ class Worker:
             try:
                 # The handshake blocks briefly; keep it off the event loop.
                 channel, welcome = await loop.run_in_executor(
-                    None, resume, path, "ready", self.registration.listeners, FEATURES)
+                    None, resume, path, "ready", self.registration.listeners, FEATURES,
+                    self.registration.server_uids)
             except (FdserverError, OSError) as exc:
                 # Each new reason once (a restart fails a few times by design);
                 # the loop goes on whatever it is.

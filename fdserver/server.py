@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -25,7 +26,8 @@ from .privileges import AllowList
 from .placement import Dispatcher, SharePublisher, estimate
 from .recovery import Recovery
 from .errors import ProtocolError
-from .protocol import MAX_FDS_PER_FRAME, PROTOCOL_VERSION, negotiate
+from .peerlog import PeerLog
+from .protocol import MAX_ANSWER, MAX_FDS_PER_FRAME, PROTOCOL_VERSION, encode, negotiate
 from .socketfile import SocketFile
 from .systemd import Notifier
 from .transport import Channel, LoopChannel, close_fds, peer_credentials
@@ -34,6 +36,9 @@ log = logging.getLogger("fdserver")
 
 WAITABLE_STATES = ("starting", "ready", "draining", "gone")
 MAX_WAITS_PER_CTL = 16          # fdctl waits for one worker at a time
+# Connections only root and fdserver's own user may use: however many others
+# open, the operator's fdctl and root's workers still get in.
+RESERVED_PEERS = 64
 
 
 @dataclass(eq=False)
@@ -50,6 +55,9 @@ class Peer:
     dispatched: int = 0              # dispatched connections sent to it
     last_dispatch: int = -1
     features: frozenset[str] = frozenset()   # optional messages it reads
+    token: str | None = None         # its welcome asked for a handback with this
+    resumed: str | None = None       # the state it says it resumes in, until shown
+    holds: bool = False              # was given, or has shown, this fdserver's listeners
     channel: LoopChannel | None = None
     timer: asyncio.TimerHandle | None = None
     waits: list["_Wait"] = field(default_factory=list)
@@ -81,6 +89,7 @@ class Server:
         max_pending_per_uid: int = 64,
         max_peers: int = 4096,
         max_ctl_per_uid: int = 64,
+        max_workers_per_uid: int = 1024,
         allow: AllowList | None = None,
         notifier: Notifier | None = None,
         recovery: Recovery | None = None,
@@ -94,7 +103,8 @@ class Server:
         self.max_pending_per_uid = max_pending_per_uid
         self.max_peers = max_peers
         self.max_ctl_per_uid = max_ctl_per_uid
-        self.allow = allow or AllowList(own_uid=os.getuid())
+        self.max_workers_per_uid = max_workers_per_uid
+        self.allow = allow or AllowList()
         self.notifier = notifier
         self.recovery = recovery if recovery and not recovery.done else None
         self._deferred: list[Peer] = []        # new workers waiting for a recovery
@@ -105,8 +115,8 @@ class Server:
         self.peers: set[Peer] = set()
         self.started_at = time.time()
         self._waits: dict[_Wait, None] = {}       # in the order they came
-        self._last_evict_log = -1e9
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._warn = PeerLog(log)
 
     # -- life cycle --------------------------------------------------------
 
@@ -119,6 +129,7 @@ class Server:
 
     async def _main(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
+        self._warn.loop = loop
         stop = loop.create_future()
         for signum in (signal.SIGTERM, signal.SIGINT):
             # The handler only resolves a future; the loop does the work.
@@ -165,6 +176,7 @@ class Server:
             log.warning("%s; the next fdserver will replace it as stale", problem)
         for listener in self.listeners:
             listener.sock.close()      # close, never shutdown(): workers share it
+        self._warn.flush()
 
     # -- connections -------------------------------------------------------
 
@@ -193,13 +205,12 @@ class Server:
         # workers out: past the limits, the oldest silent one makes room.
         pending = [p for p in self.peers if p.role is None]
         same_uid = [p for p in pending if p.uid == uid]
+        limit = self.max_peers - (0 if uid in (0, os.getuid()) else RESERVED_PEERS)
         if len(same_uid) >= self.max_pending_per_uid:
             self._evict(min(same_uid, key=lambda p: p.connected_at))
-        elif len(self.peers) >= self.max_peers:
+        elif len(self.peers) >= limit:
             if not pending:
-                log.warning("refusing pid %d uid %d: %d connections open", pid, uid,
-                            len(self.peers))
-                conn.close()
+                self._refuse_full(conn, pid, uid, limit)
                 return
             self._evict(min(pending, key=lambda p: p.connected_at))
         peer = Peer(pid=pid, uid=uid, gid=gid, connected_at=time.time())
@@ -212,6 +223,19 @@ class Server:
         )
         self._arm(peer, self.handshake_timeout, "no hello within the handshake timeout")
 
+    def _refuse_full(self, conn: socket.socket, pid: int, uid: int, limit: int) -> None:
+        """Say why before closing: "no fdserver answered" would mislead."""
+        busiest, count = collections.Counter(p.uid for p in self.peers).most_common(1)[0]
+        reason = (f"fdserver is at its limit of {limit} connections for uid {uid} "
+                  f"({len(self.peers)} open, {count} of them from uid {busiest})")
+        self._warn.warning("refused pid %d uid %d: %s", pid, uid, reason)
+        try:
+            conn.send(encode({"type": "error", "message": reason}, MAX_ANSWER),
+                      socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        conn.close()
+
     def _take_back(self, messages: list[tuple[dict[str, Any], list[int]]]) -> None:
         """Connections queued for a worker that went away before it got them."""
         if isinstance(self._placement, Dispatcher):
@@ -221,11 +245,8 @@ class Server:
                 close_fds(fds)
 
     def _evict(self, peer: Peer) -> None:
-        now = time.monotonic()
-        if now - self._last_evict_log > 10.0:
-            self._last_evict_log = now
-            log.warning("too many connections without a hello; closing the oldest "
-                        "(pid %d uid %d) (logged at most every 10s)", peer.pid, peer.uid)
+        self._warn.warning("too many connections without a hello; closing the oldest "
+                           "(pid %d uid %d)", peer.pid, peer.uid)
         peer.channel.close(None)       # logged above, at a bounded rate
 
     def _arm(self, peer: Peer, timeout: float, reason: str) -> None:
@@ -246,7 +267,8 @@ class Server:
             peer.state = "gone"
             self._worker_changed(peer)
         elif reason:
-            log.warning("closed connection from pid %d uid %d: %s", peer.pid, peer.uid, reason)
+            self._warn.warning("closed connection from pid %d uid %d: %s", peer.pid, peer.uid,
+                               reason)
 
     # -- messages ----------------------------------------------------------
 
@@ -286,10 +308,17 @@ class Server:
             raise ProtocolError(f"expected hello, got {message['type']}")
         version = negotiate(message)
         if message["role"] == "worker" and not self.allow.allows(peer.uid, peer.gid):
-            log.warning("refused worker pid %d uid %d gid %d: not allowed", peer.pid,
-                        peer.uid, peer.gid)
+            self._warn.warning("refused worker pid %d uid %d gid %d: not allowed", peer.pid,
+                               peer.uid, peer.gid)
             raise ProtocolError(f"uid {peer.uid} gid {peer.gid} may not receive the listeners; "
                                 f"allowed: {self.allow.describe()}")
+        if message["role"] == "worker" and peer.uid not in (0, os.getuid()):
+            workers = sum(1 for p in self.peers if p.role == "worker" and p.uid == peer.uid)
+            if workers >= self.max_workers_per_uid:
+                self._warn.warning("refused worker pid %d uid %d: it has %d workers already",
+                                   peer.pid, peer.uid, workers)
+                raise ProtocolError(f"too many workers from uid {peer.uid} (at most "
+                                    f"{self.max_workers_per_uid})")
         if message["role"] == "ctl":
             ctls = sum(1 for p in self.peers if p.role == "ctl" and p.uid == peer.uid)
             if ctls >= self.max_ctl_per_uid:
@@ -300,18 +329,22 @@ class Server:
             peer.features = frozenset(f for f in features[:16] if isinstance(f, str))
         peer.timer.cancel()
         peer.timer = None
-        resume = message.get("resume")
-        peer.channel.send({"type": "welcome", "version": version, "server_pid": os.getpid(),
-                           "listeners": len(self.listeners),
-                           "handback": bool(resume and self.recovery), "mode": self.mode})
-        if peer.role == "worker" and isinstance(resume, dict):
+        resume = message.get("resume") if peer.role == "worker" else None
+        welcome = {"type": "welcome", "version": version, "server_pid": os.getpid(),
+                   "listeners": len(self.listeners), "handback": False, "mode": self.mode}
+        if isinstance(resume, dict):
+            # A handback must echo this: it answers this welcome, not a guess.
+            peer.token = secrets.token_hex(16)
+            welcome.update(handback=True, token=peer.token)
+        peer.channel.send(welcome)
+        if isinstance(resume, dict):
             # A running worker re-registering after an fdserver restart: it
-            # keeps the listeners it holds and the state it is in.
+            # keeps the listeners it holds, and the state it is in once its
+            # handback shows it holds ours; "starting" until then.
             state = resume.get("state")
-            peer.state = state if state in ("ready", "draining") else "starting"
-            if peer.state == "ready":
-                peer.ready_at = time.time()
-            log.info("worker pid %d uid %d re-registered (%s)", peer.pid, peer.uid, peer.state)
+            peer.resumed = state if state in ("ready", "draining") else None
+            peer.state = "starting"
+            log.info("worker pid %d uid %d re-registering", peer.pid, peer.uid)
             self._worker_changed(peer)
         elif peer.role == "worker":
             peer.state = "starting"
@@ -325,6 +358,7 @@ class Server:
             peer.state = "ctl"
 
     def _hand_over(self, peer: Peer) -> None:
+        peer.holds = True
         batches = [self.listeners[i:i + MAX_FDS_PER_FRAME]
                    for i in range(0, len(self.listeners), MAX_FDS_PER_FRAME)] or [[]]
         for n, batch in enumerate(batches, 1):
@@ -334,13 +368,37 @@ class Server:
                 [l.sock.fileno() for l in batch])
 
     def _on_handback(self, peer: Peer, message: dict[str, Any], fds: list[int]) -> None:
-        if not self.recovery:
-            close_fds(fds)           # recovered already; another worker was faster
-            return
+        if peer.token is None or message.get("token") != peer.token:
+            close_fds(fds)
+            self._warn.warning("refused handback from pid %d uid %d: it does not answer this "
+                               "fdserver's welcome", peer.pid, peer.uid)
+            raise ProtocolError("handback refused: it does not carry the token of this "
+                                "fdserver's welcome")
+        shown = _identities(fds)
+        if self.recovery:
+            self._recover(peer, message, fds)
+        else:
+            close_fds(fds)           # recovered already, or nothing to recover
+        ours = _identities(l.sock.fileno() for l in self.listeners)
+        if peer.resumed and peer.state == "starting":
+            state, peer.resumed = peer.resumed, None
+            if ours and ours <= shown:
+                peer.holds = True
+                peer.state = state
+                if state == "ready":
+                    peer.ready_at = time.time()
+                log.info("worker pid %d uid %d re-registered (%s)", peer.pid, peer.uid, state)
+                self._worker_changed(peer)
+            else:
+                log.info("worker pid %d uid %d re-registered (starting: it does not hold "
+                         "this fdserver's listeners)", peer.pid, peer.uid)
+
+    def _recover(self, peer: Peer, message: dict[str, Any], fds: list[int]) -> None:
         try:
             taken = self.recovery.take(fds, message["listeners"])
         except ProtocolError as exc:
-            log.warning("refused handback from pid %d uid %d: %s", peer.pid, peer.uid, exc)
+            self._warn.warning("refused handback from pid %d uid %d: %s", peer.pid, peer.uid,
+                               exc)
             raise
         for listener in taken:
             log.info("took back %s on %s from worker pid %d", listener.name, listener.address,
@@ -361,6 +419,11 @@ class Server:
             return
         if state not in allowed[peer.state]:
             raise ProtocolError(f"worker cannot go from {peer.state} to {state}")
+        if state == "ready" and not peer.holds:
+            # Only a worker that can serve may count: dispatch would send it
+            # connections, a rolling restart would move on.
+            raise ProtocolError("worker cannot be ready: it holds none of this fdserver's "
+                                "listeners")
         peer.state = state
         if state == "ready":
             peer.ready_at = time.time()
@@ -441,6 +504,18 @@ class Server:
                                      "state": self._state_of(wait.pid), "ok": ok})
             if not wait.asker.waits:
                 self._arm(wait.asker, self.ctl_idle_timeout, "idle for too long")
+
+
+def _identities(fds: Any) -> set[tuple[int, int]]:
+    """(device, inode) of each descriptor: equal for the very same socket."""
+    found = set()
+    for fd in fds:
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        found.add((st.st_dev, st.st_ino))
+    return found
 
 
 def _iso(timestamp: float) -> str:

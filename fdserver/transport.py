@@ -35,6 +35,10 @@ _ZERO = bytes(4)                # an int for ioctl() to fill in
 MAX_OUTPUT = 1024 * 1024
 # How long a peer being closed gets to read its last message.
 CLOSING_GRACE = 2.0
+# How long descriptors may wait for the rest of their frame.  Held without a
+# deadline, a peer could park descriptors here for good, its own socket
+# among them, so that its connection never even reaches EOF.
+PARTIAL_FRAME_DEADLINE = 5.0
 _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 Recvmsg = Callable[[int, int, int], tuple[bytes, list, int, Any]]
@@ -138,6 +142,11 @@ class Channel:
             close_fds(stray)
             raise ProtocolError(f"{len(stray)} unannounced descriptors received")
         return True
+
+    @property
+    def holds_partial(self) -> bool:
+        """Descriptors have arrived whose frame has not, yet."""
+        return bool(self._fds)
 
     def next_message(self) -> tuple[dict[str, Any], list[int]] | None:
         """The next complete message and its descriptors, if one has arrived."""
@@ -263,6 +272,7 @@ class LoopChannel:
         self._on_unsent = on_unsent
         self._writing = False
         self._closing = False
+        self._partial: asyncio.TimerHandle | None = None
         channel.sock.setblocking(False)
         loop.add_reader(channel.sock.fileno(), self._readable)
         # Messages read together with the handshake are already in the inbox.
@@ -369,6 +379,17 @@ class LoopChannel:
         self._deliver()
         if not alive:
             self.close(None)
+        elif self.channel.holds_partial and self._partial is None:
+            self._partial = self._loop.call_later(PARTIAL_FRAME_DEADLINE, self._partial_expired)
+        elif not self.channel.holds_partial and self._partial is not None:
+            self._partial.cancel()
+            self._partial = None
+
+    def _partial_expired(self) -> None:
+        self._partial = None
+        if not self.closed and self.channel.holds_partial:
+            self.send_and_close({"type": "error", "message": "a frame with descriptors stayed "
+                                 f"incomplete for {PARTIAL_FRAME_DEADLINE:g}s"})
 
     def _deliver(self) -> None:
         while not self.closed and not self._closing:
@@ -381,6 +402,9 @@ class LoopChannel:
               unsent: list[tuple[dict[str, Any], list[int]]] | None = None) -> None:
         if self.closed:
             return
+        if self._partial is not None:
+            self._partial.cancel()
+            self._partial = None
         unsent = self.channel.take_unsent() + (unsent or [])     # oldest first
         fileno = self.channel.sock.fileno()
         self._loop.remove_reader(fileno)

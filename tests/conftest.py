@@ -67,9 +67,11 @@ def sockdir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def public_dir():
-    """A folder any user can write to (pytest's own tmp folders are 0700)."""
+    """A folder every user can enter and only its owner can write to (pytest's
+    own tmp folders are 0700; fdserver refuses a socket folder others can
+    write to).  chown it to a test's user when that user creates files in it."""
     path = Path(tempfile.mkdtemp(prefix="fds-", dir="/tmp"))
-    os.chmod(path, 0o1777)
+    os.chmod(path, 0o755)
     try:
         yield path
     finally:
@@ -108,6 +110,23 @@ def start_fdapp(procs):
         return proc
 
     return start
+
+
+@pytest.fixture(scope="session")
+def deploy_user():
+    """The user deploy/supervisord.conf drops fdserver to, as ./dev demo creates it."""
+    created = False
+    try:
+        pwd.getpwnam("fdserver")
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", "fdserver"], check=True)
+        created = True
+    try:
+        yield pwd.getpwnam("fdserver").pw_uid
+    finally:
+        if created:
+            subprocess.run(["userdel", "fdserver"], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import sys
 
@@ -58,6 +59,7 @@ def test_bind_address_in_use_and_nobody_hands_it_back(sockdir, taken_address):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to nobody")
 def test_bind_low_port_without_privilege(public_dir):
+    os.chown(public_dir, pwd.getpwnam("nobody").pw_uid, -1)    # its socket goes there
     result = run([sys.executable, AS_USER, "nobody", "fdserver_main",
                   "--socket", str(public_dir / "fd.sock"), "--bind", "127.0.0.1:80"])
     err = assert_one_line_error(result, "cannot bind 127.0.0.1:80", "permission denied")

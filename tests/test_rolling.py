@@ -64,7 +64,7 @@ class Supervised:
 
 
 @pytest.fixture
-def supervised(procs, public_dir):
+def supervised(procs, public_dir, deploy_user):
     deployment = Supervised(procs, public_dir)
     try:
         yield deployment
@@ -132,7 +132,8 @@ def make_app():
 """
 
 
-def test_rolling_restart_stops_when_a_replacement_never_gets_ready(procs, public_dir):
+def test_rolling_restart_stops_when_a_replacement_never_gets_ready(procs, public_dir,
+                                                                  deploy_user):
     (public_dir / "hanging_app.py").write_text(HANGING_APP)
     config = (PROJECT / "deploy" / "supervisord.conf").read_text()
     config = config.replace("command=fdapp app:make_app", "command=fdapp hanging_app:make_app")

@@ -66,10 +66,13 @@ def test_socket_activation_end_to_end(procs, sockdir):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start as nobody")
 def test_socket_activated_fdserver_never_needs_root(users, procs, public_dir):
     path, port = str(public_dir / "fd.sock"), free_low_port()
+    os.chown(public_dir, 65534, -1)          # nobody creates its socket there
     # systemd-socket-activate binds the low port as root; fdserver runs as nobody.
     _, first = activated(procs, path, port, sys.executable, AS_USER, "nobody",
                          "fdserver_main", "--socket-mode", "0666")
-    worker = procs.start([script("fdapp"), "app:make_app", "--socket", path])
+    # fdserver runs as nobody, not root: the worker must be told to trust it.
+    worker = procs.start([script("fdapp"), "app:make_app", "--socket", path,
+                          "--server-user", "nobody"])
     worker.wait_for_line(r"ready: serving")
     assert read_all(first).endswith(f"Hello from {worker.pid}\n".encode())
     server = json.loads(run([script("fdctl"), "--socket", path, "status", "--json"]).stdout)

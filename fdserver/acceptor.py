@@ -23,6 +23,9 @@ took its part of them (what it took plus those waiting, over the workers;
 not counting the connections it held when the queue was last short) steps
 aside.  With no more workers than CPUs that would only leave a core idle.
 
+fdapp's own IOStream (fewer system calls per request) is
+:class:`fdserver._tornado.FastStream`.
+
 Dispatch mode.  fdserver accepts and sends each connection over the
 registration channel; the worker wraps it in an IOStream and hands it to
 Tornado's ``HTTPServer.handle_stream``.
@@ -34,19 +37,19 @@ at most one report per *report_interval*.
 from __future__ import annotations
 
 import asyncio
-import errno
+import enum
 import logging
 import math
 import os
 import socket
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, Final
 
-from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream
-from tornado.log import gen_log
-
+from . import _tornado
+from .accept import OUT_OF_DESCRIPTORS, accepted
 from .drain import DrainingHTTPServer
+from .protocol import LoadMessage
 
 log = logging.getLogger("fdapp")
 
@@ -56,74 +59,24 @@ ACCEPT_BATCH = 8            # Tornado takes up to 128 per wakeup
 # the others accept a keep-alive burst.
 PAUSE = 0.001
 REPORT_INTERVAL = 0.02      # at most 50 load reports a second
-# How long a response may take before its client's leaving is watched for.
-CLOSE_WATCH_DELAY = 0.001
 SLACK = 1                   # connections over the share before yielding
 CPUS = len(os.sched_getaffinity(0))
 TCPI_UNACKED = 24           # struct tcp_info: a listener's accept queue length
 
 
-class _Stream(IOStream):
-    """Tornado's IOStream, without system calls most requests do not need.
+class Excess(enum.IntEnum):
+    """How far over its share of the open connections a worker is."""
 
-    Nagle: Tornado turns TCP_NODELAY on at the end of each response and off
-    again once it is written: two setsockopt calls per request.  fdapp turns
-    it on once per connection (as asyncio, Go's net/http and nginx on
-    keep-alive connections do); a response still goes out as soon as it is
-    written.
+    NONE = 0        # within it: accept
+    OVER = 1        # over it: let the others go first (yield to the loop)
+    DOUBLE = 2      # twice it, or its part of a burst taken: step aside for PAUSE
 
-    Between requests: a keep-alive client's next request usually arrives
-    while Tornado is still finishing the last one, not yet reading.  Tornado
-    then reads it into its buffer and stops watching the socket (so that a
-    client cannot make it buffer without limit), only to watch it again a
-    moment later: two epoll_ctl calls and a wasted recv per request.  Here
-    such a read, into an empty buffer, takes one chunk and keeps watching.
-    If more comes (or the client's FIN) before Tornado takes what is
-    buffered, watching stops unread, as Tornado's rule has it: what is
-    buffered is served first, and the buffer holds at most one chunk.
 
-    Watching for the client leaving: while a handler runs, Tornado watches
-    the socket so that a client that leaves is noticed.  For a connection
-    whose request came with it, that means an epoll_ctl to start and one to
-    stop, though a quick response (and with "Connection: close", the end of
-    the connection) mostly comes first.  Here the watch starts only once the
-    response has taken CLOSE_WATCH_DELAY.
-    """
-
-    _close_watch: asyncio.TimerHandle | None = None
-
-    def set_nodelay(self, value: bool) -> None:
-        pass
-
-    def _handle_events(self, fd: Any, events: int) -> None:
-        if events & IOLoop.READ and not self.reading() and not self.closed():
-            if self._read_buffer_size:
-                # Reading on could meet a FIN and close before the buffered
-                # request is served.
-                state = IOLoop.ERROR | (IOLoop.WRITE if self.writing() else 0)
-                if state != self._state:
-                    self._state = state
-                    self.io_loop.update_handler(fd, state)
-                return
-            try:
-                self._read_to_buffer()      # closes the stream on EOF or reset
-            except Exception as exc:        # as Tornado's _handle_read does
-                gen_log.warning("error on read: %s", exc)
-                self.close(exc_info=exc)
-            return
-        super()._handle_events(fd, events)
-
-    def _maybe_add_error_listener(self) -> None:
-        if self._state is None and not self.closed():      # not watched yet
-            if self._close_watch is None:
-                self._close_watch = asyncio.get_running_loop().call_later(
-                    CLOSE_WATCH_DELAY, self._watch_for_close)
-            return
-        super()._maybe_add_error_listener()
-
-    def _watch_for_close(self) -> None:
-        self._close_watch = None
-        super()._maybe_add_error_listener()     # checks again: closed, reading...
+# Looking a member up on its class costs a descriptor call; the accept loop
+# runs excess() before every connection, so it uses these.
+_NONE: Final = Excess.NONE
+_OVER: Final = Excess.OVER
+_DOUBLE: Final = Excess.DOUBLE
 
 
 class _Connection(socket.socket):
@@ -148,15 +101,20 @@ class _Connection(socket.socket):
 class Acceptor:
     """Feeds connections to a DrainingHTTPServer and reports the load."""
 
-    def __init__(self, server: DrainingHTTPServer, report: Callable[[dict], None], *,
-                 balance: bool = True) -> None:
+    def __init__(self, server: DrainingHTTPServer, report: Callable[[LoadMessage], None], *,
+                 balance: bool = True, fast: bool | None = None) -> None:
         self.server = server
         self.balance = balance
+        # fdapp's own IOStream and accept, unless this Tornado changed what
+        # they rely on (see fdserver._tornado).
+        self.fast = _tornado.usable() if fast is None else fast
+        self._stream_class = _tornado.stream_class(self.fast)
         self._report = report
         self._loop = asyncio.get_running_loop()
         self._sockets: list[socket.socket] = []
         self._paused = False
         self._valve = False               # one accept allowed right after a pause
+        self._waiting = 0                 # in the accept queue, as this wakeup began
         self._share: tuple[int, int] | None = None
         # Open connections when the accept queue was last short: what the
         # worker takes of a burst is what it holds above that.
@@ -197,35 +155,34 @@ class Acceptor:
 
     def _watch(self) -> None:
         for sock in self._sockets:
-            self._loop.add_reader(sock.fileno(), self._accept, sock, sock._accept, sock.family)
+            self._loop.add_reader(sock.fileno(), self._accept, sock,
+                                  _tornado.raw_accept(sock, self.fast), sock.family)
 
     def _unwatch(self) -> None:
         for sock in self._sockets:
             if sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
 
-    def excess(self, waiting: int = 0) -> int:
+    def excess(self, waiting: int = 0) -> Excess:
         """How far over its share of the open connections this process is.
 
-        0: within its share, accept.  1: over it, let the others go first
-        (yield to the loop).  2: at least twice its share, or its part of a
-        burst of *waiting* connections, step aside for a moment so that the
-        others get the CPU to accept.
+        DOUBLE also when it took its part of a burst of *waiting* connections:
+        stepping aside for a moment gives the others the CPU to accept.
         """
         if not self.balance or self._share is None:
-            return 0
+            return _NONE
         total, workers = self._share
         own = self.server.connection_count
         # Of a burst, what it took (not the connections it held before:
         # those the share counts).
         taken = max(0, own - self._burst_base)
         if waiting >= workers and taken >= math.ceil((taken + waiting) / workers) + SLACK:
-            return 2
+            return _DOUBLE
         # The others' part of the total, as fdserver last saw it, plus ours now.
         share = math.ceil((max(0, total - self._reported) + own) / workers)
         if own >= 2 * share + SLACK:
-            return 2
-        return 1 if own >= share + SLACK else 0
+            return _DOUBLE
+        return _OVER if own >= share + SLACK else _NONE
 
     def _bursts_matter(self) -> bool:
         return self.balance and self._share is not None and self._share[1] > CPUS
@@ -235,42 +192,37 @@ class Acceptor:
         waiting = _accept_queue_length(sock) if self._bursts_matter() else 0
         in_burst = waiting > 0 and self._share is not None and waiting >= self._share[1]
         self._burst_base = min(self._burst_base, self.server.connection_count)
-        self._take(accept, family, waiting)
-        if not in_burst:            # what it holds now is the share's business
-            self._burst_base = self.server.connection_count
-
-    def _take(self, accept: Callable[[], tuple[int, Any]], family: socket.AddressFamily,
-              waiting: int) -> None:
+        self._waiting = waiting
         # *accept* is the socket's raw accept (what socket.accept() calls):
         # wrapping the descriptor here with the family known saves the enum
         # conversions socket.accept() does for every connection.
-        for _ in range(ACCEPT_BATCH):
-            if self._valve:
-                self._valve = False
-            else:
-                excess = self.excess(waiting)
-                if excess == 2:
-                    self._pause(PAUSE)
-                    return
-                if excess:
-                    # Let the events already due run first; the listener is
-                    # level-triggered, so the loop comes back here at once.
-                    self._valve = True
-                    return
-            try:
-                fd, address = accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept failed: %s; pausing", exc.strerror)
-                    self._pause(0.1)
-                    return
-                raise
-            waiting = max(0, waiting - 1)
+        for fd, address in accepted(accept, ACCEPT_BATCH, self._accept_failed,
+                                    self._may_take if self.balance else None):
+            if self._waiting:
+                self._waiting -= 1
             self._serve(_Connection(family, fileno=fd), address)
+        if not in_burst:            # what it holds now is the share's business
+            self._burst_base = self.server.connection_count
+
+    def _may_take(self) -> bool:
+        """The balancing, before each accept: take, or hold back (see above)."""
+        if self._valve:
+            self._valve = False
+            return True
+        excess = self.excess(self._waiting)
+        if excess is _DOUBLE:
+            self._pause(PAUSE)
+        elif excess:
+            # Let the events already due run first; the listener is
+            # level-triggered, so the loop comes back here at once.
+            self._valve = True
+        return not excess
+
+    def _accept_failed(self, exc: OSError) -> None:
+        if exc.errno not in OUT_OF_DESCRIPTORS:
+            raise exc
+        log.warning("accept failed: %s; pausing", exc.strerror)
+        self._pause(0.1)
 
     def _pause(self, seconds: float) -> None:
         if self._paused:
@@ -297,14 +249,14 @@ class Acceptor:
 
     # -- both ----------------------------------------------------------------
 
-    def _serve(self, conn: socket.socket, address: tuple) -> None:
+    def _serve(self, conn: socket.socket, address: Any) -> None:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass            # already reset by the peer: Tornado finds out on reading
         # IOStream makes the socket non-blocking itself.
-        stream = _Stream(conn, max_buffer_size=self.server.max_buffer_size,
-                          read_chunk_size=self.server.read_chunk_size)
+        stream = self._stream_class(conn, max_buffer_size=self.server.max_buffer_size,
+                                    read_chunk_size=self.server.read_chunk_size)
         self.server.handle_stream(stream, address)
 
     def changed(self) -> None:
@@ -327,4 +279,5 @@ def _accept_queue_length(sock: socket.socket) -> int:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_UNACKED + 4)
     except OSError:
         return 0
-    return struct.unpack_from("I", info, TCPI_UNACKED)[0]
+    length: int = struct.unpack_from("I", info, TCPI_UNACKED)[0]
+    return length

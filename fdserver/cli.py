@@ -121,6 +121,10 @@ def fdserver_parser() -> argparse.ArgumentParser:
                         "fdserver that died or was restarted, wait this long for a worker "
                         "to hand the listener back before failing; 0 fails at once "
                         "(default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=4096, metavar="N",
+                   help="connections on the Unix socket at once, workers and fdctl together; "
+                        "the last 64 (a quarter, if fewer than 256) are kept for root and "
+                        "fdserver's own user (default %(default)s)")
     p.add_argument("--handshake-timeout", type=_positive, default=5.0, metavar="SECONDS",
                    help="close connections that send no hello in time (default %(default)s)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -141,6 +145,8 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         from .socketfile import SocketFile
 
         specs = [parse_bind(spec) for spec in args.bind]
+        if args.max_connections < 16:
+            raise UsageError(f"--max-connections {args.max_connections}: at least 16")
         if args.group and not args.user:
             raise UsageError("--group needs --user")
         uid = privileges.uid_of(args.user) if args.user else os.getuid()
@@ -175,6 +181,7 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         if args.dispatch:
             _schedule_as_batch()
         Server(listeners, socket_file, handshake_timeout=args.handshake_timeout,
+               max_peers=args.max_connections,
                allow=allow, notifier=notifier, recovery=recovery, dispatch=args.dispatch,
                dispatch_timeout=args.dispatch_timeout).run()
         return 0

@@ -17,16 +17,19 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from .errors import (ConnectError, ProtocolError, RefusedError, TransportError,
                      UntrustedServerError)
-from .protocol import MAX_FDS_PER_FRAME, SUPPORTED_VERSIONS
+from .protocol import (SUPPORTED_VERSIONS, HandbackMessage, HelloMessage, ListenersMessage,
+                       Message, Mode, Reported, Role, WelcomeMessage, batches)
 from .transport import Channel, adopt_listener, close_fds, peer_credentials
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
+CONNECT_MAX_DELAY = 0.5
 
 
 @dataclass
@@ -46,7 +49,7 @@ class Registration:
     server_pid: int
     listeners: list[ReceivedListener]
     # "shared": accept on the listeners; "dispatch": fdserver sends connections
-    mode: str = "shared"
+    mode: Mode = "shared"
     # who may serve *path*: checked again on every reconnect
     server_uids: frozenset[int] = frozenset({0})
 
@@ -54,7 +57,7 @@ class Registration:
         """The listening sockets, all of them or those called *name*."""
         return [l.sock for l in self.listeners if name is None or l.name == name]
 
-    def report(self, state: str) -> None:
+    def report(self, state: Reported) -> None:
         """Tell fdserver this process is ``ready`` or ``draining`` (blocking)."""
         self.channel.send({"type": "state", "state": state})
 
@@ -64,9 +67,22 @@ def trusted_server_uids(server_uid: int | None = None) -> frozenset[int]:
     return frozenset({0, os.geteuid(), *(() if server_uid is None else (server_uid,))})
 
 
-def connect(path: str, role: str, timeout: float = DEFAULT_CONNECT_TIMEOUT,
+def retry_delays(cap: float) -> Iterator[float]:
+    """How long to wait before each next try to reach fdserver: 50 ms, doubling, capped."""
+    delay = 0.05
+    while True:
+        yield delay
+        delay = min(delay * 2, cap)
+
+
+class HelloOptions(TypedDict, total=False):
+    features: list[str]         # the optional messages this process reads
+    resume: dict[str, str]      # {"state": ...}: a running worker re-registering
+
+
+def connect(path: str, role: Role, timeout: float = DEFAULT_CONNECT_TIMEOUT,
             server_uids: frozenset[int] | None = None,
-            **hello: Any) -> tuple[Channel, dict[str, Any]]:
+            **hello: Unpack[HelloOptions]) -> tuple[Channel, WelcomeMessage]:
     """Connect and say hello, retrying while nobody listens at *path*.
 
     Retries for up to *timeout* seconds, so app processes may start before
@@ -75,24 +91,24 @@ def connect(path: str, role: str, timeout: float = DEFAULT_CONNECT_TIMEOUT,
     (SO_PEERCRED) before anything is sent: UntrustedServerError otherwise.
     """
     deadline = time.monotonic() + timeout
-    delay = 0.05
+    delays = retry_delays(CONNECT_MAX_DELAY)
     while True:
         try:
             return _handshake(path, role, hello, server_uids)
         except _Retry as why:
+            delay = next(delays)
             if time.monotonic() + delay > deadline:
                 raise ConnectError(f"no fdserver answered at {path} within {timeout:g}s "
                                    f"({why}); is fdserver running?") from None
             time.sleep(delay)
-            delay = min(delay * 2, 0.5)
 
 
 class _Retry(Exception):
     """Nobody is serving the path right now; worth another try."""
 
 
-def _handshake(path: str, role: str, extra: dict[str, Any],
-               server_uids: frozenset[int] | None) -> tuple[Channel, dict[str, Any]]:
+def _handshake(path: str, role: Role, options: HelloOptions,
+               server_uids: frozenset[int] | None) -> tuple[Channel, WelcomeMessage]:
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:          # e.g. out of descriptors (EMFILE)
@@ -123,8 +139,9 @@ def _handshake(path: str, role: str, extra: dict[str, Any],
     try:
         try:
             # "pid" is informational: fdserver trusts SO_PEERCRED only.
-            channel.send({"type": "hello", "versions": list(SUPPORTED_VERSIONS), "role": role,
-                          "pid": os.getpid(), **extra})
+            hello: HelloMessage = {"type": "hello", "versions": list(SUPPORTED_VERSIONS),
+                                   "role": role, "pid": os.getpid(), **options}
+            channel.send(hello)
             message, fds = channel.receive()
         except (BrokenPipeError, ConnectionResetError, TransportError):
             # A server that is shutting down (or shedding a flood) closed us.
@@ -137,8 +154,12 @@ def _handshake(path: str, role: str, extra: dict[str, Any],
         raise
 
 
-def expect(channel: Channel, kind: str, path: str) -> tuple[dict[str, Any], list[int]]:
-    """Receive one message of type *kind*, turning errors into FdserverErrors."""
+def expect(channel: Channel, kind: str, path: str) -> tuple[Any, list[int]]:
+    """Receive one message of type *kind*, turning errors into FdserverErrors.
+
+    The message is the *kind*'s class of :mod:`fdserver.protocol` (the
+    schema was checked): the caller annotates it.
+    """
     try:
         message, fds = channel.receive()
     except (TimeoutError, socket.timeout):
@@ -150,8 +171,7 @@ def expect(channel: Channel, kind: str, path: str) -> tuple[dict[str, Any], list
     return check(message, fds, kind, path)
 
 
-def check(message: dict[str, Any], fds: list[int], kind: str,
-          path: str) -> tuple[dict[str, Any], list[int]]:
+def check(message: Message, fds: list[int], kind: str, path: str) -> tuple[Any, list[int]]:
     """Return (message, fds) if it is a *kind*; raise on an error or anything else."""
     if message["type"] == "error":
         close_fds(fds)
@@ -184,6 +204,7 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     try:
         more = True
         while more:
+            message: ListenersMessage
             message, fds = expect(channel, "listeners", path)
             more = message["more"]
             described = message["listeners"]
@@ -205,14 +226,18 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
             listener.sock.close()
         channel.close()
         raise
-    mode = "dispatch" if welcome.get("mode") == "dispatch" else "shared"
-    return Registration(path, channel, welcome["server_pid"], listeners, mode,
+    return Registration(path, channel, welcome["server_pid"], listeners, mode_of(welcome),
                         frozenset(server_uids))
 
 
-def resume(path: str, state: str, listeners: list[ReceivedListener],
+def mode_of(welcome: WelcomeMessage) -> Mode:
+    """The mode fdserver runs in (one too old to say runs in shared mode)."""
+    return "dispatch" if welcome.get("mode") == "dispatch" else "shared"
+
+
+def resume(path: str, state: Reported, listeners: list[ReceivedListener],
            features: tuple[str, ...] = (),
-           server_uids: frozenset[int] = frozenset({0})) -> tuple[Channel, dict[str, Any]]:
+           server_uids: frozenset[int] = frozenset({0})) -> tuple[Channel, WelcomeMessage]:
     """Re-register a running worker with a (re)started fdserver; one attempt.
 
     The worker keeps its sockets.  The welcome asks for them: a new fdserver
@@ -228,12 +253,16 @@ def resume(path: str, state: str, listeners: list[ReceivedListener],
     try:
         if welcome.get("handback"):
             token = welcome.get("token")
-            for i in range(0, len(listeners), MAX_FDS_PER_FRAME):
-                batch = listeners[i:i + MAX_FDS_PER_FRAME]
-                channel.send({"type": "handback", "fds": len(batch), "listeners": [
-                    {"name": l.name, "family": l.family, "address": l.address} for l in batch],
-                    **({"token": token} if isinstance(token, str) else {})},
-                    [l.sock.fileno() for l in batch])
+            frames = batches(listeners)
+            for n, batch in enumerate(frames, 1):
+                handback: HandbackMessage = {
+                    "type": "handback", "fds": len(batch), "listeners": [
+                        {"name": l.name, "family": l.family, "address": l.address}
+                        for l in batch],
+                    "more": n < len(frames)}
+                if isinstance(token, str):
+                    handback["token"] = token
+                channel.send(handback, [l.sock.fileno() for l in batch])
     except OSError as exc:
         channel.close()
         raise ConnectError(f"fdserver at {path}: handback failed: {exc.strerror}") from None

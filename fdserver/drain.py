@@ -27,8 +27,11 @@ import time
 from typing import Any, Callable
 
 from tornado import httputil
-from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
+from tornado.http1connection import HTTP1ServerConnection
 from tornado.httpserver import HTTPServer
+
+from ._tornado import (buffered, close_after_response, headers_arrived, promise_no_keep_alive,
+                       response_started)
 
 
 class DrainingHTTPServer(HTTPServer):
@@ -39,6 +42,9 @@ class DrainingHTTPServer(HTTPServer):
         # connection -> (its current request, monotonic time that request
         # began waiting for its headers)
         self._requests: dict[HTTP1ServerConnection, tuple[Any, float]] = {}
+        # Counted here rather than read off Tornado's private set: every
+        # handle_stream ends in exactly one on_close.
+        self._open = 0
         self._draining = False
         self._grace = 0.0
         self._drained: asyncio.Future[None] | None = None
@@ -47,7 +53,7 @@ class DrainingHTTPServer(HTTPServer):
 
     @property
     def connection_count(self) -> int:
-        return len(self._connections)
+        return self._open
 
     @property
     def draining(self) -> bool:
@@ -58,23 +64,25 @@ class DrainingHTTPServer(HTTPServer):
         # Tornado calls this when a connection is ready for its next request;
         # it is idle until that request's headers arrive.  Only the request
         # is noted: whether its headers came is read off it when it matters
-        # (_is_idle), so serving a request costs no wrapper.
+        # (headers_arrived), so serving a request costs no wrapper.
         now = time.monotonic()
         self._requests[server_conn] = (request_conn, now)
         if self._draining:
             self._check_idle_later(server_conn, request_conn, now)
-            _promise_no_keep_alive(request_conn)
+            promise_no_keep_alive(request_conn)
         return super().start_request(server_conn, request_conn)
 
     def handle_stream(self, stream: Any, address: tuple) -> None:
+        self._open += 1
         super().handle_stream(stream, address)
         self.on_connections_changed()
 
     def on_close(self, server_conn: object) -> None:
+        self._open -= 1
         self._requests.pop(server_conn, None)
         super().on_close(server_conn)
         self.on_connections_changed()
-        if self._drained and not self._connections and not self._drained.done():
+        if self._drained and not self._open and not self._drained.done():
             self._drained.set_result(None)
 
     async def drain(self, timeout: float, grace: float) -> int:
@@ -92,25 +100,25 @@ class DrainingHTTPServer(HTTPServer):
         self.conn_params.no_keep_alive = True
         self.stop()
         for conn, (request, since) in list(self._requests.items()):
-            if _is_idle(request):
+            if not headers_arrived(request):
                 self._check_idle_later(conn, request, since)
-                _promise_no_keep_alive(request)
-            elif not _response_started(request):
-                _close_after_response(request)
-                _promise_no_keep_alive(request)
+                promise_no_keep_alive(request)
+            elif not response_started(request):
+                close_after_response(request)
+                promise_no_keep_alive(request)
             # else its headers went out saying keep-alive: closing right after
             # the response would fail the client's next request.  Once done,
             # the connection waits for that request as an idle one does.
-        if not self._connections:
+        if not self._open:
             return 0
         try:
             await asyncio.wait_for(asyncio.shield(self._drained), timeout)
             return 0
         except asyncio.TimeoutError:
-            left = list(self._connections)
-            for conn in left:
+            left = self._open
+            for conn in list(self._requests):
                 conn.stream.close()
-            return len(left)
+            return left
 
     def _check_idle_later(self, conn: object, request: Any, since: float) -> None:
         delay = max(0.0, since + self._grace - time.monotonic())
@@ -118,60 +126,14 @@ class DrainingHTTPServer(HTTPServer):
 
     def _close_if_idle(self, conn: HTTP1ServerConnection, request: Any) -> None:
         current = self._requests.get(conn)
-        if current is None or current[0] is not request or not _is_idle(request):
+        if current is None or current[0] is not request or headers_arrived(request):
             return      # gone, busy (no_keep_alive ends it), or on to its next request
         # Bytes buffered by Tornado or waiting in the kernel mean a request is
         # on its way in: serve it (with Connection: close) rather than cut it.
-        if getattr(conn.stream, "_read_buffer_size", 0) or _input_waiting(conn.stream.socket):
+        if buffered(conn.stream) or _input_waiting(conn.stream.socket):
             self._check_idle_later(conn, request, time.monotonic())
             return
         conn.stream.close()
-
-
-def _is_idle(request: Any) -> bool:
-    """True until the request's headers have arrived.
-
-    Tornado's HTTP1Connection sets ``_request_start_line`` once it has parsed
-    them (tests/test_drain.py fails if a release stops doing so).
-    """
-    return isinstance(request, HTTP1Connection) and request._request_start_line is None
-
-
-def _response_started(request: Any) -> bool:
-    return isinstance(request, HTTP1Connection) and request._response_start_line is not None
-
-
-def _close_after_response(request: Any) -> None:
-    if isinstance(request, HTTP1Connection):
-        # Tornado's own flag: adds "Connection: close" to an HTTP/1.1
-        # response not yet started, and closes the connection once the
-        # response is written.  Tornado sets it from the request's headers,
-        # so this must come after them.
-        request._disconnect_on_finish = True
-
-
-def _promise_no_keep_alive(request: Any) -> None:
-    """Stop Tornado promising keep-alive to an HTTP/1.0 client it will close.
-
-    Tornado answers ``Connection: Keep-Alive`` whenever an HTTP/1.0 request
-    asked for it, even with keep-alive off: it reads the request's header as
-    the response starts.  So, for a drain's requests only, that header is
-    turned into "close" just before; to HTTP/1.0, no header means close.
-    """
-    if not isinstance(request, HTTP1Connection):
-        return
-    write_headers = request.write_headers
-
-    def write_headers_saying_close(start_line: Any, headers: httputil.HTTPHeaders,
-                                   chunk: bytes | None = None) -> Any:
-        asked = request._request_headers
-        if (request._request_start_line is not None
-                and request._request_start_line.version == "HTTP/1.0"
-                and asked is not None and asked.get("Connection", "").lower() == "keep-alive"):
-            asked["Connection"] = "close"
-        return write_headers(start_line, headers, chunk)
-
-    request.write_headers = write_headers_saying_close
 
 
 def _input_waiting(sock: socket.socket | None) -> bool:

@@ -43,3 +43,15 @@ class RefusedError(FdserverError):
 
 class AppError(FdserverError):
     """The MODULE:ATTR given to fdapp cannot be loaded as a Tornado app."""
+
+
+class PrivilegeError(FdserverError):
+    """A user or group is unknown, or dropping privileges failed."""
+
+
+class ActivationError(FdserverError):
+    """The socket-activation environment is malformed or not meant for us."""
+
+
+class RollingRestartError(FdserverError):
+    """A step of the rolling restart failed; later processes were left alone."""

@@ -1,14 +1,17 @@
-"""Warnings about peers, at a bounded rate.
+"""Warnings about peers, at a bounded rate per uid.
 
 Anyone who can open fdserver's socket can make it refuse a connection; one
-warning line per refusal would let them fill the disk.  Past *burst* lines in
-a *window*, the lines are counted instead, and one summary line says how many
-were suppressed once the window ends (or at shutdown).
+warning line per refusal would let them fill the disk.  Each uid gets its
+own budget, so that one user's flood cannot hide another's refusal: past
+*burst* lines for a uid in a *window*, its lines are counted instead, and
+one summary line names the uids and counts suppressed once the window ends
+(or at shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Any
@@ -21,31 +24,38 @@ class PeerLog:
         self.loop = loop
         self.burst = burst
         self.window = window
-        self._started = -window
-        self._logged = 0
-        self.suppressed = 0
+        self._started = time.monotonic()
+        self._logged: collections.Counter[int] = collections.Counter()
+        self.suppressed: collections.Counter[int] = collections.Counter()
         self._summary: asyncio.TimerHandle | None = None
 
-    def warning(self, message: str, *args: Any) -> None:
+    def warning(self, uid: int, message: str, *args: Any) -> None:
         now = time.monotonic()
         if now - self._started >= self.window and not self.suppressed:
-            self._started, self._logged = now, 0
-        if self._logged < self.burst:
-            self._logged += 1
+            self._started = now
+            self._logged.clear()
+        if self._logged[uid] < self.burst:
+            self._logged[uid] += 1
             self.log.warning(message, *args)
             return
-        self.suppressed += 1
+        self.suppressed[uid] += 1
         if self._summary is None and self.loop is not None:
             self._summary = self.loop.call_later(
                 max(0.0, self._started + self.window - now), self.flush)
 
     def flush(self) -> None:
-        """Say how many warnings were suppressed, if any; start a new window."""
+        """Say how many warnings were suppressed, and whose; start a new window."""
         if self._summary is not None:
             self._summary.cancel()
             self._summary = None
         if self.suppressed:
-            self.log.warning("suppressed %d more warnings about peers in the last %gs",
-                             self.suppressed, round(time.monotonic() - self._started, 1))
-        self.suppressed = 0
-        self._started, self._logged = time.monotonic(), 0
+            whose = ", ".join(f"uid {uid}: {count}" for uid, count in
+                              self.suppressed.most_common(10))
+            more = len(self.suppressed) - 10
+            self.log.warning("suppressed %d more warnings about peers in the last %gs (%s%s)",
+                             sum(self.suppressed.values()),
+                             round(time.monotonic() - self._started, 1), whose,
+                             f", and {more} more uids" if more > 0 else "")
+        self.suppressed.clear()
+        self._logged.clear()
+        self._started = time.monotonic()

@@ -28,9 +28,13 @@ import itertools
 import logging
 import socket
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
+from .accept import accepted, raw_accept
 from .listeners import Listener
+from .peer import Peer, estimate
+from .protocol import Message
 
 log = logging.getLogger("fdserver")
 
@@ -40,16 +44,11 @@ UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\
                b"no app process is ready\n")
 
 
-def estimate(peer: Any) -> int:
-    """Open connections of a worker: its last report plus what is in flight to it."""
-    return peer.connections + (peer.dispatched - peer.received)
-
-
 class SharePublisher:
     """Shared mode: tell the ready workers the total load, coalesced."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 workers: Callable[[], Iterable[Any]]) -> None:
+                 workers: Callable[[], Iterable[Peer]]) -> None:
         self._loop = loop
         self._workers = workers
         self._scheduled = False
@@ -89,13 +88,14 @@ class Dispatcher:
     """Dispatch mode: accept on the listeners, pass each connection to a worker."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listeners: list[Listener],
-                 workers: Callable[[], Iterable[Any]], *, wait_timeout: float = 10.0,
+                 workers: Callable[[], Iterable[Peer]], *, wait_timeout: float = 10.0,
                  max_waiting: int = 1024) -> None:
         self._loop = loop
         self._listeners = listeners
         self._workers = workers
         self.wait_timeout = wait_timeout
         self.max_waiting = max_waiting
+        # (since when, listener name, connection, peer address)
         self._waiting: collections.deque[tuple[float, str, socket.socket, Any]] = \
             collections.deque()
         self._accepting = False
@@ -141,30 +141,16 @@ class Dispatcher:
             self.start()
 
     def _accept(self, listener: Listener) -> None:
-        accepted: list[tuple[int, Any]] = []
         # The raw accept: a descriptor is all fdserver passes on, so no
         # socket object is built (and detached) for each connection.
-        accept = listener.sock._accept
-        for _ in range(64):
-            try:
-                accepted.append(accept())
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                # Out of descriptors: stop for a moment, the backlog holds the rest.
-                log.warning("accept on %s failed: %s", listener.address, exc.strerror)
-                self.pause()
-                self._backing_off = True
-                self._loop.call_later(0.1, self._back_on)
-                break
+        taken = list(accepted(raw_accept(listener.sock), 64,
+                              lambda exc: self._accept_failed(listener, exc)))
         # Of this listener, not of its name: IPv4 and IPv6 ones may share one.
         family = listener.sock.family
         # One message per worker for what this wakeup accepted.
-        batches: dict[Any, list[tuple[int, Any]]] = {}
+        batches: dict[Peer, list[tuple[int, Any]]] = {}
         ready, busy = self._ready()
-        for fd, address in accepted:
+        for fd, address in taken:
             worker = self._choose(ready, busy)
             if worker is None:
                 self._wait(listener.name, socket.socket(family, socket.SOCK_STREAM, 0, fd),
@@ -175,12 +161,19 @@ class Dispatcher:
         for worker, batch in batches.items():
             self._send(worker, listener.name, family, batch)
 
+    def _accept_failed(self, listener: Listener, exc: OSError) -> None:
+        # Out of descriptors: stop for a moment, the backlog holds the rest.
+        log.warning("accept on %s failed: %s", listener.address, exc.strerror)
+        self.pause()
+        self._backing_off = True
+        self._loop.call_later(0.1, self._back_on)
+
     def _back_on(self) -> None:
         self._backing_off = False
         if len(self._waiting) < self.max_waiting:
             self.start()
 
-    def _ready(self) -> tuple[list[Any], set[Any]]:
+    def _ready(self) -> tuple[list[Peer], set[Peer]]:
         """The workers that can take connections, and those of them still busy
         reading what they were sent."""
         ready = [p for p in self._workers()
@@ -188,19 +181,19 @@ class Dispatcher:
         return ready, {p for p in ready if p.channel.peer_has_unread()}
 
     @staticmethod
-    def _choose(ready: list[Any], busy: set[Any]) -> Any | None:
+    def _choose(ready: list[Peer], busy: set[Peer]) -> Peer | None:
         # Idle first, then the fewest open connections, then the one served
         # longest ago.  A send that failed closes a worker between _ready()
         # and here: it no longer counts.
         return min((p for p in ready if p.channel.usable),
                    key=lambda p: (p in busy, estimate(p), p.last_dispatch), default=None)
 
-    def _assign(self, worker: Any, busy: set[Any]) -> None:
+    def _assign(self, worker: Peer, busy: set[Peer]) -> None:
         worker.dispatched += 1
         worker.last_dispatch = next(self._sequence)
         busy.add(worker)                     # it has this one to read now
 
-    def _send(self, worker: Any, name: str, family: socket.AddressFamily,
+    def _send(self, worker: Peer, name: str, family: socket.AddressFamily,
               batch: list[tuple[int, Any]]) -> None:
         peers = [[a[0], a[1]] if isinstance(a, tuple) else [str(a), 0] for _, a in batch]
         worker.channel.send(
@@ -208,7 +201,7 @@ class Dispatcher:
              "peers": peers, "fds": len(batch)},
             [fd for fd, _ in batch], owned=True)
 
-    def take_back(self, messages: list[tuple[dict[str, Any], list[int]]]) -> None:
+    def take_back(self, messages: list[tuple[Message, list[int]]]) -> None:
         """Connections sent to a worker whose channel closed before they went
         out: place them again, first in line."""
         # As old as the oldest waiting, so the line stays in order of age.

@@ -14,11 +14,7 @@ import os
 import pwd
 from dataclasses import dataclass, field
 
-from .errors import FdserverError
-
-
-class PrivilegeError(FdserverError):
-    """A user or group is unknown, or dropping privileges failed."""
+from .errors import PrivilegeError
 
 
 def uid_of(name: str) -> int:

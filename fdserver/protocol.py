@@ -31,7 +31,8 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
                           "fds": n, "more": bool}        (repeated while more)
   worker re-registering after an fdserver restart ("resume"; keeps its sockets):
     worker -> handback   {"listeners": [{"name", "family", "address"}, ...],
-                          "fds": n, "token": the welcome's}
+                          "fds": n, "token": the welcome's,
+                          "more": bool}        (more frames follow: > 252 listeners)
                          (only if the welcome asked for it; fdserver counts a
                           resumed worker "starting" until its handback shows
                           it holds every listener fdserver serves)
@@ -59,13 +60,15 @@ the registration, and its end (EOF) means the process is gone.
 
 """
 
-from __future__ import annotations
-
 import json
 import struct
-from typing import Any
+from typing import (Any, Literal, NotRequired, TypedDict, TypeVar, cast, get_args, get_origin,
+                    get_type_hints)
 
 from .errors import ProtocolError
+
+# No ``from __future__ import annotations`` here: the schema below is read off
+# the message classes at import time, NotRequired included.
 
 MAGIC = b"FD"
 FRAME_VERSION = 1
@@ -78,28 +81,163 @@ MAX_INT = 2 ** 53                  # integers JSON peers agree on
 # SCM_MAX_FD in the Linux kernel is 253; keep one spare, as the design asks.
 MAX_FDS_PER_FRAME = 252
 
-ROLES = ("worker", "ctl")
-WORKER_STATES = ("ready", "draining")
+# -- the words of the conversation ----------------------------------------------------
+
+Role = Literal["worker", "ctl"]
+# Who accepts connections: every worker on the shared listeners, or fdserver.
+Mode = Literal["shared", "dispatch"]
+# What a worker reports of itself.
+Reported = Literal["ready", "draining"]
+# A worker's life as fdserver sees it; fdctl can wait for each.
+WorkerState = Literal["starting", "ready", "draining", "gone"]
+# Any peer's, in the status: before its hello, and a ctl's.
+PeerState = Literal["handshake", "starting", "ready", "draining", "gone", "ctl"]
+
+ROLES: tuple[Role, ...] = get_args(Role)
+MODES: tuple[Mode, ...] = get_args(Mode)
+REPORTED_STATES: tuple[Reported, ...] = get_args(Reported)
+WAITABLE_STATES: tuple[WorkerState, ...] = get_args(WorkerState)
+
+_T = TypeVar("_T")
+
+
+def one_of(value: object, choices: tuple[_T, ...]) -> _T | None:
+    """*value* if it is one of *choices* (typed as they are), else None."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    return None
+
+
+# -- messages -------------------------------------------------------------------------
+#
+# One class per message type.  Required fields are the schema validate()
+# checks, in this order, with their JSON types (float: any number); optional
+# fields are not checked, so a reader checks them itself (typed ``object``).
+
+class HelloMessage(TypedDict):
+    type: Literal["hello"]
+    versions: list[Any]
+    role: str
+    pid: NotRequired[object]                # informational: SO_PEERCRED is what counts
+    features: NotRequired[object]
+    resume: NotRequired[object]
+
+
+class WelcomeMessage(TypedDict):
+    type: Literal["welcome"]
+    version: int
+    server_pid: int
+    listeners: int
+    handback: NotRequired[object]
+    mode: NotRequired[object]
+    token: NotRequired[object]
+
+
+class ListenersMessage(TypedDict):
+    type: Literal["listeners"]
+    listeners: list[Any]                    # [{"name", "family", "address"}, ...]
+    fds: int
+    more: bool
+
+
+class StateMessage(TypedDict):
+    type: Literal["state"]
+    state: str
+
+
+class HandbackMessage(TypedDict):
+    type: Literal["handback"]
+    listeners: list[Any]
+    fds: int
+    token: NotRequired[object]
+    more: NotRequired[object]               # more than MAX_FDS_PER_FRAME: more frames follow
+
+
+class LoadMessage(TypedDict):
+    type: Literal["load"]
+    connections: int
+    received: int
+
+
+class ShareMessage(TypedDict):
+    type: Literal["share"]
+    connections: int
+    workers: int
+
+
+class ConnectionsMessage(TypedDict):
+    type: Literal["connections"]
+    listener: str
+    peers: list[Any]                        # [[host, port], ...]
+    fds: int
+    family: NotRequired[object]
+
+
+class ReleasedMessage(TypedDict):
+    type: Literal["released"]
+
+
+class StatusMessage(TypedDict):
+    type: Literal["status"]
+    # The answer's; a request has none.
+    server: NotRequired[dict[str, Any]]
+    listeners: NotRequired[list[dict[str, Any]]]
+    workers: NotRequired[list[dict[str, Any]]]
+
+
+class WaitMessage(TypedDict):
+    type: Literal["wait"]
+    pid: int
+    state: str
+    timeout: float
+
+
+class WaitedMessage(TypedDict):
+    type: Literal["waited"]
+    pid: int
+    ok: bool
+    state: NotRequired[object]
+
+
+class ErrorMessage(TypedDict):
+    type: Literal["error"]
+    message: str
+
+
+Message = (HelloMessage | WelcomeMessage | ListenersMessage | StateMessage | HandbackMessage
+           | LoadMessage | ShareMessage | ConnectionsMessage | ReleasedMessage | StatusMessage
+           | WaitMessage | WaitedMessage | ErrorMessage)
+
+
+def _json_type(hint: Any) -> type | tuple[type, ...]:
+    if hint is float:
+        return (int, float)                 # JSON has one kind of number
+    origin: type = get_origin(hint) or hint     # list[Any] -> list
+    return origin
+
 
 # Required fields per message type, with the JSON types they must have.
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "hello": {"versions": list, "role": str},
-    "welcome": {"version": int, "server_pid": int, "listeners": int},
-    "listeners": {"listeners": list, "fds": int, "more": bool},
-    "state": {"state": str},
-    "handback": {"listeners": list, "fds": int},
-    "load": {"connections": int, "received": int},
-    "share": {"connections": int, "workers": int},
-    "connections": {"listener": str, "peers": list, "fds": int},
-    "released": {},
-    "status": {},
-    "wait": {"pid": int, "state": str, "timeout": (int, float)},
-    "waited": {"pid": int, "ok": bool},
-    "error": {"message": str},
+    get_args(get_type_hints(kind)["type"])[0]: {
+        field: _json_type(hint) for field, hint in get_type_hints(kind).items()
+        if field in kind.__required_keys__ and field != "type"}
+    for kind in get_args(Message)
 }
 
 
-def encode(message: dict[str, Any], limit: int = MAX_PAYLOAD) -> bytes:
+def fd_count(message: Message) -> int:
+    """How many descriptors ride with *message* (validate() checked the count)."""
+    count = message.get("fds", 0)
+    return count if isinstance(count, int) else 0
+
+
+def batches(items: list[_T]) -> list[list[_T]]:
+    """*items* cut into runs of at most MAX_FDS_PER_FRAME: one frame's descriptors each."""
+    return [items[i:i + MAX_FDS_PER_FRAME] for i in range(0, len(items), MAX_FDS_PER_FRAME)]
+
+
+def encode(message: Message, limit: int = MAX_PAYLOAD) -> bytes:
     """Return one frame holding *message* (a dict with a ``"type"``).
 
     *limit* is the largest payload the receiver accepts: fdserver takes
@@ -118,7 +256,7 @@ def encode(message: dict[str, Any], limit: int = MAX_PAYLOAD) -> bytes:
     return HEADER.pack(MAGIC, FRAME_VERSION, 0, len(payload)) + payload
 
 
-def validate(message: Any) -> dict[str, Any]:
+def validate(message: Any) -> Message:
     """Check *message* against the schema of its type; return it."""
     if not isinstance(message, dict):
         raise ProtocolError("message is not a JSON object")
@@ -141,7 +279,7 @@ def validate(message: Any) -> dict[str, Any]:
     if not 0 <= fds <= MAX_FDS_PER_FRAME:
         raise ProtocolError(f"{kind} message announces {fds} descriptors "
                             f"(0..{MAX_FDS_PER_FRAME} allowed)")
-    return message
+    return cast(Message, message)       # as checked above
 
 
 class Decoder:
@@ -161,11 +299,11 @@ class Decoder:
         """Bytes received that do not yet make a whole frame."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes) -> list[Message]:
         if self._failed:
             raise self._failed
         self._buffer += data
-        messages = []
+        messages: list[Message] = []
         try:
             while True:
                 message = self._next()
@@ -176,7 +314,7 @@ class Decoder:
             self._failed = exc
             raise
 
-    def _next(self) -> dict[str, Any] | None:
+    def _next(self) -> Message | None:
         buf = self._buffer
         # Check the magic as soon as its bytes are in, so garbage fails fast.
         if buf[: len(MAGIC)] != MAGIC[: len(buf)]:
@@ -214,7 +352,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
-def negotiate(hello: dict[str, Any]) -> int:
+def negotiate(hello: HelloMessage) -> int:
     """Pick the protocol version for a client's hello, or raise ProtocolError."""
     offered = [v for v in hello["versions"] if isinstance(v, int) and not isinstance(v, bool)]
     common = set(offered) & set(SUPPORTED_VERSIONS)

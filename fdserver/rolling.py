@@ -23,13 +23,9 @@ from typing import Any, Callable
 from supervisor.xmlrpc import SupervisorTransport
 
 from .ctl import Control
-from .errors import FdserverError
+from .errors import RollingRestartError
 
 DEFAULT_READY_TIMEOUT = 60.0
-
-
-class RollingRestartError(FdserverError):
-    """A step of the rolling restart failed; later processes were left alone."""
 
 
 @dataclass

@@ -58,6 +58,7 @@ class Peer:
     token: str | None = None         # its welcome asked for a handback with this
     resumed: str | None = None       # the state it says it resumes in, until shown
     holds: bool = False              # was given, or has shown, this fdserver's listeners
+    shown: set[tuple[int, int]] = field(default_factory=set)   # sockets it handed back
     channel: LoopChannel | None = None
     timer: asyncio.TimerHandle | None = None
     waits: list["_Wait"] = field(default_factory=list)
@@ -205,14 +206,19 @@ class Server:
         # workers out: past the limits, the oldest silent one makes room.
         pending = [p for p in self.peers if p.role is None]
         same_uid = [p for p in pending if p.uid == uid]
-        limit = self.max_peers - (0 if uid in (0, os.getuid()) else RESERVED_PEERS)
+        reserved = (0, os.getuid())
+        limit = self.max_peers - (0 if uid in reserved else min(RESERVED_PEERS,
+                                                                self.max_peers // 4))
         if len(same_uid) >= self.max_pending_per_uid:
             self._evict(min(same_uid, key=lambda p: p.connected_at))
         elif len(self.peers) >= limit:
-            if not pending:
+            # Room kept for root must not be taken by evicting root's own.
+            evictable = pending if uid in reserved else [p for p in pending
+                                                         if p.uid not in reserved]
+            if not evictable:
                 self._refuse_full(conn, pid, uid, limit)
                 return
-            self._evict(min(pending, key=lambda p: p.connected_at))
+            self._evict(min(evictable, key=lambda p: p.connected_at))
         peer = Peer(pid=pid, uid=uid, gid=gid, connected_at=time.time())
         self.peers.add(peer)
         peer.channel = LoopChannel(
@@ -228,7 +234,7 @@ class Server:
         busiest, count = collections.Counter(p.uid for p in self.peers).most_common(1)[0]
         reason = (f"fdserver is at its limit of {limit} connections for uid {uid} "
                   f"({len(self.peers)} open, {count} of them from uid {busiest})")
-        self._warn.warning("refused pid %d uid %d: %s", pid, uid, reason)
+        self._warn.warning(uid, "refused pid %d uid %d: %s", pid, uid, reason)
         try:
             conn.send(encode({"type": "error", "message": reason}, MAX_ANSWER),
                       socket.MSG_DONTWAIT)
@@ -245,8 +251,8 @@ class Server:
                 close_fds(fds)
 
     def _evict(self, peer: Peer) -> None:
-        self._warn.warning("too many connections without a hello; closing the oldest "
-                           "(pid %d uid %d)", peer.pid, peer.uid)
+        self._warn.warning(peer.uid, "too many connections without a hello; closing the "
+                           "oldest (pid %d uid %d)", peer.pid, peer.uid)
         peer.channel.close(None)       # logged above, at a bounded rate
 
     def _arm(self, peer: Peer, timeout: float, reason: str) -> None:
@@ -267,8 +273,8 @@ class Server:
             peer.state = "gone"
             self._worker_changed(peer)
         elif reason:
-            self._warn.warning("closed connection from pid %d uid %d: %s", peer.pid, peer.uid,
-                               reason)
+            self._warn.warning(peer.uid, "closed connection from pid %d uid %d: %s", peer.pid,
+                               peer.uid, reason)
 
     # -- messages ----------------------------------------------------------
 
@@ -308,15 +314,15 @@ class Server:
             raise ProtocolError(f"expected hello, got {message['type']}")
         version = negotiate(message)
         if message["role"] == "worker" and not self.allow.allows(peer.uid, peer.gid):
-            self._warn.warning("refused worker pid %d uid %d gid %d: not allowed", peer.pid,
-                               peer.uid, peer.gid)
+            self._warn.warning(peer.uid, "refused worker pid %d uid %d gid %d: not allowed",
+                               peer.pid, peer.uid, peer.gid)
             raise ProtocolError(f"uid {peer.uid} gid {peer.gid} may not receive the listeners; "
                                 f"allowed: {self.allow.describe()}")
         if message["role"] == "worker" and peer.uid not in (0, os.getuid()):
             workers = sum(1 for p in self.peers if p.role == "worker" and p.uid == peer.uid)
             if workers >= self.max_workers_per_uid:
-                self._warn.warning("refused worker pid %d uid %d: it has %d workers already",
-                                   peer.pid, peer.uid, workers)
+                self._warn.warning(peer.uid, "refused worker pid %d uid %d: it has %d workers "
+                                   "already", peer.pid, peer.uid, workers)
                 raise ProtocolError(f"too many workers from uid {peer.uid} (at most "
                                     f"{self.max_workers_per_uid})")
         if message["role"] == "ctl":
@@ -336,6 +342,7 @@ class Server:
             # A handback must echo this: it answers this welcome, not a guess.
             peer.token = secrets.token_hex(16)
             welcome.update(handback=True, token=peer.token)
+            peer.channel.channel.accept_fds = True     # its handback may follow
         peer.channel.send(welcome)
         if isinstance(resume, dict):
             # A running worker re-registering after an fdserver restart: it
@@ -370,19 +377,23 @@ class Server:
     def _on_handback(self, peer: Peer, message: dict[str, Any], fds: list[int]) -> None:
         if peer.token is None or message.get("token") != peer.token:
             close_fds(fds)
-            self._warn.warning("refused handback from pid %d uid %d: it does not answer this "
-                               "fdserver's welcome", peer.pid, peer.uid)
+            self._warn.warning(peer.uid, "refused handback from pid %d uid %d: it does not "
+                               "answer this fdserver's welcome", peer.pid, peer.uid)
             raise ProtocolError("handback refused: it does not carry the token of this "
                                 "fdserver's welcome")
-        shown = _identities(fds)
+        peer.shown |= _identities(fds)
         if self.recovery:
             self._recover(peer, message, fds)
         else:
             close_fds(fds)           # recovered already, or nothing to recover
+        last = not message.get("more")          # more than 252 come in several frames
+        if last:
+            peer.token = None
+            peer.channel.channel.accept_fds = False
         ours = _identities(l.sock.fileno() for l in self.listeners)
-        if peer.resumed and peer.state == "starting":
+        if peer.resumed and peer.state == "starting" and (last or (ours and ours <= peer.shown)):
             state, peer.resumed = peer.resumed, None
-            if ours and ours <= shown:
+            if ours and ours <= peer.shown:
                 peer.holds = True
                 peer.state = state
                 if state == "ready":
@@ -397,8 +408,8 @@ class Server:
         try:
             taken = self.recovery.take(fds, message["listeners"])
         except ProtocolError as exc:
-            self._warn.warning("refused handback from pid %d uid %d: %s", peer.pid, peer.uid,
-                               exc)
+            self._warn.warning(peer.uid, "refused handback from pid %d uid %d: %s", peer.pid,
+                               peer.uid, exc)
             raise
         for listener in taken:
             log.info("took back %s on %s from worker pid %d", listener.name, listener.address,

@@ -49,11 +49,16 @@ class SocketFile:
     def __init__(self, path: str, *, mode: int = 0o660, group: int | None = None,
                  backlog: int = 128, owners: Collection[int] = (),
                  on_created: Callable[[str], None] | None = None) -> None:
-        self.path = os.path.abspath(path)
-        if len(os.fsencode(self.path)) > MAX_PATH_BYTES:
+        if len(os.fsencode(os.path.abspath(path))) > MAX_PATH_BYTES:
             raise SocketFileError(f"socket path {path} is longer than {MAX_PATH_BYTES} bytes")
+        # The folder as the kernel resolves it: abspath() would drop a ".."
+        # that follows a symlink, and check one folder while peers reach another.
+        folder, name = os.path.split(path)
+        if not name:
+            raise SocketFileError(f"socket path {path} names a folder, not a socket")
+        folder = os.path.realpath(folder or ".")
+        self.path = os.path.join(folder, name)
         trusted = {0, os.geteuid(), *owners}
-        folder, name = os.path.split(self.path)
         check_folder(folder, trusted)
         try:
             dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -161,20 +166,24 @@ def _clear_stale(path: str, dir_fd: int, name: str, trusted: Collection[int]) ->
         raise SocketFileError(f"{path} exists and is {kind}; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
+    # Through a descriptor of the file itself: a short path, whatever its own length.
+    file_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
     try:
-        probe.connect(f"/proc/self/fd/{dir_fd}/{name}")
+        probe.connect(f"/proc/self/fd/{file_fd}")
     except ConnectionRefusedError:
         pass           # stale: a socket file nobody listens on (a crashed server left it)
     except (BlockingIOError, TimeoutError, socket.timeout):
         raise SocketFileError(f"{path} is in use: a live server's backlog is full") from None
     except OSError as exc:
-        raise SocketFileError(f"{path}: cannot check the existing socket: {exc.strerror}") from None
+        raise SocketFileError(f"{path}: cannot check the existing socket: "
+                              f"{exc.strerror or exc}") from None
     else:
         pid = peer_credentials(probe)[0]
         raise SocketFileError(f"{path} is in use by a live server (pid {pid}); "
                               "refusing to take it over")
     finally:
         probe.close()
+        os.close(file_fd)
     if st.st_uid not in trusted:
         raise SocketFileError(f"{path} is a stale socket of {_user(st.st_uid)}; refusing to "
                               "remove another user's file (remove it yourself if it is safe)")

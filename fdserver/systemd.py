@@ -11,14 +11,10 @@ import os
 import socket
 from typing import MutableMapping
 
-from .errors import FdserverError
+from .errors import ActivationError
 from .listeners import DEFAULT_NAME, Listener
 
 SD_LISTEN_FDS_START = 3
-
-
-class ActivationError(FdserverError):
-    """The socket-activation environment is malformed or not meant for us."""
 
 
 def activated_listeners(environ: MutableMapping[str, str]) -> list[Listener] | None:

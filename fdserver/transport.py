@@ -24,10 +24,12 @@ import os
 import socket
 import struct
 import termios
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .errors import ProtocolError, TransportError
-from .protocol import MAX_ANSWER, MAX_FDS_PER_FRAME, MAX_PAYLOAD, Decoder, encode
+from .protocol import (MAX_ANSWER, MAX_FDS_PER_FRAME, MAX_PAYLOAD, Decoder, ErrorMessage, Message,
+                       encode, fd_count)
 
 RECV_BYTES = 64 * 1024
 _ZERO = bytes(4)                # an int for ioctl() to fill in
@@ -41,7 +43,10 @@ CLOSING_GRACE = 2.0
 PARTIAL_FRAME_DEADLINE = 5.0
 _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
-Recvmsg = Callable[[int, int, int], tuple[bytes, list, int, Any]]
+Ancdata = list[tuple[int, int, bytes]]
+Recvmsg = Callable[[int, int, int], tuple[bytes, Ancdata, int, Any]]
+# A message and the descriptors that came (or go) with it.
+Item = tuple[Message, list[int]]
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -100,13 +105,17 @@ class Channel:
         self._decoder = Decoder(MAX_PAYLOAD if server_side else MAX_ANSWER)
         self._send_limit = MAX_ANSWER if server_side else MAX_PAYLOAD
         self._fds: collections.deque[int] = collections.deque()
-        self._inbox: collections.deque[tuple[dict[str, Any], list[int]]] = collections.deque()
+        self._inbox: collections.deque[Item] = collections.deque()
         # (bytes left, fds to attach, the message if we own those fds and
         # close them once sent, else None)
-        self._outbox: collections.deque[tuple[memoryview, list[int], dict | None]] = \
+        self._outbox: collections.deque[tuple[memoryview, list[int], Message | None]] = \
             collections.deque()
         self._output_size = 0
         self.closed = False
+        # Whether descriptors may wait here for the rest of their frame: a
+        # peer that may not send any must not park them (fdserver opens it
+        # only to a worker that its welcome asked for a handback).
+        self.accept_fds = not server_side
 
     # -- receiving ---------------------------------------------------------
 
@@ -129,11 +138,17 @@ class Channel:
         if not data:
             return False
         for message in self._decoder.feed(data):
-            count = message.get("fds", 0)
+            count = fd_count(message)
             if count > len(self._fds):
                 raise ProtocolError(f"{message['type']} message announced {count} "
                                     f"descriptors but {len(self._fds)} arrived")
             self._inbox.append((message, [self._fds.popleft() for _ in range(count)]))
+        if self._fds and self._decoder.pending and not self.accept_fds:
+            stray = list(self._fds)
+            self._fds.clear()
+            close_fds(stray)
+            raise ProtocolError(f"unexpected descriptors ({len(stray)}, with a frame "
+                                "not yet complete)")
         if len(self._fds) > MAX_FDS_PER_FRAME or (self._fds and not self._decoder.pending):
             # Descriptors ride on a frame's first byte: at most one frame's
             # worth can be waiting for the rest of its frame.
@@ -148,11 +163,11 @@ class Channel:
         """Descriptors have arrived whose frame has not, yet."""
         return bool(self._fds)
 
-    def next_message(self) -> tuple[dict[str, Any], list[int]] | None:
+    def next_message(self) -> Item | None:
         """The next complete message and its descriptors, if one has arrived."""
         return self._inbox.popleft() if self._inbox else None
 
-    def receive(self) -> tuple[dict[str, Any], list[int]]:
+    def receive(self) -> Item:
         """Block until a whole message is in (honours the socket's timeout)."""
         while not self._inbox:
             if not self.receive_some():
@@ -161,7 +176,7 @@ class Channel:
 
     # -- sending -----------------------------------------------------------
 
-    def queue(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = (), *,
+    def queue(self, message: Message, fds: list[int] | tuple[int, ...] = (), *,
               owned: bool = False) -> None:
         """Append a frame to the output; call flush() to write it.
 
@@ -170,7 +185,7 @@ class Channel:
         the caller must not close them.  If the output is full, this raises
         TransportError and the descriptors stay the caller's.
         """
-        if len(fds) != message.get("fds", 0):
+        if len(fds) != fd_count(message):
             raise ValueError("message 'fds' count does not match the descriptors given")
         frame = encode(message, self._send_limit)
         if self._output_size + len(frame) > MAX_OUTPUT:
@@ -194,7 +209,7 @@ class Channel:
             self._outbox.popleft()
         return True
 
-    def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+    def send(self, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Queue and write a frame on a blocking socket."""
         self.queue(message, fds)
         while not self.flush():
@@ -204,7 +219,7 @@ class Channel:
     def wants_write(self) -> bool:
         return bool(self._outbox)
 
-    def take_unsent(self) -> list[tuple[dict[str, Any], list[int]]]:
+    def take_unsent(self) -> list[Item]:
         """Take back the owned messages not yet begun, with their descriptors."""
         taken = [(message, fds) for _, fds, message in self._outbox if message is not None]
         if taken:
@@ -233,7 +248,7 @@ class Channel:
         self.sock.close()
 
 
-def _fds_from(ancdata: list) -> list[int]:
+def _fds_from(ancdata: Ancdata) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -261,9 +276,9 @@ class LoopChannel:
         self,
         channel: Channel,
         loop: asyncio.AbstractEventLoop,
-        on_message: Callable[[dict[str, Any], list[int]], None],
+        on_message: Callable[[Message, list[int]], None],
         on_close: Callable[[str | None], None],
-        on_unsent: Callable[[list[tuple[dict[str, Any], list[int]]]], None] | None = None,
+        on_unsent: Callable[[list[Item]], None] | None = None,
     ) -> None:
         self.channel = channel
         self._loop = loop
@@ -309,7 +324,7 @@ class LoopChannel:
             except OSError:
                 pass
 
-    def send(self, message: dict[str, Any], fds: list[int] | tuple[int, ...] = (), *,
+    def send(self, message: Message, fds: list[int] | tuple[int, ...] = (), *,
              owned: bool = False) -> None:
         if self.closed or self._closing:
             if owned:
@@ -322,7 +337,7 @@ class LoopChannel:
             return
         self._write()
 
-    def send_and_close(self, message: dict[str, Any]) -> None:
+    def send_and_close(self, message: ErrorMessage) -> None:
         """Send a last message (an error), then close once it is written.
 
         Nothing more is read from the peer meanwhile, and a peer that has not
@@ -399,7 +414,7 @@ class LoopChannel:
             self._on_message(*item)
 
     def close(self, reason: str | None,
-              unsent: list[tuple[dict[str, Any], list[int]]] | None = None) -> None:
+              unsent: list[Item] | None = None) -> None:
         if self.closed:
             return
         if self._partial is not None:
@@ -414,7 +429,7 @@ class LoopChannel:
         self._give_back(unsent)
         self._on_close(reason)
 
-    def _give_back(self, unsent: list[tuple[dict[str, Any], list[int]]]) -> None:
+    def _give_back(self, unsent: list[Item]) -> None:
         if unsent and self._on_unsent:
             self._on_unsent(unsent)
         else:

@@ -16,7 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import APP_USER, GROUP, OTHER_USER, PROJECT, Proc, run, script  # noqa: E402
+from support import (APP_USER, GROUP, OTHER_USER, PROJECT, Proc, bad_log_lines,  # noqa: E402
+                     run, script)
 
 
 class FdserverProc(Proc):
@@ -39,6 +40,28 @@ class FdserverProc(Proc):
         with self.control() as control:
             ok, now = control.wait(pid, state, timeout)
         assert ok, f"worker {pid} is {now}, not {state}, after {timeout}s\n{self.output}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "child_errors(reason): this test's child processes may log tracebacks or "
+                   "ERROR lines (the reason says why)")
+
+
+@pytest.fixture(autouse=True)
+def clean_child_logs(request):
+    """Fail a test whose child processes logged a traceback or an ERROR line."""
+    first = len(Proc.started)
+    yield
+    children = Proc.started[first:]
+    del Proc.started[first:]
+    if request.node.get_closest_marker("child_errors"):
+        return
+    for proc in children:       # those of the procs fixture are closed by now
+        bad = bad_log_lines(proc)
+        if bad:
+            pytest.fail(f"{' '.join(proc.argv[:3])} (pid {proc.pid}) logged:\n"
+                        + "\n".join(bad[:20]), pytrace=False)
 
 
 @pytest.fixture

@@ -25,7 +25,13 @@ GROUP, APP_USER, OTHER_USER = "fdtest", "fdtest-app", "fdtest-other"
 
 
 class Proc:
-    """A child process whose merged output is collected line by line."""
+    """A child process whose merged output is collected line by line.
+
+    Every instance is listed in ``Proc.started``: conftest fails a test whose
+    children logged a traceback or an ERROR it did not expect.
+    """
+
+    started: list["Proc"] = []
 
     def __init__(self, argv: list[str], *, cwd: Path | str = PROJECT, env: dict | None = None,
                  watchdog: float = WATCHDOG, **popen) -> None:
@@ -36,6 +42,7 @@ class Proc:
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, **popen)
         self.pid = self.popen.pid
+        Proc.started.append(self)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self._watchdog = threading.Timer(watchdog, self.kill)
@@ -92,6 +99,17 @@ class Proc:
         self.kill()
         self._reader.join(5)
         self.popen.stdout.close()
+
+
+# What a child must not log unless its test expects it (tornado's test
+# runner likewise fails on stray log lines).
+BAD_LOG_LINE = re.compile(r"Traceback \(most recent call last\)|\bERROR\b|"
+                          r"Exception in callback|Task exception was never retrieved")
+
+
+def bad_log_lines(proc: Proc) -> list[str]:
+    with proc._cond:
+        return [line for line in proc.lines if BAD_LOG_LINE.search(line)]
 
 
 def run(argv: list[str], timeout: float = 30.0, **kwargs) -> subprocess.CompletedProcess:

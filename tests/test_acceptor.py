@@ -69,6 +69,7 @@ async def held_connection(app: tornado.web.Application, **server_options):
     writer.write(b"GET /held HTTP/1.1\r\nHost: test\r\n\r\n")
     await writer.drain()
     server = DrainingHTTPServer(app, **server_options)
+    app.settings["server"] = server         # for tests that look inside
     acceptor = Acceptor(server, lambda message: None)
     acceptor.start([listener])
     try:

@@ -163,6 +163,8 @@ def test_a_worker_registers_only_with_a_trusted_user(users, procs, public_dir):
                               r"replace the socket"),
     ("under a writable folder", r"is writable by others \(mode 0777\), so .* could be "
                                 r"replaced"),
+    ("a '..' after a link", rf"belongs to user {OTHER_USER} \(uid \d+\), who could "
+                           r"replace the socket"),
 ])
 def test_fdserver_refuses_a_socket_folder_others_can_write_to(users, public_dir, layout,
                                                               fragment):
@@ -174,16 +176,24 @@ def test_fdserver_refuses_a_socket_folder_others_can_write_to(users, public_dir,
         os.chmod(folder, 0o775)
     elif layout == "owned by another user":
         os.chown(folder, users[OTHER_USER], -1)
-    else:
+    elif layout == "under a writable folder":
         os.chmod(public_dir, 0o777)           # anyone could rename run/ away
     path = folder / "fd.sock"
+    if layout == "a '..' after a link":
+        # run/link/.. is the other user's folder to the kernel, not run/.
+        theirs = public_dir / "theirs" / "sub"
+        theirs.mkdir(parents=True)
+        os.chown(theirs.parent, users[OTHER_USER], -1)
+        os.symlink(theirs, folder / "link")
+        path = f"{folder}/link/../fd.sock"
+        folder = theirs.parent
     result = run([script("fdserver"), "--socket", str(path), "--bind", "127.0.0.1:0"])
     assert result.returncode == 1, result
     assert "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("fdserver: error: socket folder "), line
     assert re.search(fragment, line), line
-    assert os.listdir(folder) == []
+    assert [name for name in os.listdir(folder) if name not in ("link", "sub")] == []
 
 
 # -- 2. owner and mode never set through a path that can be swapped ----------------------
@@ -296,7 +306,7 @@ for _ in range(count):
         held.append(conn)
 print(json.dumps({"held": len(held), "refused": len(refusals), "last": refusals[-1:]}),
       flush=True)
-sys.stdin.read()
+import signal; signal.pause()      # hold them until the test kills it
 """
 
 
@@ -343,8 +353,9 @@ def test_a_resumed_worker_that_does_not_hold_the_listeners_gets_nothing(start_fd
     assert_refused(claiming.sock, r"^worker cannot be ready: it holds none of this "
                                   r"fdserver's listeners$")
     try:
-        states = {w["pid"]: w["state"] for w in server.status()["workers"]}
-        assert states == {worker.pid: "ready", os.getpid(): "starting"}, states
+        states = sorted((w["pid"] == worker.pid, w["state"]) for w in server.status()["workers"])
+        # (a) and (b) still listed, as starting; (c) refused and gone.
+        assert states == [(False, "starting"), (False, "starting"), (True, "ready")], states
         # Every connection goes to the one real worker.
         for _ in range(100):
             assert http_get(server.address, timeout=5) == (200, f"Hello from {worker.pid}\n")
@@ -403,3 +414,115 @@ def test_a_flood_of_garbage_connections_logs_a_bounded_number_of_lines(start_fds
         re.compile(r"suppressed (\d+) more warnings about peers").search, server.lines) if m)
     assert logged <= 40, server.output
     assert logged + suppressed == flood, server.output
+
+
+@root_only
+def test_one_users_flood_does_not_hide_another_users_refusal(users, procs, start_fdserver,
+                                                             public_dir):
+    server = start_fdserver("--socket-mode", "0666", "--allow-user", APP_USER, dir=public_dir)
+    for _ in range(100):             # root's garbage: its own budget runs out
+        with connect(server) as garbage:
+            garbage.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            read_until_closed(garbage)
+    nobody = procs.start([sys.executable, AS_USER, "nobody", "fdapp_main", "app:make_app",
+                          "--socket", server.socket, "--connect-timeout", "5"])
+    assert nobody.wait() == 1
+    server.wait_for_line(rf"refused worker pid {nobody.pid} uid "
+                         rf"{pwd.getpwnam('nobody').pw_uid} gid \d+: not allowed")
+
+
+# -- descriptors: none parked by a peer that may not send them --------------------------------
+
+def test_descriptors_from_a_peer_without_a_welcome_asking_for_them_are_closed_at_once(
+        start_fdserver):
+    from test_hostile import assert_all_closed, send_with_fds
+
+    server = start_fdserver()
+    r, w = os.pipe()
+    try:
+        with connect(server) as hostile:
+            # The first bytes of a frame, 200 copies of a pipe's write end attached.
+            send_with_fds(hostile, b"FD\x01", [w] * 200)
+            os.close(w)
+            w = -1
+            assert_refused(hostile, r"^unexpected descriptors \(200, with a frame not yet "
+                                    r"complete\)$")
+        assert_all_closed(r)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+# -- 5 again: a handback of more listeners than one frame carries ----------------------------
+
+def test_a_resumed_worker_holding_more_listeners_than_a_frame_carries_is_ready(
+        start_fdserver):
+    import resource
+
+    from fdserver.client import register
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    server = start_fdserver("--dispatch", binds=["127.0.0.1:0"] * 253)
+    first = register(server.socket)
+    try:
+        assert len(first.listeners) == 253
+        channel, welcome = resume(server.socket, "ready", first.listeners, (),
+                                  frozenset({0, os.geteuid()}))
+        try:
+            server.wait_for_line(rf"worker pid {os.getpid()} uid {os.getuid()} "
+                                 r"re-registered \(ready\)")
+        finally:
+            channel.close()
+    finally:
+        for sock in first.sockets():
+            sock.close()
+        first.channel.close()
+
+
+# -- 4 again: the connections kept for root -----------------------------------------------------
+
+CROWD = PEER_LIB + r"""
+import os, resource
+path, count = sys.argv[1], int(sys.argv[2])
+held, last = [], None
+for _ in range(count):
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(path)
+    try:
+        conn.sendall(frame({"type": "hello", "versions": [1], "role": "ctl"}))
+    except OSError:
+        pass                    # refused at once: the reason is still there to read
+    try:
+        message, _ = read_frame(conn)
+    except OSError:
+        message = None
+    if message is None or message["type"] == "error":
+        last = message and message["message"]
+        conn.close()
+    else:
+        held.append(conn)
+print(json.dumps({"held": len(held), "last": last}), flush=True)
+import signal; signal.pause()      # hold them until the test kills it
+"""
+
+
+@root_only
+def test_the_last_connections_are_kept_for_root(users, procs, start_fdserver, start_fdapp,
+                                                public_dir):
+    server = start_fdserver("--socket-mode", "0666", "--max-connections", "100",
+                            dir=public_dir)
+    reports = []
+    for user in (APP_USER, OTHER_USER):      # 64 fdctl connections each at most
+        crowd = procs.start([SYSTEM_PYTHON, "-c", CROWD, server.socket, "64"], cwd="/",
+                            **as_user(user))
+        reports.append(json.loads(crowd.wait_for_line(r"^\{", timeout=60).string))
+    # 100 - 25 kept for root: the second crowd gets the rest, then a reason.
+    assert reports[0] == {"held": 64, "last": None}, reports
+    assert reports[1]["held"] == 100 - 25 - 64, reports
+    assert reports[1]["last"] == (
+        f"fdserver is at its limit of 75 connections for uid {users[OTHER_USER]} "
+        f"(75 open, 64 of them from uid {users[APP_USER]})"), reports
+    worker = start_fdapp(server)           # root's worker and fdctl still get in
+    assert http_get(server.address) == (200, f"Hello from {worker.pid}\n")

@@ -478,8 +478,14 @@ def test_msg_ctrunc_for_real_in_a_process_out_of_descriptors(pair, procs):
     assert child.wait() == 0, child.output
 
 
-def test_descriptors_cannot_pile_up_behind_an_unfinished_frame(pair, pipe):
-    """A peer that dribbles a frame, 250 descriptors per byte, is cut off."""
+@pytest.mark.parametrize("accept_fds, refusal", [
+    (False, r"^unexpected descriptors \(250, with a frame not yet complete\)$"),
+    (True, r"^500 unannounced descriptors received$"),
+], ids=["peer-not-asked-for-any", "worker-asked-for-a-handback"])
+def test_descriptors_cannot_pile_up_behind_an_unfinished_frame(pair, pipe, accept_fds,
+                                                               refusal):
+    """A peer that dribbles a frame, 250 descriptors per byte, is cut off: at
+    once if it may send none, past one frame's worth if it may."""
     left, right = pair
     r, w = pipe
     header = encode({"type": "status"})[:8]         # announces a payload never sent
@@ -487,8 +493,9 @@ def test_descriptors_cannot_pile_up_behind_an_unfinished_frame(pair, pipe):
     send_raw(left, header[4:], [w] * 250)
     os.close(w)
     channel = Channel(right, server_side=True)
-    with pytest.raises(ProtocolError, match="unannounced descriptors"):
+    channel.accept_fds = accept_fds
+    with pytest.raises(ProtocolError, match=refusal):
         while True:
             channel.receive_some()
+    channel.close()         # what was not read yet goes with the socket
     assert_all_closed(r)
-    channel.close()

@@ -1,0 +1,235 @@
+"""Every use of Tornado's private internals (and CPython's), in one place.
+
+fdapp saves system calls per request by overriding two private methods of
+``IOStream`` (see :class:`FastStream`), and drains gracefully by reading a
+few private attributes of ``HTTP1Connection``; it accepts with the socket's
+private ``_accept`` (as fdserver does in dispatch mode, through
+:func:`fdserver.accept.raw_accept`).  Nothing else in fdserver touches a
+private name.
+
+:func:`check` verifies that each of these still exists and has the shape
+relied on; ``tests/test_tornado_seam.py`` checks each one's behaviour, and CI
+runs the suite on the lowest and the newest Tornado of the supported range
+(pyproject.toml), plus Tornado's own IOStream and HTTP tests with
+:class:`FastStream` in place of ``IOStream`` (``tests/tornado_suite.py``).
+
+If a future Tornado changes one of them, fdapp warns once at start-up and
+falls back to stock Tornado: plain ``IOStream``, ``socket.accept``, and a
+drain that closes keep-alive connections only as their requests end or at
+the deadline.  The site keeps serving, only slower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+from typing import Any, Callable
+
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream
+from tornado.log import gen_log
+
+from . import accept
+
+log = logging.getLogger("fdapp")
+
+# How long a response may take before its client's leaving is watched for.
+CLOSE_WATCH_DELAY = 0.001
+
+Accept = Callable[[], "tuple[int, Any]"]
+
+
+class FastStream(IOStream):
+    """Tornado's IOStream, without system calls most requests do not need.
+
+    Nagle: Tornado turns TCP_NODELAY on at the end of each response and off
+    again once it is written: two setsockopt calls per request.  fdapp turns
+    it on once per connection (as asyncio, Go's net/http and nginx on
+    keep-alive connections do); a response still goes out as soon as it is
+    written.
+
+    Between requests: a keep-alive client's next request usually arrives
+    while Tornado is still finishing the last one, not yet reading.  Tornado
+    then reads it into its buffer and stops watching the socket (so that a
+    client cannot make it buffer without limit), only to watch it again a
+    moment later: two epoll_ctl calls and a wasted recv per request.  Here
+    such a read, into an empty buffer, takes one chunk and keeps watching.
+    If more comes (or the client's FIN) before Tornado takes what is
+    buffered, watching stops unread, as Tornado's rule has it: what is
+    buffered is served first, and the buffer holds at most one chunk.
+
+    Watching for the client leaving: while a handler runs, Tornado watches
+    the socket so that a client that leaves is noticed.  For a connection
+    whose request came with it, that means an epoll_ctl to start and one to
+    stop, though a quick response (and with "Connection: close", the end of
+    the connection) mostly comes first.  Here the watch starts only once the
+    response has taken CLOSE_WATCH_DELAY.
+    """
+
+    _close_watch: asyncio.TimerHandle | None = None
+
+    def set_nodelay(self, value: bool) -> None:
+        pass
+
+    def _handle_events(self, fd: Any, events: int) -> None:
+        if events & IOLoop.READ and not self.reading() and not self.closed():
+            if self._read_buffer_size:
+                # Reading on could meet a FIN and close before the buffered
+                # request is served.  (Tornado's own rule for what to watch.)
+                state = IOLoop.ERROR | (IOLoop.WRITE if self.writing() else 0)
+                if state != self._state:
+                    self._state = state
+                    self.io_loop.update_handler(fd, state)
+                return
+            try:
+                self._read_to_buffer()      # closes the stream on EOF or reset
+            except Exception as exc:        # as Tornado's _handle_read does
+                gen_log.warning("error on read: %s", exc)
+                self.close(exc_info=exc)
+            return
+        super()._handle_events(fd, events)
+
+    def _maybe_add_error_listener(self) -> None:
+        if self._state is None and not self.closed():      # not watched yet
+            if self._close_watch is None:
+                # The stream's own loop: it may be written to before that
+                # loop runs.  Its asyncio loop directly: no wrapper per call.
+                self._close_watch = self.io_loop.asyncio_loop.call_later(  # type: ignore[attr-defined]
+                    CLOSE_WATCH_DELAY, self._watch_for_close)
+            return
+        super()._maybe_add_error_listener()
+
+    def _watch_for_close(self) -> None:
+        self._close_watch = None
+        super()._maybe_add_error_listener()     # checks again: closed, reading...
+
+
+# -- the check ------------------------------------------------------------------------
+
+# (what, the private name, what it must be): methods overridden or called,
+# attributes read or written on a fresh instance.
+METHODS = (
+    (IOStream, "_handle_events"), (IOStream, "_maybe_add_error_listener"),
+    (IOStream, "_read_to_buffer"), (socket.socket, "_accept"),
+    (HTTP1Connection, "write_headers"),
+)
+STREAM_ATTRIBUTES = (("_read_buffer_size", int), ("_state", type(None)))
+CONNECTION_ATTRIBUTES = (("_request_start_line", type(None)),
+                         ("_response_start_line", type(None)),
+                         ("_disconnect_on_finish", bool), ("_request_headers", type(None)))
+
+
+def check(methods: tuple[tuple[type, str], ...] = METHODS) -> list[str]:
+    """What this Tornado (and Python) lacks of what fdapp relies on; [] if nothing.
+
+    *methods* is a seam for tests: a name no release has shows a failure.
+    """
+    problems = [f"{owner.__name__}.{name} is gone" for owner, name in methods
+                if not callable(getattr(owner, name, None))]
+    left, right = socket.socketpair()
+    try:
+        stream = IOStream(left)
+        connection = HTTP1Connection(stream, False, HTTP1ConnectionParameters())
+        for obj, expected in ((stream, STREAM_ATTRIBUTES), (connection, CONNECTION_ATTRIBUTES)):
+            for name, kind in expected:
+                if not isinstance(getattr(obj, name, _MISSING), kind):
+                    problems.append(f"{type(obj).__name__}().{name} is not a fresh "
+                                    f"{kind.__name__}")
+        stream.close()
+    finally:
+        left.close()
+        right.close()
+    return problems
+
+
+_MISSING = object()
+
+
+@functools.cache
+def usable() -> bool:
+    """Whether fdapp may use the private names; warns once if not."""
+    problems = check()
+    if problems:
+        log.warning("this Tornado changed what fdapp relies on (%s); serving with stock "
+                    "Tornado: correct, only slower", "; ".join(problems))
+    return not problems
+
+
+# -- helpers: each private access, named ------------------------------------------------
+
+def stream_class(fast: bool) -> type[IOStream]:
+    return FastStream if fast else IOStream
+
+
+def raw_accept(sock: socket.socket, fast: bool) -> Accept:
+    """The listener's accept returning (descriptor, address).
+
+    socket.accept() wraps each connection in a new socket object and
+    converts its family to an enum: fdapp wraps it itself, family known.
+    """
+    if fast:
+        return accept.raw_accept(sock)
+
+    def public_accept() -> tuple[int, Any]:
+        conn, address = sock.accept()
+        return conn.detach(), address
+    return public_accept
+
+
+def buffered(stream: Any) -> int:
+    """Bytes Tornado has read from the client and not yet parsed (0 if unknown)."""
+    value = getattr(stream, "_read_buffer_size", 0)
+    return value if isinstance(value, int) else 0
+
+
+def headers_arrived(request: Any) -> bool:
+    """Whether the request's headers have been parsed (True if unknown: busy).
+
+    HTTP1Connection sets _request_start_line once it has parsed them.
+    """
+    return not (isinstance(request, HTTP1Connection)
+                and getattr(request, "_request_start_line", _MISSING) is None)
+
+
+def response_started(request: Any) -> bool:
+    """Whether the response's headers went out (True if unknown)."""
+    return not (isinstance(request, HTTP1Connection)
+                and getattr(request, "_response_start_line", _MISSING) is None)
+
+
+def close_after_response(request: Any) -> None:
+    """Tornado's own flag: "Connection: close" on an HTTP/1.1 response not yet
+    started, and the connection closed once the response is written.
+
+    Tornado sets it from the request's headers, so this must come after them.
+    """
+    if isinstance(request, HTTP1Connection) and hasattr(request, "_disconnect_on_finish"):
+        request._disconnect_on_finish = True
+
+
+def promise_no_keep_alive(request: Any) -> None:
+    """Stop Tornado promising keep-alive to an HTTP/1.0 client it will close.
+
+    Tornado answers ``Connection: Keep-Alive`` whenever an HTTP/1.0 request
+    asked for it, even with keep-alive off: it reads the request's header as
+    the response starts.  So, for a drain's requests only, that header is
+    turned into "close" just before; to HTTP/1.0, no header means close.
+    """
+    if not isinstance(request, HTTP1Connection):
+        return
+    write_headers = request.write_headers
+
+    def write_headers_saying_close(start_line: Any, headers: httputil.HTTPHeaders,
+                                   chunk: bytes | None = None) -> Any:
+        line = getattr(request, "_request_start_line", None)
+        asked = getattr(request, "_request_headers", None)
+        if (line is not None and line.version == "HTTP/1.0" and asked is not None
+                and asked.get("Connection", "").lower() == "keep-alive"):
+            asked["Connection"] = "close"
+        return write_headers(start_line, headers, chunk)
+
+    request.write_headers = write_headers_saying_close    # type: ignore[method-assign]

@@ -1,0 +1,127 @@
+"""What fdapp relies on in Tornado's (and CPython's) internals, on this Tornado.
+
+Each helper of fdserver._tornado is checked for the behaviour relied on, on
+a real loop and real sockets; CI runs this on the lowest and the newest
+Tornado of the supported range.  If a release breaks one, this fails, and
+fdapp falls back to stock Tornado (checked here too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import tornado
+import tornado.web
+from tornado.iostream import IOStream
+
+from fdserver import _tornado
+from fdserver.acceptor import Acceptor
+from fdserver.drain import DrainingHTTPServer
+
+from test_acceptor import REQUEST, held_app, held_connection, read_response, wait_for
+
+
+def test_nothing_relied_on_is_missing():
+    assert _tornado.check() == [], tornado.version
+    assert _tornado.usable()
+
+
+def test_a_missing_name_is_reported_by_name():
+    gone = _tornado.METHODS + ((IOStream, "_gone_in_tornado_7"),)
+    assert _tornado.check(gone) == ["IOStream._gone_in_tornado_7 is gone"]
+
+
+def test_headers_arrived_and_response_started_follow_the_request():
+    async def main():
+        app = held_app()
+        async with held_connection(app) as (reader, writer, stream):
+            request = _request_of(app)
+            # /held's headers were parsed; its handler waits: no response yet.
+            assert _tornado.headers_arrived(request)
+            assert not _tornado.response_started(request)
+            _tornado.close_after_response(request)
+            app.settings["release"].set()
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b"Connection: close" in head, head
+            assert await reader.read() == b"Held\n"       # then EOF: closed after it
+    asyncio.run(main())
+
+
+def test_a_keep_alive_connection_waiting_for_its_next_request_is_idle():
+    async def main():
+        app = held_app()
+        async with held_connection(app) as (reader, writer, stream):
+            app.settings["release"].set()
+            assert await read_response(reader) == b"Held\n"
+            await wait_for(lambda: not _tornado.headers_arrived(_request_of(app)),
+                           "the next request awaited")
+            assert not _tornado.response_started(_request_of(app))
+            # Bytes of the next request, read but not parsed yet, are counted.
+            assert _tornado.buffered(stream) == 0
+            writer.write(REQUEST[:10])
+            await wait_for(lambda: _tornado.buffered(stream) == 10, "10 bytes buffered")
+    asyncio.run(main())
+
+
+def test_an_http10_keep_alive_request_is_promised_close_during_a_drain():
+    async def main():
+        app = held_app()
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        server = DrainingHTTPServer(app)
+        acceptor = Acceptor(server, lambda message: None)
+        acceptor.start([listener])
+        try:
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            writer.write(b"GET /held HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            await asyncio.wait_for(app.settings["entered"].wait(), 10)
+            app.settings["server"] = server
+            _tornado.promise_no_keep_alive(_request_of(app))
+            app.settings["release"].set()
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b"Keep-Alive" not in head, head
+            writer.close()
+        finally:
+            acceptor.close()
+    asyncio.run(main())
+
+
+def test_raw_accept_gives_a_descriptor_and_an_address_either_way():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        for fast in (True, False):
+            with socket.create_connection(listener.getsockname()) as client:
+                fd, address = _tornado.raw_accept(listener, fast)()
+                assert isinstance(fd, int)
+                assert address == client.getsockname()
+                socket.socket(fileno=fd).close()
+
+
+def test_stock_tornado_fallback_serves_and_drains():
+    """What fdapp does when a Tornado release changes what it relies on."""
+    async def main():
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        server = DrainingHTTPServer(tornado.web.Application([("/", _Hello)]))
+        acceptor = Acceptor(server, lambda message: None, fast=False)
+        assert acceptor._stream_class is IOStream
+        acceptor.start([listener])
+        reader, writer = await asyncio.open_connection(*listener.getsockname())
+        for _ in range(3):
+            writer.write(REQUEST)
+            assert await read_response(reader) == b"Hello\n"
+        acceptor.close()
+        assert await server.drain(timeout=5.0, grace=0.05) == 0
+        assert await reader.read() == b""
+    asyncio.run(main())
+
+
+class _Hello(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.write("Hello\n")
+
+
+def _request_of(app):
+    """The request the app's one connection is on (DrainingHTTPServer notes it)."""
+    (_, (request, _)), = app.settings["server"]._requests.items()
+    return request

@@ -63,7 +63,7 @@ def run_wrk(address: str, *, connections: int, threads: int, duration: float,
     argv.append(f"http://{address}/")
     done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           timeout=duration + timeout + 30)
-    lines = [l for l in done.stdout.splitlines() if l.startswith(MARK)]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     if done.returncode != 0 or not lines:
         raise WrkError(f"{' '.join(argv)} exited {done.returncode} without a result:\n"
                        f"{done.stdout}{done.stderr}")

@@ -19,9 +19,9 @@ connections).  Every round starts each stack afresh; the order of the stacks
 and of the patterns rotates from round to round.
 
 1. Throughput with 2 workers, ``wrk -t 2 -c 32 -d 3s`` (and ``-t 1`` for
-   ``keep-alive -t 1``): fdserver's shared mode and dispatch mode, each divided by tornado's ``fork_processes(2)``
-   (bench/forked_app.py) measured in the same round.  Targets: shared >= 1.0,
-   dispatch >= 0.8.
+   ``keep-alive -t 1``): fdserver's shared mode and dispatch mode, each divided
+   by tornado's ``fork_processes(2)`` (bench/forked_app.py) measured in the
+   same round.  Targets: shared >= 1.0, dispatch >= 0.8.
 2. fdserver's own CPU time (utime+stime of its process, /proc/PID/stat)
    during the loads of section 1, in ms and as a share of one core over the
    run.  Target in shared mode: ~0 (fdserver is not in the data path).
@@ -61,15 +61,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
-from stacks import STEP_TIMEOUT, FdStack, ForkedStack, cpu_ms, wait_state  # noqa: E402
-from loadgen import run_wrk, wrk_path  # noqa: E402
-from support import PROJECT, http_get, run, script, wait_until  # noqa: E402
 
 import fdserver  # noqa: E402
 from fdserver.ctl import Control  # noqa: E402
+
+from loadgen import run_wrk, wrk_path  # noqa: E402
+from stacks import STEP_TIMEOUT, FdStack, ForkedStack, cpu_ms, wait_state  # noqa: E402
+from support import PROJECT, http_get, run, script, wait_until  # noqa: E402
 
 # name -> (a new connection per request, wrk threads)
 LOADS = {"keep-alive": (False, 2), "new conn": (True, 2), "keep-alive -t 1": (False, 1),
@@ -385,7 +385,8 @@ def verdict_legend(rounds: int) -> str:
 
 def table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
+                     for row in rows)
 
 
 def select(runs: list[dict], section: str, stack: str, pattern: str | None = None) -> list[dict]:
@@ -496,14 +497,14 @@ def plot(runs: list[dict], path: Path) -> str:
     fig, axes = plt.subplots(1, len(FAIR_PATTERNS), figsize=(15, 4), sharey=True)
     labels = {"naive": "naive shared", "balanced": "balanced shared", "dispatch": "dispatch"}
     width = 0.8 / len(labels)
-    for ax, pattern in zip(axes, FAIR_PATTERNS):
+    for ax, pattern in zip(axes, FAIR_PATTERNS, strict=False):
         for i, (name, label) in enumerate(labels.items()):
             mine = select(runs, "fairness", name, pattern)
             if not mine:
                 continue
             shares = [sorted((100 * n / max(sum(x["per_worker"]), 1) for n in x["per_worker"]),
                              reverse=True) for x in mine]
-            mean = [statistics.mean(col) for col in zip(*shares)]
+            mean = [statistics.mean(col) for col in zip(*shares, strict=False)]
             ax.bar([k + (i - 1) * width for k in range(len(mean))], mean, width, label=label)
         ax.axhline(100 / FAIR_WORKERS, color="black", linewidth=0.8, linestyle="--",
                    label=f"even share (1/{FAIR_WORKERS})")

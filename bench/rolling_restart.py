@@ -34,10 +34,10 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT / "tests"))
 
+from fdserver.ctl import Control  # noqa: E402
+
 from loadclient import LoadClient  # noqa: E402
 from support import Proc, script  # noqa: E402
-
-from fdserver.ctl import Control  # noqa: E402
 
 WORKERS = 4
 STEP_TIMEOUT = 20.0       # deadline for any one start, exit or state change
@@ -223,7 +223,8 @@ def table(runs: list[dict], names: list[str]) -> str:
                          _ratio(m["failed"], ours["failed"]) if ours else "?",
                          _ratio(m["p99"], ours["p99"]) if ours else "?"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
+                     for row in rows)
 
 
 def main(argv: list[str] | None = None) -> int:

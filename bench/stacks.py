@@ -54,7 +54,7 @@ class FdStack:
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self.workers]
 
-    def start(self) -> "FdStack":
+    def start(self) -> FdStack:
         self.server = Proc([script("fdserver"), "--bind", "127.0.0.1:0", "--socket", self.socket,
                             *self.server_flags], watchdog=PROC_WATCHDOG)
         match = self.server.wait_for_line(r"\bhttp on (127\.0\.0\.1:\d+)", STEP_TIMEOUT)
@@ -86,7 +86,7 @@ class ForkedStack:
         self.worker_pids: list[int] = []
         self.address = ""
 
-    def start(self) -> "ForkedStack":
+    def start(self) -> ForkedStack:
         self.parent = Proc([sys.executable, str(BENCH / "forked_app.py"),
                             "--processes", str(self.workers_wanted)],
                            watchdog=PROC_WATCHDOG, start_new_session=True)

@@ -25,7 +25,8 @@ import asyncio
 import functools
 import logging
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
@@ -171,13 +172,7 @@ def raw_accept(sock: socket.socket, fast: bool) -> Accept:
     socket.accept() wraps each connection in a new socket object and
     converts its family to an enum: fdapp wraps it itself, family known.
     """
-    if fast:
-        return accept.raw_accept(sock)
-
-    def public_accept() -> tuple[int, Any]:
-        conn, address = sock.accept()
-        return conn.detach(), address
-    return public_accept
+    return accept.raw_accept(sock) if fast else accept.public_accept(sock)
 
 
 def buffered(stream: Any) -> int:

@@ -55,8 +55,12 @@ def raw_accept(sock: socket.socket) -> Callable[[], tuple[int, Any]]:
     """
     private = getattr(sock, "_accept", None)
     if callable(private):
-        return cast(Callable[[], "tuple[int, Any]"], private)
+        return cast(Callable[[], tuple[int, Any]], private)
+    return public_accept(sock)
 
+
+def public_accept(sock: socket.socket) -> Callable[[], tuple[int, Any]]:
+    """The same through socket.accept(): slower, and no private name."""
     def accept() -> tuple[int, Any]:
         conn, address = sock.accept()
         return conn.detach(), address

@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+
+import setproctitle
 
 from . import __version__
 from .errors import FdserverError, UsageError
@@ -33,14 +35,6 @@ def _run(prog: str, body: Callable[[], int]) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
-
-
-def _set_title(title: str) -> None:
-    try:
-        import setproctitle
-    except ImportError:
-        return
-    setproctitle.setproctitle(title)
 
 
 def _octal(text: str) -> int:
@@ -172,8 +166,10 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
                 listeners, in_use = bind_all(specs, args.backlog,
                                              defer_in_use=args.recover_timeout > 0)
                 recovery = Recovery(in_use, args.recover_timeout) if in_use else None
-            _set_title(" ".join(["fdserver", *(sys.argv[1:] if argv is None else argv)]))
+            setproctitle.setproctitle(
+                " ".join(["fdserver", *(sys.argv[1:] if argv is None else argv)]))
             if args.user:
+                assert gid is not None          # --user gives one
                 privileges.drop(uid, gid)
         except BaseException:
             socket_file.close()
@@ -264,14 +260,14 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         registration = register(args.socket, connect_timeout=args.connect_timeout,
                                 features=FEATURES, server_uids=server_uids)
         title = f"fdapp {args.app} --socket {args.socket}"
-        _set_title(title)
+        setproctitle.setproctitle(title)
         # Under systemd (Type=notify), `systemctl restart fdapp@N` returns only
         # once the replacement is ready: a rolling restart is a plain loop.
         notifier = Notifier(os.environ)
         sd_states = {"ready": "READY=1", "draining": "STOPPING=1"}
 
         def on_state(state: str) -> None:
-            _set_title(f"{title} [{state}]")
+            setproctitle.setproctitle(f"{title} [{state}]")
             notifier.notify(sd_states[state], f"STATUS={state}")
 
         worker = Worker(app, registration, graceful_timeout=args.graceful_timeout,
@@ -333,11 +329,11 @@ def fdctl_main(argv: Sequence[str] | None = None) -> int:
 def _rolling_restart(args: argparse.Namespace) -> int:
     import time
 
-    from .rolling import Supervisor, rolling_restart
+    from .rolling import Step, Supervisor, rolling_restart
 
     started = time.monotonic()
 
-    def progress(step) -> None:
+    def progress(step: Step) -> None:
         print(f"{step.name}: {step.old_pid} → {step.new_pid} ready in {step.seconds:.1f}s",
               flush=True)
 

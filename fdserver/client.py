@@ -21,10 +21,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypedDict, Unpack
 
-from .errors import (ConnectError, ProtocolError, RefusedError, TransportError,
-                     UntrustedServerError)
-from .protocol import (SUPPORTED_VERSIONS, HandbackMessage, HelloMessage, ListenersMessage,
-                       Message, Mode, Reported, Role, WelcomeMessage, batches)
+from .errors import ConnectError, ProtocolError, RefusedError, TransportError, UntrustedServerError
+from .protocol import (
+    SUPPORTED_VERSIONS,
+    HandbackMessage,
+    HelloMessage,
+    ListenersMessage,
+    Message,
+    Mode,
+    Reported,
+    Role,
+    WelcomeMessage,
+    batches,
+)
 from .transport import Channel, adopt_listener, close_fds, peer_credentials
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -55,7 +64,8 @@ class Registration:
 
     def sockets(self, name: str | None = None) -> list[socket.socket]:
         """The listening sockets, all of them or those called *name*."""
-        return [l.sock for l in self.listeners if name is None or l.name == name]
+        return [listener.sock for listener in self.listeners
+                if name is None or listener.name == name]
 
     def report(self, state: Reported) -> None:
         """Tell fdserver this process is ``ready`` or ``draining`` (blocking)."""
@@ -146,7 +156,7 @@ def _handshake(path: str, role: Role, options: HelloOptions,
         except (BrokenPipeError, ConnectionResetError, TransportError):
             # A server that is shutting down (or shedding a flood) closed us.
             raise _Retry("connection closed during the handshake") from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise ConnectError(f"fdserver at {path} did not answer in time") from None
         return channel, check(message, fds, "welcome", path)[0]
     except BaseException:
@@ -162,7 +172,7 @@ def expect(channel: Channel, kind: str, path: str) -> tuple[Any, list[int]]:
     """
     try:
         message, fds = channel.receive()
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise ConnectError(f"fdserver at {path} did not answer in time") from None
     except TransportError as exc:
         raise ConnectError(f"fdserver at {path}: {exc}") from None
@@ -212,7 +222,7 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                 close_fds(fds)
                 raise ProtocolError("listeners message describes "
                                     f"{len(described)} sockets but carries {len(fds)}")
-            for i, (meta, fd) in enumerate(zip(described, fds)):
+            for i, (meta, fd) in enumerate(zip(described, fds, strict=True)):
                 try:
                     sock = adopt_listener(fd)
                 except TransportError as exc:
@@ -257,12 +267,12 @@ def resume(path: str, state: Reported, listeners: list[ReceivedListener],
             for n, batch in enumerate(frames, 1):
                 handback: HandbackMessage = {
                     "type": "handback", "fds": len(batch), "listeners": [
-                        {"name": l.name, "family": l.family, "address": l.address}
-                        for l in batch],
+                        {"name": one.name, "family": one.family, "address": one.address}
+                        for one in batch],
                     "more": n < len(frames)}
                 if isinstance(token, str):
                     handback["token"] = token
-                channel.send(handback, [l.sock.fileno() for l in batch])
+                channel.send(handback, [one.sock.fileno() for one in batch])
     except OSError as exc:
         channel.close()
         raise ConnectError(f"fdserver at {path}: handback failed: {exc.strerror}") from None

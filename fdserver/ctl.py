@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .client import connect, expect
+from .protocol import WaitedMessage, WorkerState
 
 
 class Control:
@@ -17,7 +18,7 @@ class Control:
         self.channel, self.welcome = connect(path, "ctl", timeout=0)
         self.channel.sock.settimeout(timeout)
 
-    def __enter__(self) -> "Control":
+    def __enter__(self) -> Control:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -28,11 +29,12 @@ class Control:
 
     def status(self) -> dict[str, Any]:
         self.channel.send({"type": "status"})
-        message, _ = expect(self.channel, "status", self.path)
-        message.pop("type")
-        return message
+        answer: dict[str, Any]
+        answer, _ = expect(self.channel, "status", self.path)
+        answer.pop("type")
+        return answer
 
-    def wait(self, pid: int, state: str, timeout: float) -> tuple[bool, str]:
+    def wait(self, pid: int, state: WorkerState, timeout: float) -> tuple[bool, str]:
         """Wait until worker *pid* is in *state* (``gone`` included).
 
         fdserver answers the moment the state is reached, or at *timeout*;
@@ -42,21 +44,23 @@ class Control:
         old = self.channel.sock.gettimeout()
         self.channel.sock.settimeout(timeout + 10.0)
         try:
+            message: WaitedMessage
             message, _ = expect(self.channel, "waited", self.path)
         finally:
             self.channel.sock.settimeout(old)
-        return message["ok"], message["state"]
+        return message["ok"], str(message.get("state"))
 
 
 def format_status(status: dict[str, Any], now: datetime | None = None) -> str:
     """The human-readable table printed by ``fdctl status``."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     server = status["server"]
     lines = [f"fdserver pid {server['pid']} (uid {server['uid']}), version {server['version']}, "
              f"{server.get('mode', 'shared')} mode, up {_age(server['started_at'], now)}",
              f"socket   {server['socket']}", ""]
-    rows = [("LISTENER", "FAMILY", "ADDRESS")]
-    rows += [(l["name"], l["family"], l["address"]) for l in status["listeners"]]
+    rows: list[tuple[str, ...]] = [("LISTENER", "FAMILY", "ADDRESS")]
+    rows += [(listener["name"], listener["family"], listener["address"])
+             for listener in status["listeners"]]
     lines += _table(rows) + [""]
     workers = status["workers"]
     if workers:
@@ -74,7 +78,8 @@ def format_status(status: dict[str, Any], now: datetime | None = None) -> str:
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
 
 
 def _age(iso: str, now: datetime) -> str:

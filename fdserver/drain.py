@@ -24,14 +24,21 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 from tornado import httputil
 from tornado.http1connection import HTTP1ServerConnection
 from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream
 
-from ._tornado import (buffered, close_after_response, headers_arrived, promise_no_keep_alive,
-                       response_started)
+from ._tornado import (
+    buffered,
+    close_after_response,
+    headers_arrived,
+    promise_no_keep_alive,
+    response_started,
+)
 
 
 class DrainingHTTPServer(HTTPServer):
@@ -65,21 +72,22 @@ class DrainingHTTPServer(HTTPServer):
         # it is idle until that request's headers arrive.  Only the request
         # is noted: whether its headers came is read off it when it matters
         # (headers_arrived), so serving a request costs no wrapper.
+        conn = cast(HTTP1ServerConnection, server_conn)     # what Tornado passes
         now = time.monotonic()
-        self._requests[server_conn] = (request_conn, now)
+        self._requests[conn] = (request_conn, now)
         if self._draining:
-            self._check_idle_later(server_conn, request_conn, now)
+            self._check_idle_later(conn, request_conn, now)
             promise_no_keep_alive(request_conn)
         return super().start_request(server_conn, request_conn)
 
-    def handle_stream(self, stream: Any, address: tuple) -> None:
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         self._open += 1
         super().handle_stream(stream, address)
         self.on_connections_changed()
 
     def on_close(self, server_conn: object) -> None:
         self._open -= 1
-        self._requests.pop(server_conn, None)
+        self._requests.pop(cast(HTTP1ServerConnection, server_conn), None)
         super().on_close(server_conn)
         self.on_connections_changed()
         if self._drained and not self._open and not self._drained.done():
@@ -114,13 +122,13 @@ class DrainingHTTPServer(HTTPServer):
         try:
             await asyncio.wait_for(asyncio.shield(self._drained), timeout)
             return 0
-        except asyncio.TimeoutError:
+        except TimeoutError:
             left = self._open
             for conn in list(self._requests):
                 conn.stream.close()
             return left
 
-    def _check_idle_later(self, conn: object, request: Any, since: float) -> None:
+    def _check_idle_later(self, conn: HTTP1ServerConnection, request: Any, since: float) -> None:
         delay = max(0.0, since + self._grace - time.monotonic())
         asyncio.get_running_loop().call_later(delay, self._close_if_idle, conn, request)
 

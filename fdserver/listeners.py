@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import AddressInUseError, BindError
 
@@ -43,7 +44,7 @@ class Listener:
         return {"name": self.name, "family": self.family, "address": self.address}
 
 
-def format_address(family: int, sockaddr) -> str:
+def format_address(family: int, sockaddr: tuple[Any, ...]) -> str:
     host, port = sockaddr[0], sockaddr[1]
     return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
 

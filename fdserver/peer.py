@@ -7,12 +7,18 @@ Its own module so that both the server and the placement of connections
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from .protocol import PeerState, Reported, Role, WorkerState
+from .errors import ProtocolError
+from .protocol import PeerState, Reported, Role, WorkerState, one_of
 from .transport import LoopChannel
+
+# The states a worker may report next, from each it can be in.
+NEXT_STATES: dict[PeerState, tuple[Reported, ...]] = {
+    "starting": ("ready", "draining"), "ready": ("draining",), "draining": ()}
 
 
 @dataclass(eq=False)
@@ -33,8 +39,29 @@ class Peer:
     token: str | None = None         # its welcome asked for a handback with this
     resumed: Reported | None = None  # the state it says it resumes in, until shown
     holds: bool = False              # was given, or has shown, this fdserver's listeners
+    shown: set[tuple[int, int]] = field(default_factory=set)   # sockets it handed back
     timer: asyncio.TimerHandle | None = None
     waits: list[Wait] = field(default_factory=list)
+
+    def report(self, wanted: str) -> Reported | None:
+        """Move to the state the worker reports; None if it is in it already.
+
+        Raises ProtocolError for a move a worker cannot make.
+        """
+        if wanted == self.state:
+            return None
+        state = one_of(wanted, NEXT_STATES.get(self.state, ()))
+        if state is None:
+            raise ProtocolError(f"worker cannot go from {self.state} to {wanted}")
+        if state == "ready" and not self.holds:
+            # Only a worker that can serve may count: dispatch would send it
+            # connections, a rolling restart would move on.
+            raise ProtocolError("worker cannot be ready: it holds none of this fdserver's "
+                                "listeners")
+        self.state = state
+        if state == "ready":
+            self.ready_at = time.time()
+        return state
 
     def describe(self) -> dict[str, Any]:
         return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "state": self.state,
@@ -58,4 +85,4 @@ def estimate(peer: Peer) -> int:
 
 
 def iso_time(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")

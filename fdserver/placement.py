@@ -39,6 +39,9 @@ from .protocol import Message
 log = logging.getLogger("fdserver")
 
 SHARE_DELAY = 0.01          # coalesce share broadcasts: at most ~100 a second
+# Connections taken per wakeup of a listener: fewer than MAX_FDS_PER_FRAME,
+# so what one wakeup sends a worker always fits in one frame.
+ACCEPT_BATCH = 64
 UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
                b"Content-Length: 24\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
                b"no app process is ready\n")
@@ -143,7 +146,7 @@ class Dispatcher:
     def _accept(self, listener: Listener) -> None:
         # The raw accept: a descriptor is all fdserver passes on, so no
         # socket object is built (and detached) for each connection.
-        taken = list(accepted(raw_accept(listener.sock), 64,
+        taken = list(accepted(raw_accept(listener.sock), ACCEPT_BATCH,
                               lambda exc: self._accept_failed(listener, exc)))
         # Of this listener, not of its name: IPv4 and IPv6 ones may share one.
         family = listener.sock.family
@@ -206,13 +209,14 @@ class Dispatcher:
         out: place them again, first in line."""
         # As old as the oldest waiting, so the line stays in order of age.
         since = self._waiting[0][0] if self._waiting else time.monotonic()
-        for message, fds in reversed(messages):
-            if message.get("type") != "connections" or self._closed:
+        for message, fds in messages[::-1]:
+            if message["type"] != "connections" or self._closed:
                 for fd in fds:
                     _unavailable(socket.socket(fileno=fd))
                 continue
-            family = socket.AddressFamily[message["family"]]
-            for fd, peer in reversed(list(zip(fds, message["peers"]))):
+            family = socket.AddressFamily[str(message.get("family"))]
+            # One peer per descriptor: _send built both from one batch.
+            for fd, peer in reversed(list(zip(fds, message["peers"], strict=True))):
                 conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
                 self._waiting.appendleft((since, message["listener"], conn, tuple(peer)))
         self._waiting_grew()

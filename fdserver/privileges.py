@@ -85,7 +85,7 @@ class AllowList:
     member_uids: set[int] = field(default_factory=set)
 
     @classmethod
-    def from_names(cls, users: list[str], groups: list[str]) -> "AllowList":
+    def from_names(cls, users: list[str], groups: list[str]) -> AllowList:
         allow = cls(uids={uid_of(u) for u in users}, gids={gid_of(g) for g in groups})
         for name in groups:
             try:

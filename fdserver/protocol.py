@@ -62,8 +62,17 @@ the registration, and its end (EOF) means the process is gone.
 
 import json
 import struct
-from typing import (Any, Literal, NotRequired, TypedDict, TypeVar, cast, get_args, get_origin,
-                    get_type_hints)
+from typing import (
+    Any,
+    Literal,
+    NotRequired,
+    TypedDict,
+    TypeVar,
+    cast,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from .errors import ProtocolError
 
@@ -94,7 +103,6 @@ WorkerState = Literal["starting", "ready", "draining", "gone"]
 PeerState = Literal["handshake", "starting", "ready", "draining", "gone", "ctl"]
 
 ROLES: tuple[Role, ...] = get_args(Role)
-MODES: tuple[Mode, ...] = get_args(Mode)
 REPORTED_STATES: tuple[Reported, ...] = get_args(Reported)
 WAITABLE_STATES: tuple[WorkerState, ...] = get_args(WorkerState)
 

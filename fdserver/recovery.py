@@ -44,7 +44,9 @@ log = logging.getLogger("fdserver")
 def netns_cookie(sock: socket.socket) -> int | None:
     """The network namespace *sock* lives in, or None if the kernel can't say."""
     try:
-        return struct.unpack("Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+        cookie: int = struct.unpack(
+            "Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+        return cookie
     except OSError as exc:
         if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL):
             return None

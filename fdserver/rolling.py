@@ -14,16 +14,14 @@ delayed, not failed) for the drain plus the new process's start-up.
 
 from __future__ import annotations
 
-import socket
 import time
 import xmlrpc.client
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
-
-from supervisor.xmlrpc import SupervisorTransport
+from typing import Any
 
 from .ctl import Control
-from .errors import RollingRestartError
+from .errors import RollingRestartError, UsageError
 
 DEFAULT_READY_TIMEOUT = 60.0
 
@@ -40,6 +38,12 @@ class Supervisor:
     """The few supervisord calls a rolling restart needs, via supervisor's own client."""
 
     def __init__(self, url: str) -> None:
+        try:
+            # An extra: only this command needs it, not every app process.
+            from supervisor.xmlrpc import SupervisorTransport
+        except ImportError:
+            raise UsageError("rolling-restart needs supervisor: "
+                             "pip install 'fdserver[supervisor]'") from None
         if not url.startswith(("unix://", "http://", "https://")):
             raise RollingRestartError(f"supervisor URL {url!r} must start with unix:// or http://")
         self.url = url
@@ -52,16 +56,19 @@ class Supervisor:
             return getattr(self._rpc, method)(*args)
         except xmlrpc.client.Fault as fault:
             target = f" {args[0]}" if args else ""
-            raise RollingRestartError(f"supervisord {method}{target}: {fault.faultString}") from None
-        except (OSError, socket.error, xmlrpc.client.ProtocolError) as exc:
+            raise RollingRestartError(
+                f"supervisord {method}{target}: {fault.faultString}") from None
+        except (OSError, xmlrpc.client.ProtocolError) as exc:
             why = getattr(exc, "strerror", None) or getattr(exc, "errmsg", None) or str(exc)
             raise RollingRestartError(f"cannot reach supervisord at {self.url}: {why}") from None
 
     def processes(self) -> list[dict[str, Any]]:
-        return self._call("getAllProcessInfo")
+        found: list[dict[str, Any]] = self._call("getAllProcessInfo")
+        return found
 
     def pid_of(self, name: str) -> int:
-        return self._call("getProcessInfo", name)["pid"]
+        pid: int = self._call("getProcessInfo", name)["pid"]
+        return pid
 
     def stop(self, name: str) -> None:
         self._call("stopProcess", name, True)

@@ -22,14 +22,16 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tornado.httputil import HTTPServerConnectionDelegate
 
 from .acceptor import Acceptor
-from .client import Registration, resume
+from .client import Registration, mode_of, resume, retry_delays
 from .drain import DrainingHTTPServer
 from .errors import AppError, FdserverError
+from .protocol import Message, Mode, Reported
 from .transport import LoopChannel
 
 log = logging.getLogger("fdapp")
@@ -78,6 +80,13 @@ def load_app(spec: str, path: str | None = None) -> HTTPServerConnectionDelegate
 class Worker:
     """Serves *app* on a registration's listeners until drained."""
 
+    # Made once the loop runs (_main).
+    server: DrainingHTTPServer
+    channel: LoopChannel
+    acceptor: Acceptor
+    _exit: asyncio.Future[int]
+    _released: asyncio.Future[None]
+
     def __init__(
         self,
         app: HTTPServerConnectionDelegate,
@@ -85,7 +94,7 @@ class Worker:
         *,
         graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
         keepalive_grace: float = DEFAULT_KEEPALIVE_GRACE,
-        on_state: Callable[[str], None] = lambda state: None,
+        on_state: Callable[[Reported], None] = lambda state: None,
         server_options: dict[str, Any] | None = None,
         balance: bool = True,
     ) -> None:
@@ -96,11 +105,6 @@ class Worker:
         self.on_state = on_state
         self.server_options = server_options or {}
         self.balance = balance
-        self.acceptor: Acceptor | None = None
-        self._released: asyncio.Future[None] | None = None
-        self.server: DrainingHTTPServer | None = None
-        self.channel: LoopChannel | None = None
-        self._exit: asyncio.Future[int] | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self._resuming = False            # a re-registration's handshake is under way
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -126,7 +130,8 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         self._report("ready")
-        names = ", ".join(f"{l.name} on {l.address}" for l in self.registration.listeners)
+        names = ", ".join(f"{listener.name} on {listener.address}"
+                          for listener in self.registration.listeners)
         log.info("pid %d ready: serving %s", os.getpid(), names)
         try:
             return await self._exit
@@ -136,11 +141,11 @@ class Worker:
                     task.cancel()
             self.channel.close(None)
 
-    def _report(self, state: str) -> None:
+    def _report(self, state: Reported) -> None:
         self.on_state(state)
         self._send({"type": "state", "state": state})
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: Message) -> None:
         self.channel.send(message)
 
     def _on_signal(self, signum: int) -> None:
@@ -154,7 +159,7 @@ class Worker:
                      self.server.connection_count, self.graceful_timeout)
             self._drain_task = asyncio.ensure_future(self._drain())
 
-    def _adopt_mode(self, mode: str) -> None:
+    def _adopt_mode(self, mode: Mode) -> None:
         """Follow a restarted fdserver that runs in the other mode."""
         if mode == self.registration.mode:
             return
@@ -170,7 +175,7 @@ class Worker:
         deadline = loop.time() + self.graceful_timeout
         self._report("draining")
         self.acceptor.close()
-        if self._resuming:
+        if self._resuming and self._reconnect_task:
             # The new fdserver counts this worker ready as the handshake ends
             # and may send it connections: let it end; _reconnect then says
             # "draining" on the new channel, and what was sent is served.
@@ -180,7 +185,7 @@ class Worker:
             # their way: serve them too, then fdserver says "released".
             try:
                 await asyncio.wait_for(asyncio.shield(self._released), self.graceful_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("fdserver did not release this worker; draining anyway")
         for sock in self.registration.sockets():
             sock.close()
@@ -196,11 +201,10 @@ class Worker:
         if not self._exit.done():
             self._exit.set_result(status)
 
-    def _on_message(self, message: dict[str, Any], fds: list[int]) -> None:
-        kind = message["type"]
-        if kind == "connections" and len(fds) == len(message["peers"]):
+    def _on_message(self, message: Message, fds: list[int]) -> None:
+        if message["type"] == "connections" and len(fds) == len(message["peers"]):
             family = socket.AF_INET6 if message.get("family") == "AF_INET6" else socket.AF_INET
-            for i, (fd, peer) in enumerate(zip(fds, message["peers"])):
+            for i, (fd, peer) in enumerate(zip(fds, message["peers"], strict=True)):
                 try:
                     self.acceptor.on_connection(fd, peer, family)
                 except Exception:
@@ -210,11 +214,11 @@ class Worker:
             return
         for fd in fds:
             os.close(fd)
-        if kind == "share":
+        if message["type"] == "share":
             self.acceptor.on_share(message["connections"], message["workers"])
-        elif kind == "released" and not self._released.done():
+        elif message["type"] == "released" and not self._released.done():
             self._released.set_result(None)
-        elif kind == "error":
+        elif message["type"] == "error":
             log.warning("fdserver says: %s", message["message"])
 
     def _on_server_gone(self, reason: str | None) -> None:
@@ -229,7 +233,7 @@ class Worker:
     async def _reconnect(self) -> None:
         loop = asyncio.get_running_loop()
         path = self.registration.path
-        delay = 0.05
+        delays = retry_delays(RECONNECT_MAX_DELAY)
         said = None
         while not self._drain_task:
             self._resuming = True
@@ -246,7 +250,7 @@ class Worker:
             else:
                 if self._released.done():
                     self._released = loop.create_future()
-                mode = "dispatch" if welcome.get("mode") == "dispatch" else "shared"
+                mode = mode_of(welcome)
                 if self._drain_task:
                     self.registration.mode = mode      # accept nothing more ourselves
                 else:
@@ -262,5 +266,4 @@ class Worker:
                 return
             finally:
                 self._resuming = False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            await asyncio.sleep(next(delays))

@@ -27,7 +27,7 @@ import pwd
 import secrets
 import socket
 import stat
-from typing import Callable, Collection
+from collections.abc import Callable, Collection
 
 from .errors import SocketFileError
 from .transport import peer_credentials
@@ -172,7 +172,7 @@ def _clear_stale(path: str, dir_fd: int, name: str, trusted: Collection[int]) ->
         probe.connect(f"/proc/self/fd/{file_fd}")
     except ConnectionRefusedError:
         pass           # stale: a socket file nobody listens on (a crashed server left it)
-    except (BlockingIOError, TimeoutError, socket.timeout):
+    except (BlockingIOError, TimeoutError):
         raise SocketFileError(f"{path} is in use: a live server's backlog is full") from None
     except OSError as exc:
         raise SocketFileError(f"{path}: cannot check the existing socket: "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 from .errors import ActivationError
 from .listeners import DEFAULT_NAME, Listener
@@ -63,7 +63,7 @@ class Notifier:
     def __init__(self, environ: MutableMapping[str, str]) -> None:
         address = environ.pop("NOTIFY_SOCKET", None)
         self._sock: socket.socket | None = None
-        self._address = None
+        self._address = ""
         if address and address[0] in "/@":
             # A leading @ means Linux's abstract namespace.
             self._address = "\0" + address[1:] if address[0] == "@" else address

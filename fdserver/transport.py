@@ -28,8 +28,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import ProtocolError, TransportError
-from .protocol import (MAX_ANSWER, MAX_FDS_PER_FRAME, MAX_PAYLOAD, Decoder, ErrorMessage, Message,
-                       encode, fd_count)
+from .protocol import (
+    MAX_ANSWER,
+    MAX_FDS_PER_FRAME,
+    MAX_PAYLOAD,
+    Decoder,
+    ErrorMessage,
+    Message,
+    encode,
+    fd_count,
+)
 
 RECV_BYTES = 64 * 1024
 _ZERO = bytes(4)                # an int for ioctl() to fill in
@@ -46,7 +54,7 @@ _CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 Ancdata = list[tuple[int, int, bytes]]
 Recvmsg = Callable[[int, int, int], tuple[bytes, Ancdata, int, Any]]
 # A message and the descriptors that came (or go) with it.
-Item = tuple[Message, list[int]]
+Envelope = tuple[Message, list[int]]
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -105,7 +113,7 @@ class Channel:
         self._decoder = Decoder(MAX_PAYLOAD if server_side else MAX_ANSWER)
         self._send_limit = MAX_ANSWER if server_side else MAX_PAYLOAD
         self._fds: collections.deque[int] = collections.deque()
-        self._inbox: collections.deque[Item] = collections.deque()
+        self._inbox: collections.deque[Envelope] = collections.deque()
         # (bytes left, fds to attach, the message if we own those fds and
         # close them once sent, else None)
         self._outbox: collections.deque[tuple[memoryview, list[int], Message | None]] = \
@@ -163,11 +171,11 @@ class Channel:
         """Descriptors have arrived whose frame has not, yet."""
         return bool(self._fds)
 
-    def next_message(self) -> Item | None:
+    def next_message(self) -> Envelope | None:
         """The next complete message and its descriptors, if one has arrived."""
         return self._inbox.popleft() if self._inbox else None
 
-    def receive(self) -> Item:
+    def receive(self) -> Envelope:
         """Block until a whole message is in (honours the socket's timeout)."""
         while not self._inbox:
             if not self.receive_some():
@@ -219,7 +227,7 @@ class Channel:
     def wants_write(self) -> bool:
         return bool(self._outbox)
 
-    def take_unsent(self) -> list[Item]:
+    def take_unsent(self) -> list[Envelope]:
         """Take back the owned messages not yet begun, with their descriptors."""
         taken = [(message, fds) for _, fds, message in self._outbox if message is not None]
         if taken:
@@ -278,7 +286,7 @@ class LoopChannel:
         loop: asyncio.AbstractEventLoop,
         on_message: Callable[[Message, list[int]], None],
         on_close: Callable[[str | None], None],
-        on_unsent: Callable[[list[Item]], None] | None = None,
+        on_unsent: Callable[[list[Envelope]], None] | None = None,
     ) -> None:
         self.channel = channel
         self._loop = loop
@@ -414,7 +422,7 @@ class LoopChannel:
             self._on_message(*item)
 
     def close(self, reason: str | None,
-              unsent: list[Item] | None = None) -> None:
+              unsent: list[Envelope] | None = None) -> None:
         if self.closed:
             return
         if self._partial is not None:
@@ -429,7 +437,7 @@ class LoopChannel:
         self._give_back(unsent)
         self._on_close(reason)
 
-    def _give_back(self, unsent: list[Item]) -> None:
+    def _give_back(self, unsent: list[Envelope]) -> None:
         if unsent and self._on_unsent:
             self._on_unsent(unsent)
         else:

@@ -16,8 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import (APP_USER, GROUP, OTHER_USER, PROJECT, Proc, bad_log_lines,  # noqa: E402
-                     run, script)
+from support import APP_USER, GROUP, OTHER_USER, PROJECT, Proc, bad_log_lines, run, script  # noqa: E402
 
 
 class FdserverProc(Proc):

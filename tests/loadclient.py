@@ -261,7 +261,7 @@ class Client:
         self.reused = False
         try:
             response = await asyncio.wait_for(self._exchange(), self.timeout)
-        except (Failure, asyncio.TimeoutError) as exc:
+        except (TimeoutError, Failure) as exc:
             self._drop()
             if isinstance(exc, Failure):
                 kind, message = exc.kind, str(exc)
@@ -444,7 +444,7 @@ class LoadClient:
         self.json_out = self.workdir / "result.json"
         self.proc = None
 
-    def start(self) -> "LoadClient":
+    def start(self) -> LoadClient:
         from support import Proc
 
         for stale in (self.stop_file, self.json_out):
@@ -480,7 +480,7 @@ class LoadClient:
             except OSError:
                 pass
 
-    def __enter__(self) -> "LoadClient":
+    def __enter__(self) -> LoadClient:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -14,8 +14,8 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -31,7 +31,7 @@ class Proc:
     children logged a traceback or an ERROR it did not expect.
     """
 
-    started: list["Proc"] = []
+    started: list[Proc] = []
 
     def __init__(self, argv: list[str], *, cwd: Path | str = PROJECT, env: dict | None = None,
                  watchdog: float = WATCHDOG, **popen) -> None:
@@ -141,7 +141,7 @@ def http_get(address: str, path: str = "/", timeout: float = 10.0) -> tuple[int,
         return response.status, response.read().decode()
 
 
-def replace_by_hand(workers: list, start_worker: Callable[[], "Proc"], times: int) -> None:
+def replace_by_hand(workers: list, start_worker: Callable[[], Proc], times: int) -> None:
     """Rolling restart by hand: SIGTERM the oldest worker, start a new one, wait
     for the old one to drain and exit 0; *times* over.  *workers* is updated."""
     for _ in range(times):

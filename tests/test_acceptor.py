@@ -9,7 +9,6 @@ import os
 import re
 import socket
 
-import pytest
 import tornado.web
 
 from fdserver.acceptor import ACCEPT_BATCH, CPUS, SLACK, Acceptor
@@ -28,7 +27,8 @@ class Held(tornado.web.RequestHandler):
 
     async def get(self) -> None:
         # Run as the handler starts, right after the request was read.
-        self.settings["watched_at_start"] = self.request.connection.stream.socket.fileno() in watched_fds()
+        fileno = self.request.connection.stream.socket.fileno()
+        self.settings["watched_at_start"] = fileno in watched_fds()
         self.settings["entered"].set()
         await self.settings["release"].wait()
         self.write("Held\n")
@@ -133,7 +133,7 @@ def test_connections_keep_nagle_off_between_requests():
                 assert await read_response(reader) == b"Hello\n"
                 # Tornado starts the next request once this one's response is
                 # written and its own end-of-request steps have run.
-                await wait_for(lambda: server._requests[conn][0] is not request,
+                await wait_for(lambda request=request: server._requests[conn][0] is not request,
                                "the connection to wait for its next request")
                 seen.append(conn.stream.socket.getsockopt(socket.IPPROTO_TCP,
                                                          socket.TCP_NODELAY))

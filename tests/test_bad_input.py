@@ -37,7 +37,7 @@ def taken_address():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        yield "127.0.0.1:%d" % taken.getsockname()[1]
+        yield f"127.0.0.1:{taken.getsockname()[1]}"
 
 
 def test_bind_address_in_use(sockdir, taken_address):

@@ -234,7 +234,7 @@ def test_dispatch_passes_over_a_worker_that_has_not_read_what_it_was_sent(start_
         for _ in range(8):
             waiting = unread_bytes(stuck)
             clients.append(socket.create_connection((host, int(port)), timeout=10))
-            wait_until(lambda: passed_on(waiting), 10, "the connection passed on")
+            wait_until(lambda waiting=waiting: passed_on(waiting), 10, "the connection passed on")
         stuck.channel.sock.settimeout(0.01)
         parked = sum(iter(lambda: take_connections(stuck), 0))
         # The first may go to either (both idle); after it, the stuck one is busy.
@@ -259,7 +259,7 @@ def test_dispatch_tells_each_connection_its_own_family(start_fdserver):
                    10, "a ready worker")
         worker.channel.sock.settimeout(10)
         listeners = server.status()["listeners"]
-        assert [(l["name"], l["family"]) for l in listeners] == [("http", "AF_INET"),
+        assert [(one["name"], one["family"]) for one in listeners] == [("http", "AF_INET"),
                                                                   ("http", "AF_INET6")]
         for listener in listeners:
             host, port = listener["address"].rsplit(":", 1)

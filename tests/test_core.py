@@ -32,7 +32,8 @@ def test_ipv4_and_ipv6_listeners_are_handed_over(start_fdserver, start_fdapp):
     server = start_fdserver(binds=("127.0.0.1:0", "v6=[::1]:0"))
     worker = start_fdapp(server)
     listeners = server.status()["listeners"]
-    assert [(l["name"], l["family"]) for l in listeners] == [("http", "AF_INET"), ("v6", "AF_INET6")]
+    assert [(one["name"], one["family"]) for one in listeners] == [("http", "AF_INET"),
+                                                                   ("v6", "AF_INET6")]
     for listener in listeners:
         assert http_get(listener["address"]) == (200, f"Hello from {worker.pid}\n")
 

@@ -174,6 +174,8 @@ def test_idle_keepalive_connection_is_closed_after_grace(start_fdserver, start_f
     worker.wait_for_line(r"drained; exiting")
 
 
+@pytest.mark.child_errors("requests cut on purpose: Tornado logs each as a 500, and "
+                          "6.3 also logs its handler's cancelled task")
 def test_graceful_timeout_closes_what_remains(start_fdserver, start_fdapp):
     server = start_fdserver()
     worker = start_fdapp(server, "--graceful-timeout", "0.5")
@@ -192,6 +194,8 @@ def wait_connected(server, worker) -> None:
     assert http_get(server.address) == (200, f"Hello from {worker.pid}\n")
 
 
+@pytest.mark.child_errors("requests cut on purpose: Tornado logs each as a 500, and "
+                          "6.3 also logs its handler's cancelled task")
 def test_second_sigint_exits_at_once(start_fdserver, start_fdapp):
     server = start_fdserver()
     worker = start_fdapp(server)
@@ -205,6 +209,8 @@ def test_second_sigint_exits_at_once(start_fdserver, start_fdapp):
     worker.wait_for_line(r"SIGINT: exiting at once, cutting 1 connections")
 
 
+@pytest.mark.child_errors("requests cut on purpose: Tornado logs each as a 500, and "
+                          "6.3 also logs its handler's cancelled task")
 def test_sigquit_exits_at_once(start_fdserver, start_fdapp):
     server = start_fdserver()
     worker = start_fdapp(server)

@@ -26,17 +26,29 @@ import select
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from fdserver.ctl import Control
 from fdserver.errors import ProtocolError
 from fdserver.protocol import (
-    _SCHEMA, FRAME_VERSION, HEADER, MAGIC, MAX_ANSWER, MAX_FDS_PER_FRAME, MAX_INT,
-    MAX_PAYLOAD, Decoder, encode, validate)
+    _SCHEMA,
+    FRAME_VERSION,
+    HEADER,
+    MAGIC,
+    MAX_ANSWER,
+    MAX_FDS_PER_FRAME,
+    MAX_INT,
+    MAX_PAYLOAD,
+    Decoder,
+    encode,
+    validate,
+)
 from fdserver.transport import PARTIAL_FRAME_DEADLINE, Channel, close_fds
 
 from support import PROJECT, Proc, http_get, run, script, wait_until
@@ -196,7 +208,7 @@ def chunks_of(data: st.DataObject, stream: bytes) -> list[bytes]:
     """*stream* cut at random points (empty chunks included)."""
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts")
     points = [0, *sorted(cuts), len(stream)]
-    return [stream[a:b] for a, b in zip(points, points[1:])]
+    return [stream[a:b] for a, b in zip(points, points[1:], strict=False)]
 
 
 def assert_valid_message(message: Any) -> None:

@@ -13,7 +13,7 @@ import socket
 import struct
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -34,7 +34,7 @@ class ScriptedServer:
         self.per_connection: list[list[bytes]] = []   # request heads, by connection
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.2)
-        self.address = "%s:%d" % self.listener.getsockname()
+        self.address = "{}:{}".format(*self.listener.getsockname())
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._accept, daemon=True)]
         self.threads[0].start()
@@ -54,7 +54,7 @@ class ScriptedServer:
         while not self.stopping.is_set():
             try:
                 conn, _ = self.listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             self.threads.append(thread)
@@ -71,7 +71,7 @@ class ScriptedServer:
                 if b"\r\n\r\n" not in buffer:
                     try:
                         data = conn.recv(65536)
-                    except socket.timeout:
+                    except TimeoutError:
                         continue
                     except OSError:
                         return
@@ -234,7 +234,7 @@ def test_malformed_and_timeout_are_failures(scripted, load):
 
 def test_refused_connections_are_failures(load):
     with socket.create_server(("127.0.0.1", 0)) as probe:
-        address = "%s:%d" % probe.getsockname()
+        address = "{}:{}".format(*probe.getsockname())
     client = load(address, clients=1, duration=0.3)
     result = client.stop()
     assert result["ok"] == 0 and result["failures"]["connect"]["count"] > 0

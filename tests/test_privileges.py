@@ -14,8 +14,17 @@ import sys
 
 import pytest
 
-from support import (APP_USER, GROUP, OTHER_USER, PROJECT, free_low_port, http_get,
-                     proc_ids, run, script)
+from support import (
+    APP_USER,
+    GROUP,
+    OTHER_USER,
+    PROJECT,
+    free_low_port,
+    http_get,
+    proc_ids,
+    run,
+    script,
+)
 
 AS_USER = str(PROJECT / "tests" / "as_user.py")
 

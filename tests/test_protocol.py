@@ -12,8 +12,17 @@ import pytest
 
 from fdserver.errors import ProtocolError
 from fdserver.protocol import (
-    FRAME_VERSION, HEADER, MAGIC, MAX_FDS_PER_FRAME, MAX_PAYLOAD, SUPPORTED_VERSIONS,
-    Decoder, encode, negotiate, validate)
+    FRAME_VERSION,
+    HEADER,
+    MAGIC,
+    MAX_FDS_PER_FRAME,
+    MAX_PAYLOAD,
+    SUPPORTED_VERSIONS,
+    Decoder,
+    encode,
+    negotiate,
+    validate,
+)
 
 
 def frame(payload: bytes | str | object, *, magic: bytes = MAGIC, version: int = FRAME_VERSION,

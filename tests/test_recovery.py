@@ -12,9 +12,9 @@ import pytest
 
 import fdserver
 from fdserver.client import ReceivedListener, resume
+
 from loadclient import LoadClient
-from support import PROJECT, http_get, wait_until
-from support import APP_USER, OTHER_USER, free_low_port, proc_ids
+from support import APP_USER, OTHER_USER, PROJECT, free_low_port, http_get, proc_ids, wait_until
 
 AS_USER = str(PROJECT / "tests" / "as_user.py")
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0,
 
 
 class Supervised:
-    """supervisord -c deploy/supervisord.conf, as the README runs it."""
+    """supervisord -c deploy/supervisord.conf, as docs/deployment.md runs it."""
 
     def __init__(self, procs, run_dir, config=PROJECT / "deploy" / "supervisord.conf"):
         self.run_dir = run_dir

@@ -19,10 +19,11 @@ import sys
 
 import pytest
 
-from fdserver.client import ReceivedListener, connect as client_connect, resume
+from fdserver.client import ReceivedListener, resume
+from fdserver.client import connect as client_connect
 from fdserver.errors import SocketFileError
-from support import APP_USER, GROUP, OTHER_USER, PROJECT, http_get, run, script
 
+from support import APP_USER, GROUP, OTHER_USER, PROJECT, http_get, run, script
 from test_hostile import assert_refused, connect, read_until_closed
 
 AS_USER = str(PROJECT / "tests" / "as_user.py")
@@ -243,7 +244,8 @@ if echo:
     data = frame(handback)
 else:
     data = hello + frame(handback)   # both at once, before the welcome is read
-conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [listener.fileno()]))])
+conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                       array.array("i", [listener.fileno()]))])
 while True:
     message, _ = read_frame(conn)
     if message is None:

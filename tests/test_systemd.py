@@ -14,8 +14,7 @@ import sys
 
 import pytest
 
-from support import PROJECT, http_get, run, script
-from support import free_low_port, proc_ids
+from support import PROJECT, free_low_port, http_get, proc_ids, run, script
 
 ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
 AS_USER = str(PROJECT / "tests" / "as_user.py")

@@ -21,8 +21,7 @@ import pytest
 
 from fdserver.errors import ProtocolError, TransportError
 from fdserver.protocol import MAX_FDS_PER_FRAME, encode
-from fdserver.transport import (MAX_OUTPUT, Channel, adopt_listener, close_fds,
-                                peer_credentials)
+from fdserver.transport import MAX_OUTPUT, Channel, adopt_listener, close_fds, peer_credentials
 
 TIMEOUT = 10.0
 

@@ -20,6 +20,7 @@ fdservers started at once cannot both decide the path is free.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -27,7 +28,7 @@ import pwd
 import secrets
 import socket
 import stat
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 
 from .errors import SocketFileError
 from .transport import peer_credentials
@@ -60,14 +61,8 @@ class SocketFile:
         self.path = os.path.join(folder, name)
         trusted = {0, os.geteuid(), *owners}
         check_folder(folder, trusted)
-        try:
+        with _named(folder):
             dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            raise SocketFileError(f"socket folder {folder} does not exist") from None
-        except NotADirectoryError:
-            raise SocketFileError(f"socket folder {folder} is not a folder") from None
-        except PermissionError:
-            raise SocketFileError(f"socket folder {folder}: permission denied") from None
         try:
             fcntl.flock(dir_fd, fcntl.LOCK_EX)
             _clear_stale(self.path, dir_fd, name, trusted)
@@ -108,14 +103,8 @@ def check_folder(folder: str, trusted: Collection[int]) -> None:
     Symbolic links on the way are checked where they stand, then followed.
     """
     folder = os.path.abspath(folder)
-    try:
+    with _named(folder):
         st = os.stat(folder)
-    except FileNotFoundError:
-        raise SocketFileError(f"socket folder {folder} does not exist") from None
-    except NotADirectoryError:
-        raise SocketFileError(f"socket folder {folder} is not a folder") from None
-    except PermissionError:
-        raise SocketFileError(f"socket folder {folder}: permission denied") from None
     if not stat.S_ISDIR(st.st_mode):
         raise SocketFileError(f"socket folder {folder} is not a folder")
     if st.st_uid not in trusted:
@@ -242,6 +231,19 @@ def _bind(path: str, dir_fd: int, name: str, mode: int, group: int | None, backl
                 pass
             os.close(private_fd)
         os.rmdir(private, dir_fd=dir_fd)
+
+
+@contextlib.contextmanager
+def _named(folder: str) -> Iterator[None]:
+    """Turn the errors of opening the socket folder into one line naming it."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise SocketFileError(f"socket folder {folder} does not exist") from None
+    except NotADirectoryError:
+        raise SocketFileError(f"socket folder {folder} is not a folder") from None
+    except PermissionError:
+        raise SocketFileError(f"socket folder {folder}: permission denied") from None
 
 
 def _user(uid: int) -> str:

@@ -32,5 +32,31 @@ class SlowHandler(tornado.web.RequestHandler):
         self.write(f"Hello from {os.getpid()} after {seconds:g}s\n")
 
 
+class PollHandler(tornado.web.RequestHandler):
+    """``GET /poll?seconds=N``: a long-poll that waits N seconds for news (there is none).
+
+    It also waits for this process to start draining (``fdserver.draining()``),
+    and then answers at once, ``reconnect``, instead of being held until the
+    graceful timeout: the client asks again and reaches a worker that stays.
+    """
+
+    async def get(self) -> None:
+        import asyncio
+
+        import fdserver
+
+        seconds = min(float(self.get_argument("seconds", "30")), 300.0)
+        drain = asyncio.ensure_future(fdserver.draining().wait())
+        try:
+            await asyncio.wait_for(asyncio.shield(drain), seconds)
+        except TimeoutError:
+            self.write(f"no news from {os.getpid()}\n")
+        else:
+            self.write(f"reconnect: {os.getpid()} is going away\n")
+        finally:
+            drain.cancel()
+
+
 def make_app() -> tornado.web.Application:
-    return tornado.web.Application([(r"/", HelloHandler), (r"/slow", SlowHandler)])
+    return tornado.web.Application([(r"/", HelloHandler), (r"/slow", SlowHandler),
+                                    (r"/poll", PollHandler)])

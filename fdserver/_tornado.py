@@ -190,6 +190,23 @@ def headers_arrived(request: Any) -> bool:
                 and getattr(request, "_request_start_line", _MISSING) is None)
 
 
+def detached(request: Any) -> bool:
+    """Whether the request's handler took its connection over (a websocket).
+
+    HTTP1Connection.detach() hands the stream over and forgets it.
+    """
+    return isinstance(request, HTTP1Connection) and request.stream is None
+
+
+def handler_of(delegate: Any) -> Any:
+    """The RequestHandler an Application's request delegate created, or None.
+
+    Application.start_request returns a _RoutingDelegate whose ``delegate``
+    is a _HandlerDelegate, whose ``handler`` is the handler.
+    """
+    return getattr(getattr(delegate, "delegate", None), "handler", None)
+
+
 def response_started(request: Any) -> bool:
     """Whether the response's headers went out (True if unknown)."""
     return not (isinstance(request, HTTP1Connection)

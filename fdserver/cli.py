@@ -209,8 +209,11 @@ def fdapp_parser() -> argparse.ArgumentParser:
         prog="fdapp",
         description="Run one Tornado app process on the listening sockets fdserver hands out.")
     p.add_argument("app", metavar="MODULE:ATTR",
-                   help="a tornado.web.Application, or a callable returning one; "
-                        "the current directory is importable")
+                   help="a tornado.web.Application, a callable or async callable returning "
+                        "one (called inside the event loop), or the app's own main() that "
+                        "calls app.listen(): it is served on fdserver's listeners. The current "
+                        "directory is importable. Arguments after -- are the app's own "
+                        "sys.argv[1:] (for tornado.options)")
     p.add_argument("--socket", required=True, metavar="PATH", help="fdserver's Unix socket")
     p.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="SECONDS",
                    help="keep trying to reach fdserver this long (default %(default)s)")
@@ -232,12 +235,36 @@ def fdapp_parser() -> argparse.ArgumentParser:
                    help="log every request (off by default: it costs throughput)")
     p.add_argument("--xheaders", action="store_true",
                    help="trust X-Real-Ip/X-Forwarded-For (only behind a proxy)")
+    p.add_argument("--timeout", type=_positive, metavar="SECONDS",
+                   help="if the event loop has not run for this long (a handler blocks it), "
+                        "write every thread's stack to the log and exit 1, so that the "
+                        "supervisor restarts the process (default: never)")
+    p.add_argument("--shutdown-timeout", type=_positive, default=5.0, metavar="SECONDS",
+                   help="after the drain, time for the app's shutdown hooks "
+                        "(fdserver.on_shutdown) in all (default %(default)s)")
+    http = p.add_argument_group(
+        "HTTPServer settings", "Tornado's HTTPServer options, for a server fdapp makes (a "
+        "main() that makes its own HTTPServer sets them itself)")
+    http.add_argument("--max-body-size", type=int, metavar="BYTES",
+                      help="largest request body (Tornado's default: 100 MB)")
+    http.add_argument("--max-buffer-size", type=int, metavar="BYTES",
+                      help="most bytes buffered per connection (Tornado's default: 100 MB)")
+    http.add_argument("--idle-connection-timeout", type=_positive, metavar="SECONDS",
+                      help="close a keep-alive connection idle this long (Tornado's default: "
+                           "3600)")
+    http.add_argument("--body-timeout", type=_positive, metavar="SECONDS",
+                      help="longest time to read a request body (Tornado's default: none)")
+    http.add_argument("--decompress-request", action="store_true",
+                      help="decompress gzip request bodies")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
 def fdapp_main(argv: Sequence[str] | None = None) -> int:
-    args = fdapp_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, app_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
+        else (argv, [])
+    args = fdapp_parser().parse_args(ours)
 
     def body() -> int:
         import os
@@ -247,7 +274,7 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         # ends the process cleanly: nothing has been served yet.
         signal.signal(signal.SIGTERM, _stopped_during_start_up)
 
-        from .client import register, trusted_server_uids
+        from .client import Registration, register, trusted_server_uids
         from .privileges import uid_of
         from .runner import FEATURES, Worker, load_app
         from .systemd import Notifier
@@ -256,9 +283,14 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         _setup_logging("fdapp")
         if not args.access_log:
             logging.getLogger("tornado.access").setLevel(logging.WARNING)
-        app = load_app(args.app)
-        registration = register(args.socket, connect_timeout=args.connect_timeout,
-                                features=FEATURES, server_uids=server_uids)
+        # The app's own command line, as if it ran by itself (tornado.options).
+        sys.argv = [args.app, *app_argv]
+        target = load_app(args.app)
+
+        def registration() -> Registration:
+            return register(args.socket, connect_timeout=args.connect_timeout,
+                            features=FEATURES, server_uids=server_uids)
+
         title = f"fdapp {args.app} --socket {args.socket}"
         setproctitle.setproctitle(title)
         # Under systemd (Type=notify), `systemctl restart fdapp@N` returns only
@@ -270,10 +302,14 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
             setproctitle.setproctitle(f"{title} [{state}]")
             notifier.notify(sd_states[state], f"STATUS={state}")
 
-        worker = Worker(app, registration, graceful_timeout=args.graceful_timeout,
+        options = {"xheaders": args.xheaders, "decompress_request": args.decompress_request,
+                   **{name: value for name in ("max_body_size", "max_buffer_size",
+                                               "idle_connection_timeout", "body_timeout")
+                      if (value := getattr(args, name)) is not None}}
+        worker = Worker(args.app, target, registration, graceful_timeout=args.graceful_timeout,
                         keepalive_grace=args.keepalive_grace, on_state=on_state,
-                        server_options={"xheaders": args.xheaders},
-                        balance=not args.no_balance)
+                        server_options=options, balance=not args.no_balance,
+                        timeout=args.timeout, shutdown_timeout=args.shutdown_timeout)
         return worker.run()
 
     return _run("fdapp", body)

@@ -16,12 +16,20 @@ here is done by hand:
 * a keep-alive connection is closed only once it has been idle for *grace*
   seconds with no bytes pending, so a client in the middle of sending its
   next request is not cut off;
+* a connection its handler took over from HTTP (a websocket) is counted
+  until it closes; at the start of the drain its handler says goodbye: its
+  ``on_drain()`` if it has one, else a close frame 1001 Going Away (the
+  client may reconnect at once: the other workers are up);
 * at the deadline whatever remains is closed.
+
+docs/drain.md tells the whole story.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -31,14 +39,24 @@ from tornado import httputil
 from tornado.http1connection import HTTP1ServerConnection
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
+from tornado.websocket import WebSocketHandler
 
 from ._tornado import (
     buffered,
     close_after_response,
+    detached,
+    handler_of,
     headers_arrived,
     promise_no_keep_alive,
     response_started,
 )
+
+log = logging.getLogger("fdapp")
+
+# How often connections taken over from HTTP (websockets) are checked for
+# having closed: they have no close callback of ours to tell.
+DETACHED_CHECK = 1.0
+DETACHED_CHECK_DRAINING = 0.05
 
 
 class DrainingHTTPServer(HTTPServer):
@@ -47,8 +65,11 @@ class DrainingHTTPServer(HTTPServer):
     def initialize(self, *args: Any, **kwargs: Any) -> None:
         super().initialize(*args, **kwargs)
         # connection -> (its current request, monotonic time that request
-        # began waiting for its headers)
-        self._requests: dict[HTTP1ServerConnection, tuple[Any, float]] = {}
+        # began waiting for its headers, the app's delegate for it)
+        self._requests: dict[HTTP1ServerConnection, tuple[Any, float, Any]] = {}
+        # streams taken over from HTTP (websockets) -> their handler, if known
+        self._detached: dict[IOStream, Any] = {}
+        self._checking: asyncio.TimerHandle | None = None
         # Counted here rather than read off Tornado's private set: every
         # handle_stream ends in exactly one on_close.
         self._open = 0
@@ -60,7 +81,7 @@ class DrainingHTTPServer(HTTPServer):
 
     @property
     def connection_count(self) -> int:
-        return self._open
+        return self._open + len(self._detached)
 
     @property
     def draining(self) -> bool:
@@ -74,11 +95,12 @@ class DrainingHTTPServer(HTTPServer):
         # (headers_arrived), so serving a request costs no wrapper.
         conn = cast(HTTP1ServerConnection, server_conn)     # what Tornado passes
         now = time.monotonic()
-        self._requests[conn] = (request_conn, now)
+        delegate = super().start_request(server_conn, request_conn)
+        self._requests[conn] = (request_conn, now, delegate)
         if self._draining:
             self._check_idle_later(conn, request_conn, now)
             promise_no_keep_alive(request_conn)
-        return super().start_request(server_conn, request_conn)
+        return delegate
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         self._open += 1
@@ -86,12 +108,56 @@ class DrainingHTTPServer(HTTPServer):
         self.on_connections_changed()
 
     def on_close(self, server_conn: object) -> None:
+        conn = cast(HTTP1ServerConnection, server_conn)
         self._open -= 1
-        self._requests.pop(cast(HTTP1ServerConnection, server_conn), None)
+        entry = self._requests.pop(conn, None)
+        if entry is not None and detached(entry[0]) and not conn.stream.closed():
+            # Taken over (a websocket): HTTP is done with it, the client is not.
+            handler = handler_of(entry[2])
+            self._detached[conn.stream] = handler
+            if self._draining:
+                self._say_goodbye(handler)
+            self._check_detached_later()
         super().on_close(server_conn)
         self.on_connections_changed()
-        if self._drained and not self._open and not self._drained.done():
+        self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        if (self._drained and not self._open and not self._detached
+                and not self._drained.done()):
             self._drained.set_result(None)
+
+    def _check_detached_later(self) -> None:
+        if self._checking is None and self._detached:
+            delay = DETACHED_CHECK_DRAINING if self._draining else DETACHED_CHECK
+            self._checking = asyncio.get_running_loop().call_later(delay, self._check_detached)
+
+    def _check_detached(self) -> None:
+        self._checking = None
+        closed = [stream for stream in self._detached if stream.closed()]
+        for stream in closed:
+            del self._detached[stream]
+        if closed:
+            self.on_connections_changed()
+            self._maybe_drained()
+        self._check_detached_later()
+
+    def _say_goodbye(self, handler: Any) -> None:
+        """A taken-over connection's last word: the handler's on_drain(), or
+        a websocket's close frame 1001 Going Away."""
+        if handler is None:
+            return          # not a handler we know: it ends by itself or at the deadline
+        try:
+            on_drain = getattr(handler, "on_drain", None)
+            if callable(on_drain):
+                result = on_drain()
+                if inspect.isawaitable(result):
+                    asyncio.ensure_future(result)
+            elif isinstance(handler, WebSocketHandler):
+                handler.close(1001, "going away")
+        except Exception as exc:
+            log.error("saying goodbye to %s failed: %s: %s", type(handler).__name__,
+                      type(exc).__name__, exc)
 
     async def drain(self, timeout: float, grace: float) -> int:
         """Stop accepting and wait for the connections to end.
@@ -107,7 +173,13 @@ class DrainingHTTPServer(HTTPServer):
         # connection.  Requests already past their headers are told below.
         self.conn_params.no_keep_alive = True
         self.stop()
-        for conn, (request, since) in list(self._requests.items()):
+        for handler in list(self._detached.values()):
+            self._say_goodbye(handler)
+        if self._checking is not None:       # check more often from now on
+            self._checking.cancel()
+            self._checking = None
+        self._check_detached_later()
+        for conn, (request, since, _) in list(self._requests.items()):
             if not headers_arrived(request):
                 self._check_idle_later(conn, request, since)
                 promise_no_keep_alive(request)
@@ -117,15 +189,17 @@ class DrainingHTTPServer(HTTPServer):
             # else its headers went out saying keep-alive: closing right after
             # the response would fail the client's next request.  Once done,
             # the connection waits for that request as an idle one does.
-        if not self._open:
+        if not self._open and not self._detached:
             return 0
         try:
             await asyncio.wait_for(asyncio.shield(self._drained), timeout)
             return 0
         except TimeoutError:
-            left = self._open
+            left = self.connection_count
             for conn in list(self._requests):
                 conn.stream.close()
+            for stream in list(self._detached):
+                stream.close()
             return left
 
     def _check_idle_later(self, conn: HTTP1ServerConnection, request: Any, since: float) -> None:

@@ -15,22 +15,22 @@ that could not bind the port, it hands its listeners back (see
 from __future__ import annotations
 
 import asyncio
-import functools
-import importlib
+import faulthandler
 import logging
 import os
 import signal
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from tornado.httputil import HTTPServerConnectionDelegate
 
+from . import lifecycle
 from .acceptor import Acceptor
 from .client import Registration, mode_of, resume, retry_delays
 from .drain import DrainingHTTPServer
 from .errors import AppError, FdserverError
+from .loader import import_target, load
 from .protocol import Message, Mode, Reported
 from .transport import LoopChannel
 
@@ -38,47 +38,31 @@ log = logging.getLogger("fdapp")
 
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_KEEPALIVE_GRACE = 1.0
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 RECONNECT_MAX_DELAY = 1.0
 # What fdapp reads from its channel (see fdserver.client.register).
 FEATURES = ("share", "dispatch")
 
 
-def load_app(spec: str, path: str | None = None) -> HTTPServerConnectionDelegate:
-    """Import ``MODULE:ATTR``; ATTR is an Application or a callable returning one.
+def load_app(spec: str, path: str | None = None) -> Any:
+    """Import what ``MODULE:ATTR`` names (checked: something fdapp can run).
 
-    *path* (default: the current directory) goes first on ``sys.path``, as
-    gunicorn and uvicorn do, so ``cd project && fdapp app:make_app`` works.
+    The app itself is made later, inside the running loop (see
+    :mod:`fdserver.loader`).
     """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise AppError(f"{spec!r} is not MODULE:ATTR (for example app:make_app)")
-    folder = os.path.abspath(path or os.getcwd())
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise AppError(f"cannot import {module_name!r} for {spec}: {exc}") from None
-    except Exception as exc:
-        raise AppError(f"importing {module_name!r} for {spec} failed: "
-                       f"{type(exc).__name__}: {exc}") from None
-    try:
-        target = functools.reduce(getattr, attr.split("."), module)
-    except AttributeError:
-        raise AppError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(target, HTTPServerConnectionDelegate) and callable(target):
-        try:
-            target = target()
-        except Exception as exc:
-            raise AppError(f"calling {spec} failed: {type(exc).__name__}: {exc}") from None
-    if not isinstance(target, HTTPServerConnectionDelegate):
+    target = import_target(spec, path)
+    if not isinstance(target, HTTPServerConnectionDelegate) and not callable(target):
         raise AppError(f"{spec} is a {type(target).__name__}, not a tornado.web.Application "
                        "or a callable returning one")
     return target
 
 
 class Worker:
-    """Serves *app* on a registration's listeners until drained."""
+    """Makes the app *spec* names, registers, serves until drained.
+
+    *target* is what :func:`load_app` imported; *register* registers with
+    fdserver (blocking: it runs in a thread, once the app is warm).
+    """
 
     # Made once the loop runs (_main).
     server: DrainingHTTPServer
@@ -87,19 +71,28 @@ class Worker:
     _exit: asyncio.Future[int]
     _released: asyncio.Future[None]
 
+    registration: Registration
+
     def __init__(
         self,
-        app: HTTPServerConnectionDelegate,
-        registration: Registration,
+        spec: str,
+        target: Any,
+        register: Callable[[], Registration],
         *,
         graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
         keepalive_grace: float = DEFAULT_KEEPALIVE_GRACE,
         on_state: Callable[[Reported], None] = lambda state: None,
         server_options: dict[str, Any] | None = None,
         balance: bool = True,
+        timeout: float | None = None,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     ) -> None:
-        self.app = app
-        self.registration = registration
+        self.spec = spec
+        self.target = target
+        self.register = register
+        self.timeout = timeout
+        self.shutdown_timeout = shutdown_timeout
+        self._main_task: asyncio.Future[Any] | None = None
         self.graceful_timeout = graceful_timeout
         self.keepalive_grace = keepalive_grace
         self.on_state = on_state
@@ -117,7 +110,13 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._exit = loop.create_future()
         self._released = loop.create_future()
-        self.server = DrainingHTTPServer(self.app, **self.server_options)
+        if self.timeout:
+            self._watch_loop(self.timeout)
+        loaded = await load(self.spec, self.target)
+        self._main_task = loaded.main
+        self.server = loaded.server or DrainingHTTPServer(loaded.app, **self.server_options)
+        # Warm: now register (it may wait for fdserver) and take connections.
+        self.registration = await loop.run_in_executor(None, self.register)
         self.channel = LoopChannel(self.registration.channel, loop,
                                    self._on_message, self._on_server_gone)
         self.acceptor = Acceptor(self.server, self._send, balance=self.balance)
@@ -136,10 +135,20 @@ class Worker:
         try:
             return await self._exit
         finally:
-            for task in (self._drain_task, self._reconnect_task):
+            faulthandler.cancel_dump_traceback_later()
+            for task in (self._drain_task, self._reconnect_task, self._main_task):
                 if task and not task.done():
                     task.cancel()
             self.channel.close(None)
+
+    def _watch_loop(self, timeout: float) -> None:
+        """Exit non-zero, every thread's stack in the log, if the loop stalls *timeout*.
+
+        faulthandler's own thread does the dumping and the exit; the loop
+        only pushes the deadline back while it runs.
+        """
+        faulthandler.dump_traceback_later(timeout, exit=True)
+        asyncio.get_running_loop().call_later(timeout / 4, self._watch_loop, timeout)
 
     def _report(self, state: Reported) -> None:
         self.on_state(state)
@@ -174,6 +183,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.graceful_timeout
         self._report("draining")
+        lifecycle.current().draining.set()
         self.acceptor.close()
         if self._resuming and self._reconnect_task:
             # The new fdserver counts this worker ready as the handshake ends
@@ -193,7 +203,11 @@ class Worker:
         cut = await self.server.drain(max(0.0, deadline - loop.time()), self.keepalive_grace)
         if cut:
             log.warning("graceful timeout: closed %d connections still open", cut)
-        else:
+        hooks = lifecycle.current().hooks
+        if hooks:
+            log.info("running %d shutdown hooks (at most %gs)", len(hooks), self.shutdown_timeout)
+            await lifecycle.current().shut_down(self.shutdown_timeout)
+        if not cut:
             log.info("drained; exiting")
         self._finish(0)
 

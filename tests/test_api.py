@@ -8,7 +8,8 @@ import fdserver
 
 def test_public_api_is_pinned():
     assert sorted(fdserver.__all__) == [
-        "FdserverError", "ReceivedListener", "Registration", "__version__", "register"]
+        "FdserverError", "ReceivedListener", "Registration", "__version__", "draining",
+        "on_shutdown", "register"]
     for name in fdserver.__all__:
         assert hasattr(fdserver, name)
 
@@ -19,5 +20,5 @@ def test_client_imports_standalone():
             "print(sorted(m for m in sys.modules if m.startswith(('fdserver', 'tornado'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(sorted([
-        "fdserver", "fdserver.client", "fdserver.errors", "fdserver.protocol",
-        "fdserver.transport"]))
+        "fdserver", "fdserver.client", "fdserver.errors", "fdserver.lifecycle",
+        "fdserver.protocol", "fdserver.transport"]))

@@ -123,5 +123,5 @@ class _Hello(tornado.web.RequestHandler):
 
 def _request_of(app):
     """The request the app's one connection is on (DrainingHTTPServer notes it)."""
-    (_, (request, _)), = app.settings["server"]._requests.items()
+    (_, (request, _, _)), = app.settings["server"]._requests.items()
     return request

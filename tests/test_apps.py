@@ -1,0 +1,317 @@
+"""Real Tornado apps under fdapp: Tornado's own demos, factories, main(), hooks.
+
+Tornado's websocket and long-poll chat demos (tests/demos, unchanged) run as
+a user would run them; small apps written here cover a factory's warm-up,
+shutdown hooks and a stuck event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+from tornado.websocket import websocket_connect
+
+from loadclient import LoadClient
+from support import PROJECT, http_get, run, script, wait_until
+
+DEMOS = PROJECT / "tests" / "demos"
+
+
+def workers_of(server) -> list[dict]:
+    return server.status()["workers"]
+
+
+# -- websockets: counted, closed with 1001 at a drain, the worker gone at once -----------------
+
+def test_websocket_chat_demo_rolled_with_clients_connected(start_fdserver, start_fdapp):
+    server = start_fdserver()
+    cwd = DEMOS / "websocket"
+    old = [start_fdapp(server, app="chatdemo:Application", cwd=cwd) for _ in range(4)]
+    clients = 40
+
+    async def main() -> None:
+        url = f"ws://{server.address}/chatsocket"
+        conns = [await websocket_connect(url) for _ in range(clients)]
+        closes = [asyncio.ensure_future(read_until_closed(c)) for c in conns]
+        loop = asyncio.get_running_loop()
+        # Every websocket counts as a connection of its worker (balancing sees them).
+        await loop.run_in_executor(None, lambda: wait_until(
+            lambda: sum(w["connections"] for w in workers_of(server)) == clients,
+            what=f"{clients} websockets counted: {workers_of(server)}"))
+        holding = {w["pid"] for w in workers_of(server) if w["connections"]}
+        for worker in old:
+            started = time.monotonic()
+            worker.signal(signal.SIGTERM)
+            assert await loop.run_in_executor(None, worker.wait, 30) == 0, worker.output
+            took = time.monotonic() - started
+            # Not the 30 s graceful timeout: gone as soon as its websockets are.
+            assert took < 2, f"worker {worker.pid} took {took:.1f}s to exit"
+            await loop.run_in_executor(None, lambda: start_fdapp(
+                server, app="chatdemo:Application", cwd=cwd))
+            if worker.pid in holding:
+                assert worker.wait_for_line(r"draining (\d+) connections").group(1) != "0"
+        codes = await asyncio.gather(*closes)
+        assert codes == [1001] * clients, codes
+        # The demo still works on the new workers: a message comes back to its
+        # sender (the demo's waiters are per process).
+        conn = await websocket_connect(url)
+        await conn.write_message('{"body": "after the roll"}')
+        assert "after the roll" in await conn.read_message()
+        conn.close()
+
+    asyncio.run(main())
+
+
+async def read_until_closed(conn) -> int | None:
+    while await conn.read_message() is not None:
+        pass
+    return conn.close_code
+
+
+WEBSOCKET_APP = """
+import tornado.web, tornado.websocket
+
+class Goodbye(tornado.websocket.WebSocketHandler):
+    def open(self):
+        self.write_message("hello")
+
+    async def on_drain(self):
+        self.write_message("moving you to another worker")
+        self.close(4000, "come back")
+
+def make_app():
+    return tornado.web.Application([("/ws", Goodbye)])
+"""
+
+
+def test_a_websocket_handler_says_goodbye_itself_through_on_drain(start_fdserver, start_fdapp,
+                                                                   tmp_path):
+    (tmp_path / "goodbye.py").write_text(WEBSOCKET_APP)
+    server = start_fdserver()
+    worker = start_fdapp(server, app="goodbye:make_app", cwd=tmp_path)
+
+    async def main() -> None:
+        conn = await websocket_connect(f"ws://{server.address}/ws")
+        assert await conn.read_message() == "hello"
+        worker.signal(signal.SIGTERM)
+        assert await conn.read_message() == "moving you to another worker"
+        assert await conn.read_message() is None
+        assert (conn.close_code, conn.close_reason) == (4000, "come back")
+
+    asyncio.run(main())
+    assert worker.wait() == 0
+
+
+# -- long requests: the drain API ----------------------------------------------------------------
+
+def test_a_long_poll_answers_reconnect_when_its_worker_drains(start_fdserver, start_fdapp):
+    server = start_fdserver()
+    worker = start_fdapp(server)
+    answer: dict = {}
+
+    def poll() -> None:
+        with urllib.request.urlopen(f"http://{server.address}/poll?seconds=120",
+                                    timeout=60) as response:
+            answer["body"] = response.read().decode()
+            answer["at"] = time.monotonic()
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    wait_until(lambda: sum(w["connections"] for w in workers_of(server)) == 1,
+               what="the poll under way")
+    stopped = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    poller.join(60)
+    assert answer["body"] == f"reconnect: {worker.pid} is going away\n"
+    assert answer["at"] - stopped < 1.0
+    assert worker.wait() == 0
+
+
+# -- an app's own main(), with its own command line ---------------------------------------------
+
+def test_the_chat_demos_own_main_served_and_rolled(start_fdserver, start_fdapp):
+    server = start_fdserver()
+    cwd = DEMOS / "chat"
+    # chatdemo.main() parses tornado.options, builds its app, app.listen(options.port),
+    # then waits for ever: as the demo's README runs it, port and all.
+    flags = ("--", "--debug=false", "--port=1")
+    old = [start_fdapp(server, *flags, app="chatdemo:main", cwd=cwd) for _ in range(2)]
+    for worker in old:
+        worker.wait_for_line(r"asked its HTTPServer to listen on port 1; serving fdserver's")
+    status, page = http_get(server.address)
+    assert status == 200 and "<title>Tornado Chat Demo</title>" in page
+    with LoadClient(server.address, clients=4, mode="close") as load:
+        load.wait_started()
+        for worker in old:
+            worker.signal(signal.SIGTERM)
+            start_fdapp(server, *flags, app="chatdemo:main", cwd=cwd)
+            assert worker.wait(40) == 0, worker.output
+        report = load.stop()
+    assert report["failed"] == 0, report["failures"]
+    assert report["ok"] > 0
+
+
+def test_autoreload_is_refused_with_the_way_out(sockdir):
+    result = run([script("fdapp"), "chatdemo:main", "--socket", str(sockdir / "x.sock"),
+                  "--connect-timeout", "0"], cwd=DEMOS / "chat")       # debug defaults to True
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("fdapp: error: chatdemo:main: the app has autoreload on"), line
+    assert "-- --debug=false" in line
+
+
+# -- factories: inside the loop, warm before ready ----------------------------------------------
+
+WARM_APP = """
+import asyncio, os
+import tornado.ioloop, tornado.options, tornado.web
+
+tornado.options.define("greeting", default="hello")
+ticks = 0
+
+def tick():
+    global ticks
+    ticks += 1
+
+class Ticks(tornado.web.RequestHandler):
+    def get(self):
+        self.write(f"{tornado.options.options.greeting} {ticks}")
+
+async def make_app():
+    tornado.options.parse_command_line()
+    # A PeriodicCallback made in the factory runs: the loop is there.
+    tornado.ioloop.PeriodicCallback(tick, 10).start()
+    # Warm-up: wait for the test to say go (a FIFO), off the loop.
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, lambda: open(os.environ["WARM_FIFO"]).read())
+    return tornado.web.Application([("/", Ticks)])
+"""
+
+
+def test_an_async_factory_warms_up_before_the_worker_registers(start_fdserver, procs,
+                                                               tmp_path):
+    (tmp_path / "warm.py").write_text(WARM_APP)
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    server = start_fdserver()
+    worker = procs.start([script("fdapp"), "warm:make_app", "--socket", server.socket,
+                          "--", "--greeting=hi"], cwd=tmp_path,
+                         env=dict(os.environ, WARM_FIFO=str(fifo)))
+    with open(fifo, "w") as go:       # opens once the factory waits on it
+        assert workers_of(server) == []          # warming up: not registered, no connection
+        go.write("go")
+    worker.wait_for_line(r"ready: serving")
+    body = wait_until(lambda: (b := http_get(server.address)[1]) != "hi 0" and b,
+                      what="the PeriodicCallback ticking")
+    assert body.startswith("hi ") and int(body.split()[1]) > 0
+
+
+def test_a_failing_factory_exits_with_one_line_and_never_registers(start_fdserver, tmp_path):
+    (tmp_path / "broken.py").write_text(
+        "async def make_app():\n    raise RuntimeError('no database')\n")
+    server = start_fdserver()
+    result = run([script("fdapp"), "broken:make_app", "--socket", server.socket], cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == \
+        "fdapp: error: calling broken:make_app failed: RuntimeError: no database"
+    assert "Traceback" not in result.stderr
+    assert workers_of(server) == []
+    assert "connected" not in server.output
+
+
+# -- shutdown hooks -------------------------------------------------------------------------------
+
+HOOKS_APP = """
+import asyncio, logging
+import fdserver, tornado.web
+
+log = logging.getLogger("hooks")
+
+@fdserver.on_shutdown
+async def close_pool():
+    await asyncio.sleep(0)          # inside the loop
+    log.warning("pool closed")
+
+@fdserver.on_shutdown
+def failing():
+    raise RuntimeError("flush failed")
+
+@fdserver.on_shutdown
+def last_registered():
+    log.warning("first hook to run")
+
+def make_app():
+    return tornado.web.Application([])
+"""
+
+
+@pytest.mark.child_errors("the failing hook's error is logged on purpose")
+def test_shutdown_hooks_run_after_the_drain_in_order_and_a_failure_is_logged(
+        start_fdserver, start_fdapp, tmp_path):
+    (tmp_path / "hooks.py").write_text(HOOKS_APP)
+    server = start_fdserver()
+    worker = start_fdapp(server, app="hooks:make_app", cwd=tmp_path)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    lines = worker.lines
+    order = [next(i for i, line in enumerate(lines) if text in line) for text in (
+        "draining 0 connections", "running 3 shutdown hooks", "first hook to run",
+        "shutdown hook failing failed: RuntimeError: flush failed", "pool closed",
+        "drained; exiting")]
+    assert order == sorted(order), "\n".join(lines)
+
+
+# -- a stuck worker --------------------------------------------------------------------------
+
+STUCK_APP = """
+import time
+import tornado.web
+
+class Stuck(tornado.web.RequestHandler):
+    def get(self):
+        time.sleep(3600)           # blocks the event loop
+
+def make_app():
+    return tornado.web.Application([("/stuck", Stuck)])
+"""
+
+
+def test_a_worker_whose_loop_is_blocked_dumps_its_stacks_and_exits(start_fdserver,
+                                                                   start_fdapp, tmp_path):
+    (tmp_path / "stuck.py").write_text(STUCK_APP)
+    server = start_fdserver("--dispatch")
+    stuck = start_fdapp(server, "--timeout", "1", app="stuck:make_app", cwd=tmp_path)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{server.address}/stuck", timeout=30)
+    assert stuck.wait(30) == 1
+    stuck.wait_for_line(r"Timeout \(0:00:01\)!")
+    stuck.wait_for_line(r'File ".*stuck\.py", line \d+ in get')
+    healthy = start_fdapp(server)
+    assert http_get(server.address) == (200, f"Hello from {healthy.pid}\n")
+
+
+# -- HTTPServer settings ----------------------------------------------------------------------
+
+def test_httpserver_settings_reach_tornado(start_fdserver, start_fdapp):
+    server = start_fdserver()
+    start_fdapp(server, "--max-body-size", "1000")
+
+    def post(size: int) -> int:
+        request = urllib.request.Request(f"http://{server.address}/", data=b"x" * size)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0                   # Tornado closes the connection on a body too large
+
+    assert post(10) == 405             # the example app has no POST: the body was read
+    assert post(100_000) in (0, 400)

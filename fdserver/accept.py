@@ -1,5 +1,6 @@
 """The one accept loop: fdserver's Unix socket, its TCP listeners in dispatch
-mode, and a worker's shared listeners all take connections through it.
+mode (and in shared mode while no worker is ready), and a worker's shared
+listeners all take connections through it.
 
 A listening socket that stays readable must never make the loop spin: a
 wakeup takes at most *limit* connections, and when accept fails for want of

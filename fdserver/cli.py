@@ -69,6 +69,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 # -- fdserver ---------------------------------------------------------------
 
 def fdserver_parser() -> argparse.ArgumentParser:
@@ -107,9 +117,17 @@ def fdserver_parser() -> argparse.ArgumentParser:
                         "that has read all it was sent first, then the fewest open "
                         "connections: exact balance, one more hop), instead of letting the "
                         "workers accept on the shared listeners")
-    p.add_argument("--dispatch-timeout", type=_positive, default=10.0, metavar="SECONDS",
-                   help="with --dispatch: how long a connection waits for a ready worker "
-                        "before it is answered 503 and closed (default %(default)s)")
+    p.add_argument("--unavailable-timeout", type=_positive, default=10.0, metavar="SECONDS",
+                   help="with no ready worker, connections are answered 503 Service "
+                        "Unavailable (Retry-After: 1, Connection: close) after this long. "
+                        "Shared mode: once no worker has been ready for this long, fdserver "
+                        "accepts on the listeners itself and answers every new connection "
+                        "503 (those queued meanwhile too) until a worker is ready again. "
+                        "With --dispatch: how long each connection waits in fdserver for a "
+                        "ready worker (default %(default)s)")
+    p.add_argument("--dispatch-timeout", dest="unavailable_timeout", type=_positive,
+                   default=argparse.SUPPRESS, metavar="SECONDS",
+                   help="the former name of --unavailable-timeout, still accepted")
     p.add_argument("--recover-timeout", type=_positive, default=10.0, metavar="SECONDS",
                    help="if a --bind address is in use, perhaps held by the workers of an "
                         "fdserver that died or was restarted, wait this long for a worker "
@@ -179,7 +197,7 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         Server(listeners, socket_file, handshake_timeout=args.handshake_timeout,
                max_peers=args.max_connections,
                allow=allow, notifier=notifier, recovery=recovery, dispatch=args.dispatch,
-               dispatch_timeout=args.dispatch_timeout).run()
+               unavailable_timeout=args.unavailable_timeout).run()
         return 0
 
     return _run("fdserver", body)
@@ -239,6 +257,13 @@ def fdapp_parser() -> argparse.ArgumentParser:
                    help="if the event loop has not run for this long (a handler blocks it), "
                         "write every thread's stack to the log and exit 1, so that the "
                         "supervisor restarts the process (default: never)")
+    p.add_argument("--max-requests", type=_count, metavar="N",
+                   help="after N requests (plus --max-requests-jitter), drain and exit 0 so "
+                        "that the supervisor starts a fresh process; fdserver lets one "
+                        "worker of the host do so at a time (default: never)")
+    p.add_argument("--max-requests-jitter", type=_count, default=0, metavar="J",
+                   help="add a random 0..J to --max-requests, so that workers started "
+                        "together do not recycle together (default %(default)s)")
     p.add_argument("--shutdown-timeout", type=_positive, default=5.0, metavar="SECONDS",
                    help="after the drain, time for the app's shutdown hooks "
                         "(fdserver.on_shutdown) in all (default %(default)s)")
@@ -309,7 +334,9 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         worker = Worker(args.app, target, registration, graceful_timeout=args.graceful_timeout,
                         keepalive_grace=args.keepalive_grace, on_state=on_state,
                         server_options=options, balance=not args.no_balance,
-                        timeout=args.timeout, shutdown_timeout=args.shutdown_timeout)
+                        timeout=args.timeout, shutdown_timeout=args.shutdown_timeout,
+                        max_requests=args.max_requests,
+                        max_requests_jitter=args.max_requests_jitter)
         return worker.run()
 
     return _run("fdapp", body)

@@ -65,7 +65,7 @@ def format_status(status: dict[str, Any], now: datetime | None = None) -> str:
     workers = status["workers"]
     if workers:
         rows = [("PID", "UID", "STATE", "CONNS", "CONNECTED", "READY")]
-        rows += [(str(w["pid"]), str(w["uid"]), w["state"], str(w.get("connections", "-")),
+        rows += [(str(w["pid"]), str(w["uid"]), _state(w), str(w.get("connections", "-")),
                   _age(w["connected_at"], now) + " ago",
                   _age(w["ready_at"], now) + " ago" if w["ready_at"] else "-") for w in workers]
         lines += _table(rows)
@@ -90,3 +90,9 @@ def _age(iso: str, now: datetime) -> str:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
+
+def _state(worker: dict[str, Any]) -> str:
+    """A worker's state for the table: how long a stuck one has been silent."""
+    if worker["state"] == "unresponsive":
+        return f"unresponsive {worker.get('silent_for', 0):.0f}s"
+    return str(worker["state"])

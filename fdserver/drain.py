@@ -73,6 +73,8 @@ class DrainingHTTPServer(HTTPServer):
         # Counted here rather than read off Tornado's private set: every
         # handle_stream ends in exactly one on_close.
         self._open = 0
+        # Requests whose headers arrived (fdapp --max-requests counts them).
+        self.requests = 0
         self._draining = False
         self._grace = 0.0
         self._drained: asyncio.Future[None] | None = None
@@ -95,6 +97,9 @@ class DrainingHTTPServer(HTTPServer):
         # (headers_arrived), so serving a request costs no wrapper.
         conn = cast(HTTP1ServerConnection, server_conn)     # what Tornado passes
         now = time.monotonic()
+        previous = self._requests.get(conn)
+        if previous is not None and headers_arrived(previous[0]):
+            self.requests += 1
         delegate = super().start_request(server_conn, request_conn)
         self._requests[conn] = (request_conn, now, delegate)
         if self._draining:
@@ -111,6 +116,8 @@ class DrainingHTTPServer(HTTPServer):
         conn = cast(HTTP1ServerConnection, server_conn)
         self._open -= 1
         entry = self._requests.pop(conn, None)
+        if entry is not None and headers_arrived(entry[0]):
+            self.requests += 1
         if entry is not None and detached(entry[0]) and not conn.stream.closed():
             # Taken over (a websocket): HTTP is done with it, the client is not.
             handler = handler_of(entry[2])

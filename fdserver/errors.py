@@ -55,3 +55,11 @@ class ActivationError(FdserverError):
 
 class RollingRestartError(FdserverError):
     """A step of the rolling restart failed; later processes were left alone."""
+
+
+class SupervisorFault(RollingRestartError):
+    """supervisord answered a call with a fault; *fault* is its name (SPAWN_ERROR, ...)."""
+
+    def __init__(self, message: str, fault: str) -> None:
+        super().__init__(message)
+        self.fault = fault

@@ -13,7 +13,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .errors import ProtocolError
-from .protocol import PeerState, Reported, Role, WorkerState, one_of
+from .protocol import (
+    HEARTBEAT_INTERVAL,
+    LATE_BEATS,
+    PeerState,
+    Reported,
+    Role,
+    WorkerState,
+    one_of,
+)
 from .transport import LoopChannel
 
 # The states a worker may report next, from each it can be in.
@@ -40,6 +48,8 @@ class Peer:
     resumed: Reported | None = None  # the state it says it resumes in, until shown
     holds: bool = False              # was given, or has shown, this fdserver's listeners
     shown: set[tuple[int, int]] = field(default_factory=set)   # sockets it handed back
+    beat_at: float = 0.0             # monotonic time of its last heartbeat (feature)
+    lag: float = 0.0                 # how late its loop ran, as it last said
     timer: asyncio.TimerHandle | None = None
     waits: list[Wait] = field(default_factory=list)
 
@@ -63,10 +73,26 @@ class Peer:
             self.ready_at = time.time()
         return state
 
+    @property
+    def silent_for(self) -> float:
+        """Seconds since a heartbeat was due and did not come; 0 if none is late."""
+        if "heartbeat" not in self.features or not self.beat_at:
+            return 0.0
+        late = time.monotonic() - self.beat_at
+        return late if late > HEARTBEAT_INTERVAL * LATE_BEATS else 0.0
+
+    @property
+    def unresponsive(self) -> bool:
+        """A ready worker whose event loop has not run for a while (it is stuck)."""
+        return self.state == "ready" and self.silent_for > 0
+
     def describe(self) -> dict[str, Any]:
-        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "state": self.state,
+        silent = self.silent_for if self.state == "ready" else 0.0
+        return {"pid": self.pid, "uid": self.uid, "gid": self.gid,
+                "state": "unresponsive" if silent else self.state,
                 "connections": estimate(self), "connected_at": iso_time(self.connected_at),
-                "ready_at": iso_time(self.ready_at) if self.ready_at else None}
+                "ready_at": iso_time(self.ready_at) if self.ready_at else None,
+                "silent_for": round(silent, 1), "lag": round(self.lag, 4)}
 
 
 @dataclass(eq=False)

@@ -4,7 +4,11 @@ Shared mode (default): every worker accepts on the shared listeners itself;
 fdserver only tells the workers how many connections are open in total and
 how many workers are ready (a ``share`` message, coalesced), so that a worker
 holding more than its share can stop accepting for a moment (see
-:mod:`fdserver.acceptor`).  fdserver stays out of the data path.
+:mod:`fdserver.acceptor`).  fdserver stays out of the data path, except
+when no worker is ready: once none has been for *unavailable_timeout*
+seconds, fdserver accepts on the listeners itself and answers each
+connection ``503 Service Unavailable`` (:class:`NoWorkerAnswer`) until a
+worker is ready again.
 
 Dispatch mode (``fdserver --dispatch``): fdserver accepts every connection
 and passes it to a ready worker: first one that has read everything sent to
@@ -45,17 +49,39 @@ ACCEPT_BATCH = 64
 UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
                b"Content-Length: 24\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
                b"no app process is ready\n")
+# A connection answered 503 by NoWorkerAnswer is read from (and what it
+# sends dropped) this long after its answer, then closed: a request that
+# arrives after the answer does not turn the close into a reset.
+LINGER = 2.0
+MAX_LINGERING = 1024        # beyond this, answered connections are closed at once
 
 
 class SharePublisher:
-    """Shared mode: tell the ready workers the total load, coalesced."""
+    """Shared mode: tell the ready workers the total load, coalesced.
+
+    Given *listeners*, it also answers 503 on them once no worker has been
+    ready for *unavailable_timeout* seconds (:class:`NoWorkerAnswer`).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 workers: Callable[[], Iterable[Peer]]) -> None:
+                 workers: Callable[[], Iterable[Peer]],
+                 listeners: list[Listener] | None = None, *,
+                 unavailable_timeout: float = 10.0) -> None:
         self._loop = loop
         self._workers = workers
         self._scheduled = False
         self._last: tuple[int, int] | None = None
+        self._no_worker = (NoWorkerAnswer(loop, listeners, unavailable_timeout)
+                           if listeners is not None else None)
+        self._count_ready()
+
+    def close(self) -> None:
+        if self._no_worker:
+            self._no_worker.close()
+
+    def _count_ready(self) -> None:
+        if self._no_worker:
+            self._no_worker.ready_workers(sum(p.state == "ready" for p in self._workers()))
 
     def changed(self) -> None:
         """The load changed: publish soon, coalesced."""
@@ -71,6 +97,7 @@ class SharePublisher:
         would all go to it.
         """
         self._publish(force=True)
+        self._count_ready()
 
     def _coalesced(self) -> None:
         self._scheduled = False
@@ -85,6 +112,126 @@ class SharePublisher:
         for peer in ready:
             if "share" in peer.features:
                 peer.channel.send({"type": "share", "connections": share[0], "workers": share[1]})
+
+
+class NoWorkerAnswer:
+    """Shared mode: once no worker has been ready for *timeout* seconds, answer
+    new connections on the listeners ``503 Service Unavailable`` until one is.
+
+    The workers accept on the shared listeners themselves; with none ready, a
+    connection would wait in the kernel's accept queue for ever.  So when the
+    count of ready workers drops to 0 a timer is armed, and if it fires with
+    still none ready, fdserver watches the listeners itself: each wakeup
+    accepts at most ACCEPT_BATCH connections and answers each one at once
+    (a non-blocking send, then the end of its side), never waiting on a
+    client.  As soon as a worker is ready, fdserver stops watching and the
+    queue is the workers' again.  A listener is never shutdown(): the
+    workers share it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, listeners: list[Listener],
+                 timeout: float) -> None:
+        self._loop = loop
+        self._listeners = listeners          # the server's list: recovered ones join it
+        self.timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._answering = False              # the timer fired, no worker is ready
+        self._watched: list[Listener] = []   # listeners this loop watches now
+        self._lingering: dict[socket.socket, asyncio.TimerHandle] = {}
+        self._answered = 0
+        self._closed = False
+
+    def ready_workers(self, count: int) -> None:
+        """The number of ready workers, whenever a worker changed."""
+        if count:
+            if self._timer:
+                self._timer.cancel()
+                self._timer = None
+            if self._answering:
+                self._answering = False
+                self._unwatch()
+                log.info("a worker is ready; it takes the connections again (%d answered "
+                         "503 meanwhile)", self._answered)
+        elif self._timer is None and not self._answering and not self._closed:
+            self._timer = self._loop.call_later(self.timeout, self._no_worker_for_long)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._timer:
+            self._timer.cancel()
+            self._timer = None
+        self._answering = False
+        self._unwatch()
+        for conn in list(self._lingering):
+            self._close(conn)
+
+    def _no_worker_for_long(self) -> None:
+        self._timer = None
+        self._answering = True
+        self._answered = 0
+        log.warning("no worker has been ready for %gs: answering new connections with 503 "
+                    "until one is", self.timeout)
+        self._watch()
+
+    def _watch(self) -> None:
+        if self._answering and not self._watched:
+            self._watched = list(self._listeners)
+            for listener in self._watched:
+                self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
+
+    def _unwatch(self) -> None:
+        for listener in self._watched:
+            self._loop.remove_reader(listener.sock.fileno())
+        self._watched = []
+
+    def _accept(self, listener: Listener) -> None:
+        family = listener.sock.family
+        for fd, _ in accepted(raw_accept(listener.sock), ACCEPT_BATCH, self._accept_failed):
+            self._answer(socket.socket(family, socket.SOCK_STREAM, 0, fd))
+
+    def _accept_failed(self, exc: OSError) -> None:
+        # Out of descriptors: stop watching for a moment, the backlog holds the rest.
+        log.warning("accept failed while answering 503: %s", exc.strerror)
+        self._unwatch()
+        self._loop.call_later(0.1, self._watch)
+
+    def _answer(self, conn: socket.socket) -> None:
+        """503, then the end of our side; the client's request may still come."""
+        self._answered += 1
+        try:
+            conn.setblocking(False)
+            conn.send(UNAVAILABLE)          # fits a new connection's send buffer
+            conn.shutdown(socket.SHUT_WR)   # the connection's, not the listener's
+        except OSError:
+            conn.close()
+            return
+        if len(self._lingering) >= MAX_LINGERING:
+            _read_and_close(conn)
+            return
+        self._lingering[conn] = self._loop.call_later(LINGER, self._close, conn)
+        self._loop.add_reader(conn.fileno(), self._read, conn)
+
+    def _read(self, conn: socket.socket) -> None:
+        # What the client sends is dropped; its EOF (or an error) ends it.
+        try:
+            for _ in range(4):
+                if not conn.recv(65536):
+                    break
+            else:
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._close(conn)
+
+    def _close(self, conn: socket.socket) -> None:
+        timer = self._lingering.pop(conn, None)
+        if timer is None:
+            return
+        timer.cancel()
+        self._loop.remove_reader(conn.fileno())
+        conn.close()
 
 
 class Dispatcher:
@@ -180,7 +327,8 @@ class Dispatcher:
         """The workers that can take connections, and those of them still busy
         reading what they were sent."""
         ready = [p for p in self._workers()
-                 if p.state == "ready" and "dispatch" in p.features and p.channel.usable]
+                 if p.state == "ready" and "dispatch" in p.features and p.channel.usable
+                 and not p.unresponsive]
         return ready, {p for p in ready if p.channel.peer_has_unread()}
 
     @staticmethod
@@ -260,6 +408,17 @@ def _unavailable(conn: socket.socket) -> None:
         pass
     try:
         conn.send(UNAVAILABLE)
+    except OSError:
+        pass
+    conn.close()
+
+
+def _read_and_close(conn: socket.socket) -> None:
+    """Close a non-blocking *conn*, reading what it sent first (FIN, not RST)."""
+    try:
+        for _ in range(16):
+            if not conn.recv(65536):
+                break
     except OSError:
         pass
     conn.close()

@@ -20,8 +20,9 @@ an ``error`` message and the connection is closed.
 Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
 
     client -> hello      {"versions": [1], "role": "worker" | "ctl",
-                          "features": ["share", "dispatch"],  (optional: the
-                                       optional messages this worker reads)
+                          "features": ["share", "dispatch", "heartbeat", "recycle"],
+                                       (optional: the optional messages this
+                                        worker reads or sends)
                           "resume": {"state": "ready"}}       (optional)
     server -> welcome    {"version": 1, "server_pid": int, "listeners": int,
                           "handback": bool, "mode": "shared" | "dispatch",
@@ -39,6 +40,9 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
   any worker, any time after:
     worker -> state      {"state": "ready" | "draining"}
     worker -> load       {"connections": open now, "received": dispatched so far}
+    worker -> heartbeat  {"lag": seconds}    ("heartbeat": every HEARTBEAT_INTERVAL)
+    worker -> recycle    {"requests": n}     ("recycle": may I drain and exit now?)
+    server -> recycle    {}                  (your turn: one worker at a time)
   shared mode (workers accept on the listeners themselves):
     server -> share      {"connections": total open, "workers": ready workers}
   dispatch mode (fdserver accepts; workers hold the listeners only for handback):
@@ -101,6 +105,10 @@ Reported = Literal["ready", "draining"]
 WorkerState = Literal["starting", "ready", "draining", "gone"]
 # Any peer's, in the status: before its hello, and a ctl's.
 PeerState = Literal["handshake", "starting", "ready", "draining", "gone", "ctl"]
+# How long a worker that sends heartbeats (feature "heartbeat") may stay
+# silent before its status says "unresponsive", in heartbeat intervals.
+HEARTBEAT_INTERVAL = 1.0
+LATE_BEATS = 3
 
 ROLES: tuple[Role, ...] = get_args(Role)
 REPORTED_STATES: tuple[Reported, ...] = get_args(Reported)
@@ -208,6 +216,17 @@ class WaitedMessage(TypedDict):
     state: NotRequired[object]
 
 
+class HeartbeatMessage(TypedDict):
+    type: Literal["heartbeat"]
+    lag: float                              # how late the worker's loop ran this beat (s)
+
+
+class RecycleMessage(TypedDict):
+    # worker -> server: "may I recycle now?"; server -> worker: "your turn"
+    type: Literal["recycle"]
+    requests: NotRequired[object]           # what the worker served (the ask only)
+
+
 class ErrorMessage(TypedDict):
     type: Literal["error"]
     message: str
@@ -215,7 +234,7 @@ class ErrorMessage(TypedDict):
 
 Message = (HelloMessage | WelcomeMessage | ListenersMessage | StateMessage | HandbackMessage
            | LoadMessage | ShareMessage | ConnectionsMessage | ReleasedMessage | StatusMessage
-           | WaitMessage | WaitedMessage | ErrorMessage)
+           | WaitMessage | WaitedMessage | HeartbeatMessage | RecycleMessage | ErrorMessage)
 
 
 def _json_type(hint: Any) -> type | tuple[type, ...]:

@@ -18,6 +18,7 @@ import asyncio
 import faulthandler
 import logging
 import os
+import random
 import signal
 import socket
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from .client import Registration, mode_of, resume, retry_delays
 from .drain import DrainingHTTPServer
 from .errors import AppError, FdserverError
 from .loader import import_target, load
-from .protocol import Message, Mode, Reported
+from .protocol import HEARTBEAT_INTERVAL, Message, Mode, Reported
 from .transport import LoopChannel
 
 log = logging.getLogger("fdapp")
@@ -41,7 +42,7 @@ DEFAULT_KEEPALIVE_GRACE = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 RECONNECT_MAX_DELAY = 1.0
 # What fdapp reads from its channel (see fdserver.client.register).
-FEATURES = ("share", "dispatch")
+FEATURES = ("share", "dispatch", "heartbeat", "recycle")
 
 
 def load_app(spec: str, path: str | None = None) -> Any:
@@ -86,7 +87,14 @@ class Worker:
         balance: bool = True,
         timeout: float | None = None,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        max_requests: int | None = None,
+        max_requests_jitter: int = 0,
     ) -> None:
+        # gunicorn's rule: recycle after N + random(0..J) requests, so that
+        # workers started together do not all recycle together.
+        self.max_requests = (max_requests + random.randint(0, max_requests_jitter)
+                             if max_requests else None)
+        self._recycle_asked = False
         self.spec = spec
         self.target = target
         self.register = register
@@ -129,6 +137,7 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         self._report("ready")
+        loop.call_later(HEARTBEAT_INTERVAL, self._beat, loop.time() + HEARTBEAT_INTERVAL)
         names = ", ".join(f"{listener.name} on {listener.address}"
                           for listener in self.registration.listeners)
         log.info("pid %d ready: serving %s", os.getpid(), names)
@@ -140,6 +149,33 @@ class Worker:
                 if task and not task.done():
                     task.cancel()
             self.channel.close(None)
+
+    def _beat(self, due: float) -> None:
+        """Tell fdserver the loop runs, and how late; ask to recycle when due."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._exit.done():
+            return
+        self._send({"type": "heartbeat", "lag": round(max(0.0, now - due), 4)})
+        if (self.max_requests and not self._recycle_asked and not self._drain_task
+                and self.server.requests >= self.max_requests):
+            self._recycle_asked = True
+            log.info("served %d requests (--max-requests %d); waiting for a turn to recycle",
+                     self.server.requests, self.max_requests)
+            self._ask_to_recycle()
+        loop.call_later(HEARTBEAT_INTERVAL, self._beat, now + HEARTBEAT_INTERVAL)
+
+    def _ask_to_recycle(self) -> None:
+        if self.channel.closed:
+            self._recycle()          # no fdserver to take turns with
+        else:
+            self._send({"type": "recycle", "requests": self.server.requests})
+
+    def _recycle(self) -> None:
+        if self._drain_task is None:
+            log.info("recycling after %d requests: draining %d connections (at most %gs)",
+                     self.server.requests, self.server.connection_count, self.graceful_timeout)
+            self._drain_task = asyncio.ensure_future(self._drain())
 
     def _watch_loop(self, timeout: float) -> None:
         """Exit non-zero, every thread's stack in the log, if the loop stalls *timeout*.
@@ -230,6 +266,8 @@ class Worker:
             os.close(fd)
         if message["type"] == "share":
             self.acceptor.on_share(message["connections"], message["workers"])
+        elif message["type"] == "recycle" and self._recycle_asked:
+            self._recycle()
         elif message["type"] == "released" and not self._released.done():
             self._released.set_result(None)
         elif message["type"] == "error":
@@ -277,6 +315,8 @@ class Worker:
                     # Draining since the handshake began: the new fdserver has
                     # us as ready until it hears otherwise.
                     self._send({"type": "state", "state": "draining"})
+                elif self._recycle_asked:
+                    self._ask_to_recycle()     # the new fdserver keeps a new queue
                 return
             finally:
                 self._resuming = False

@@ -33,11 +33,13 @@ from .protocol import (
     REPORTED_STATES,
     ROLES,
     HandbackMessage,
+    HeartbeatMessage,
     HelloMessage,
     LoadMessage,
     Message,
     Mode,
     PeerState,
+    RecycleMessage,
     Role,
     StateMessage,
     StatusMessage,
@@ -48,6 +50,7 @@ from .protocol import (
     one_of,
 )
 from .recovery import Recovery
+from .recycling import Recycler
 from .socketfile import SocketFile
 from .systemd import Notifier
 from .transport import Channel, Envelope, LoopChannel, close_fds, peer_credentials
@@ -78,7 +81,7 @@ class Server:
         notifier: Notifier | None = None,
         recovery: Recovery | None = None,
         dispatch: bool = False,
-        dispatch_timeout: float = 10.0,
+        unavailable_timeout: float = 10.0,
     ) -> None:
         self.listeners = listeners
         self.socket_file = socket_file
@@ -90,7 +93,8 @@ class Server:
         self._deferred: list[Peer] = []        # new workers waiting for a recovery
         self._give_up: asyncio.TimerHandle | None = None
         self.mode: Mode = "dispatch" if dispatch else "shared"
-        self.dispatch_timeout = dispatch_timeout
+        # With no ready worker, connections get a 503 after this long (both modes).
+        self.unavailable_timeout = unavailable_timeout
         self._placement: Dispatcher | SharePublisher | None = None
         self.peers: set[Peer] = set()
         self.started_at = time.time()
@@ -107,6 +111,8 @@ class Server:
             ("worker", "handback"): self._on_handback,
             ("worker", "state"): self._on_state,
             ("worker", "load"): self._on_load,
+            ("worker", "heartbeat"): self._on_heartbeat,
+            ("worker", "recycle"): self._on_recycle,
             ("ctl", "status"): self._on_status,
             ("ctl", "wait"): self._on_wait,
         }
@@ -125,6 +131,8 @@ class Server:
     async def _main(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
         self._warn.loop = loop
+        self._recycler = Recycler(loop, lambda: sum(
+            1 for p in self._unsorted_workers() if p.state == "ready"))
         stop: asyncio.Future[int] = loop.create_future()
 
         def stop_on(signum: int) -> None:
@@ -156,10 +164,11 @@ class Server:
     def _serving(self) -> None:
         if self.mode == "dispatch":
             self._placement = Dispatcher(self._loop, self.listeners, self._unsorted_workers,
-                                         wait_timeout=self.dispatch_timeout)
+                                         wait_timeout=self.unavailable_timeout)
             self._placement.start()
         else:
-            self._placement = SharePublisher(self._loop, self._unsorted_workers)
+            self._placement = SharePublisher(self._loop, self._unsorted_workers, self.listeners,
+                                             unavailable_timeout=self.unavailable_timeout)
         served = ", ".join(f"{listener.name} on {listener.address}" for listener in self.listeners)
         log.info("serving %s; socket %s; %s mode", served, self.socket_file.path, self.mode)
         self._notify("READY=1", f"MAINPID={os.getpid()}")
@@ -168,7 +177,7 @@ class Server:
         self._notify("STOPPING=1", "STATUS=stopping; workers keep serving")
         self._loop.remove_reader(self.socket_file.sock.fileno())
         placement, self._placement = self._placement, None
-        if isinstance(placement, Dispatcher):
+        if placement:
             placement.close()
         for peer in list(self.peers):
             peer.channel.flush_now()        # connections on their way to workers
@@ -268,6 +277,7 @@ class Server:
         features = message.get("features")
         if isinstance(features, list):
             peer.features = frozenset(f for f in features[:16] if isinstance(f, str))
+        peer.beat_at = time.monotonic()         # the first heartbeat is due from now
         if peer.timer:
             peer.timer.cancel()
             peer.timer = None
@@ -378,9 +388,19 @@ class Server:
         if self._placement:
             self._placement.changed()
 
+    def _on_heartbeat(self, peer: Peer, message: HeartbeatMessage, fds: list[int]) -> None:
+        peer.beat_at = time.monotonic()
+        peer.lag = min(max(0.0, float(message["lag"])), 1e6)
+
+    def _on_recycle(self, peer: Peer, message: RecycleMessage, fds: list[int]) -> None:
+        log.info("worker pid %d is due to recycle (%s requests)", peer.pid,
+                 message.get("requests", "?"))
+        self._recycler.ask(peer)
+
     def _worker_changed(self, peer: Peer) -> None:
         """A worker's state changed: answer waits, tell systemd, re-place load."""
         self._waits.changed(peer)
+        self._recycler.changed()
         self._notify()
         if self._placement:
             self._placement.worker_changed()

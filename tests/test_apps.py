@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import threading
 import time
@@ -315,3 +316,79 @@ def test_httpserver_settings_reach_tornado(start_fdserver, start_fdapp):
 
     assert post(10) == 405             # the example app has no POST: the body was read
     assert post(100_000) in (0, 400)
+
+
+# -- an unresponsive worker, as fdserver sees it ------------------------------------------------
+
+STUCK_AND_HELLO_APP = STUCK_APP.replace(
+    'return tornado.web.Application([("/stuck", Stuck)])',
+    'return tornado.web.Application([("/stuck", Stuck), ("/", Hello)])').replace(
+    "def make_app():", '''class Hello(tornado.web.RequestHandler):
+    def get(self):
+        import os
+        self.write(f"Hello from {os.getpid()}\\\\n")
+
+def make_app():''')
+
+
+def test_a_stuck_worker_shows_unresponsive_and_gets_no_dispatched_connection(
+        start_fdserver, start_fdapp, tmp_path):
+    (tmp_path / "stuck.py").write_text(STUCK_AND_HELLO_APP)
+    server = start_fdserver("--dispatch")
+    stuck = start_fdapp(server, app="stuck:make_app", cwd=tmp_path)     # no --timeout
+    blocked = threading.Thread(target=lambda: _get_quietly(f"http://{server.address}/stuck"),
+                               daemon=True)
+    blocked.start()
+    healthy = start_fdapp(server)
+    states = wait_until(lambda: (s := {w["pid"]: w["state"] for w in workers_of(server)})
+                        .get(stuck.pid) == "unresponsive" and s,
+                        what="the stuck worker shown unresponsive")
+    assert states == {stuck.pid: "unresponsive", healthy.pid: "ready"}
+    table = run([script("fdctl"), "--socket", server.socket, "status"]).stdout
+    assert re.search(rf"^{stuck.pid}\s+\d+\s+unresponsive \d+s\s", table, re.M), table
+    for _ in range(20):              # dispatch sends nothing more to the stuck one
+        assert http_get(server.address, timeout=5) == (200, f"Hello from {healthy.pid}\n")
+
+
+def _get_quietly(url: str) -> None:
+    try:
+        urllib.request.urlopen(url, timeout=60).read()
+    except OSError:
+        pass
+
+
+def test_the_file_upload_demo_receives_multipart_and_streamed_uploads(start_fdserver,
+                                                                     start_fdapp, tmp_path):
+    import functools
+    import sys
+    import uuid
+
+    from tornado.httpclient import AsyncHTTPClient
+
+    server = start_fdserver()
+    worker = start_fdapp(server, app="file_receiver:main", cwd=DEMOS / "file_upload")
+    payload = tmp_path / "upload.bin"
+    payload.write_bytes(os.urandom(300_000))
+    sys.path.insert(0, str(DEMOS / "file_upload"))
+    try:
+        import file_uploader  # the demo's own request body producers
+    finally:
+        sys.path.remove(str(DEMOS / "file_upload"))
+
+    async def main() -> None:
+        client = AsyncHTTPClient()
+        boundary = uuid.uuid4().hex
+        posted = await client.fetch(
+            f"http://{server.address}/post", method="POST",
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            body_producer=functools.partial(file_uploader.multipart_producer, boundary,
+                                            [str(payload)]))
+        put = await client.fetch(
+            f"http://{server.address}/upload.bin", method="PUT",
+            headers={"Content-Type": "application/octet-stream"},
+            body_producer=functools.partial(file_uploader.raw_producer, str(payload)))
+        assert (posted.body, put.body) == (b"OK", b"OK")
+
+    asyncio.run(main())
+    worker.wait_for_line(rf'POST "{payload}" "application/octet-stream" 300000 bytes')
+    worker.wait_for_line(r'PUT "upload.bin" "application/octet-stream" 300000 bytes')

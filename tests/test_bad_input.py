@@ -142,7 +142,8 @@ def test_fdctl_without_fdserver(sockdir):
     ("-1", "-1 is negative"),
 ])
 @pytest.mark.parametrize("program, flag", [
-    ("fdserver", "--dispatch-timeout"), ("fdapp", "--graceful-timeout"),
+    ("fdserver", "--unavailable-timeout"), ("fdserver", "--dispatch-timeout"),
+    ("fdapp", "--graceful-timeout"),
 ])
 def test_a_bad_number_of_seconds_names_the_flag(sockdir, program, flag, value, fragment):
     argv = [script(program), *(["app:make_app"] if program == "fdapp" else []),

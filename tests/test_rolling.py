@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import xmlrpc.client
 import pytest
 
 from loadclient import LoadClient
-from support import BIN, PROJECT, Proc, replace_by_hand, run, script, wait_until
+from support import BIN, PROJECT, Proc, http_get, replace_by_hand, run, script, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="deploy/supervisord.conf switches users: needs root")
@@ -132,26 +133,86 @@ def make_app():
 """
 
 
-def test_rolling_restart_stops_when_a_replacement_never_gets_ready(procs, public_dir,
-                                                                  deploy_user):
-    (public_dir / "hanging_app.py").write_text(HANGING_APP)
+def supervised_app(procs, public_dir, module: str, source: str) -> Supervised:
+    """deploy/supervisord.conf with its app processes running *module* (written
+    into *public_dir*, their working directory) instead of the example app."""
+    (public_dir / f"{module}.py").write_text(source)
     config = (PROJECT / "deploy" / "supervisord.conf").read_text()
-    config = config.replace("command=fdapp app:make_app", "command=fdapp hanging_app:make_app")
+    config = config.replace("command=fdapp app:make_app", f"command=fdapp {module}:make_app")
     config = config.replace("directory=%(here)s/..", f"directory={public_dir}")
     (public_dir / "supervisord.conf").write_text(config)
-    deployment = Supervised(procs, public_dir, public_dir / "supervisord.conf")
+    return Supervised(procs, public_dir, public_dir / "supervisord.conf")
+
+
+def test_rolling_restart_stops_when_a_replacement_never_gets_ready(procs, public_dir,
+                                                                  deploy_user):
+    deployment = supervised_app(procs, public_dir, "hanging_app", HANGING_APP)
     try:
         before = {p["name"]: p["pid"] for p in deployment.rpc().getAllProcessInfo()}
         (public_dir / "hang").touch()
         result = deployment.rolling_restart("--ready-timeout", "2")
         assert result.returncode == 1, result.stdout
         new_pid = deployment.rpc().getProcessInfo("app:app_00")["pid"]
-        assert result.stderr.strip() == (
+        lines = result.stderr.strip().splitlines()
+        assert lines[0] == (
             f"fdctl: error: app:app_00: new pid {new_pid} did not report ready to fdserver "
             "within 2s (it is gone); stopped here, the remaining processes were not touched")
+        # It hangs before it logs anything; the state it and the others are in:
+        assert lines[1:] == [
+            f"app:app_00 logged nothing since it was started ({public_dir}/app_00.log)",
+            "now 3 of 4 processes are ready with fdserver (not replaced yet: app:app_01, "
+            "app:app_02, app:app_03)",
+            f"  app:app_00: supervisord RUNNING pid {new_pid}; fdserver: not registered"], lines
         after = {p["name"]: p["pid"] for p in deployment.rpc().getAllProcessInfo()}
         assert after["app_00"] != before["app_00"]
         assert all(after[n] == before[n] for n in ("app_01", "app_02", "app_03", "fdserver"))
+    finally:
+        deployment.shutdown()
+
+
+BROKEN_APP = """
+import os
+import tornado.web
+
+if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "broken")):
+    raise RuntimeError("this deploy is broken")       # a bad deploy: fails at import
+
+class Hello(tornado.web.RequestHandler):
+    def get(self):
+        self.write(f"Hello from {os.getpid()}\\n")
+
+def make_app():
+    return tornado.web.Application([("/", Hello)])
+"""
+
+
+def test_rolling_restart_says_why_a_replacement_failed_to_start(procs, public_dir,
+                                                               deploy_user):
+    deployment = supervised_app(procs, public_dir, "broken_app", BROKEN_APP)
+    try:
+        before = {p["name"]: p["pid"] for p in deployment.rpc().getAllProcessInfo()}
+        (public_dir / "broken").touch()
+        result = deployment.rolling_restart()
+        assert result.returncode == 1 and result.stdout == "", result
+        lines = result.stderr.strip().splitlines()
+        assert lines[0] == (
+            "fdctl: error: app:app_00: the new process failed to start (supervisord: "
+            "SPAWN_ERROR); stopped here, the remaining processes were not touched"), lines
+        # Why, from its log: the app's own exception.
+        assert lines[1] == (f"app:app_00's last log lines since it was started "
+                            f"({public_dir}/app_00.log):"), lines
+        assert any(line.startswith("  ") and "RuntimeError: this deploy is broken" in line
+                   for line in lines[2:-2]), lines
+        # The state the group is left in.
+        assert lines[-2] == ("now 3 of 4 processes are ready with fdserver (not replaced yet: "
+                             "app:app_01, app:app_02, app:app_03)"), lines
+        assert re.fullmatch(r"  app:app_00: supervisord (BACKOFF|STARTING|FATAL)\b.*; "
+                            r"fdserver: not registered", lines[-1]), lines
+        # The others were not touched, and serve.
+        serving = {before[name] for name in ("app_01", "app_02", "app_03")}
+        for _ in range(12):
+            status, body = http_get(deployment.address)
+            assert status == 200 and int(body.split()[-1]) in serving, body
     finally:
         deployment.shutdown()
 
@@ -168,3 +229,38 @@ def test_thirty_restarts_by_hand_lose_nothing(start_fdserver, start_fdapp, mode)
     assert report["ok"] > 100, report
     served_by = {int(pid) for pid in report["pids"]}
     assert len(served_by) > 4, "load should have been served by the replacements too"
+
+
+def test_max_requests_recycles_one_worker_at_a_time_losing_nothing(procs, public_dir,
+                                                                   deploy_user):
+    config = (PROJECT / "deploy" / "supervisord.conf").read_text()
+    config = config.replace("command=fdapp app:make_app",
+                            "command=fdapp app:make_app --max-requests 60 "
+                            "--max-requests-jitter 20")
+    config = config.replace("directory=%(here)s/..", f"directory={PROJECT}")
+    (public_dir / "supervisord.conf").write_text(config)
+    deployment = Supervised(procs, public_dir, public_dir / "supervisord.conf")
+    log = public_dir / "fdserver.log"
+    try:
+        with LoadClient(deployment.address, clients=4, mode="keepalive") as keepalive, \
+                LoadClient(deployment.address, clients=4, mode="close") as close:
+            keepalive.wait_started()
+            close.wait_started()
+            wait_until(lambda: log.read_text().count("may recycle now") >= 6, timeout=120,
+                       what="six recycles")
+            reports = [keepalive.stop(), close.stop()]
+        for report in reports:
+            assert report["failed"] == 0, report["failures"]
+        # One at a time: each turn is given only after the last one's worker is gone.
+        events = re.findall(r"worker pid (\d+) (may recycle now|gone)", log.read_text())
+        turns = [pid for pid, what in events if what == "may recycle now"]
+        assert len(turns) == len(set(turns)) >= 6
+        for previous, following in itertools.pairwise(turns):
+            between = events[events.index((previous, "may recycle now")):
+                             events.index((following, "may recycle now"))]
+            assert (previous, "gone") in between, events
+        exits = re.findall(r"exited: app_\d+ \(exit status (\d+)",
+                           (public_dir / "supervisord.log").read_text())
+        assert exits and set(exits) == {"0"}, exits
+    finally:
+        deployment.shutdown()

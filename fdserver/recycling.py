@@ -1,0 +1,76 @@
+"""One worker of the host recycles at a time (``fdapp --max-requests``).
+
+A worker due to recycle asks (``recycle``) and waits for its turn.  fdserver
+gives the turn to one worker, and the next turn only once that worker is
+gone *and* as many workers are ready again as when it started (its
+replacement is up), so capacity never drops by more than one worker.  If no
+replacement comes within *patience* seconds, the turns go on anyway (a
+supervisor that does not restart exited workers must not stop recycling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+
+from .peer import Peer
+
+log = logging.getLogger("fdserver")
+
+DEFAULT_PATIENCE = 60.0
+
+
+class Recycler:
+    def __init__(self, loop: asyncio.AbstractEventLoop, ready_count: Callable[[], int],
+                 patience: float = DEFAULT_PATIENCE) -> None:
+        self._loop = loop
+        self._ready_count = ready_count
+        self._patience = patience
+        self._queue: collections.deque[Peer] = collections.deque()
+        self._current: Peer | None = None
+        self._ready_before = 0
+        self._impatient = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def ask(self, peer: Peer) -> None:
+        """*peer* is due to recycle: queue it, and give it the turn if it is free."""
+        if peer is not self._current and peer not in self._queue:
+            self._queue.append(peer)
+        self.changed()
+
+    def changed(self) -> None:
+        """A worker came, went or changed state: perhaps the next turn is due."""
+        current = self._current
+        if current is not None:
+            if current.state != "gone":
+                return                                   # still draining
+            if self._ready_count() < self._ready_before and not self._impatient:
+                if self._timer is None:
+                    self._timer = self._loop.call_later(self._patience, self._give_up_waiting)
+                return                                   # its replacement is not ready yet
+            self._done()
+        while self._queue:
+            peer = self._queue.popleft()
+            if peer.state == "ready" and peer.channel.usable:
+                self._current = peer
+                self._ready_before = self._ready_count()
+                log.info("worker pid %d may recycle now (%d ready)", peer.pid,
+                         self._ready_before)
+                peer.channel.send({"type": "recycle"})
+                return
+
+    def _give_up_waiting(self) -> None:
+        self._timer = None
+        log.warning("no replacement for worker pid %d became ready within %gs; recycling "
+                    "goes on", self._current.pid if self._current else 0, self._patience)
+        self._impatient = True
+        self.changed()
+
+    def _done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._current = None
+        self._impatient = False

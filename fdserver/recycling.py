@@ -5,7 +5,9 @@ gives the turn to one worker, and the next turn only once that worker is
 gone *and* as many workers are ready again as when it started (its
 replacement is up), so capacity never drops by more than one worker.  If no
 replacement comes within *patience* seconds, the turns go on anyway (a
-supervisor that does not restart exited workers must not stop recycling).
+supervisor that does not restart exited workers must not stop recycling),
+and so they do if the worker given the turn has not started draining within
+*patience*: one worker cannot hold the turn for ever.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class Recycler:
         self._current: Peer | None = None
         self._ready_before = 0
         self._impatient = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None       # waiting for a replacement
+        self._overdue_timer: asyncio.TimerHandle | None = None
 
     def ask(self, peer: Peer) -> None:
         """*peer* is due to recycle: queue it, and give it the turn if it is free."""
@@ -59,7 +62,16 @@ class Recycler:
                 log.info("worker pid %d may recycle now (%d ready)", peer.pid,
                          self._ready_before)
                 peer.channel.send({"type": "recycle"})
+                self._overdue_timer = self._loop.call_later(self._patience, self._overdue, peer)
                 return
+
+    def _overdue(self, peer: Peer) -> None:
+        self._overdue_timer = None
+        if self._current is peer and peer.state == "ready":
+            log.warning("worker pid %d had its turn to recycle for %gs and did not drain; "
+                        "the next one goes", peer.pid, self._patience)
+            self._done()
+            self.changed()
 
     def _give_up_waiting(self) -> None:
         self._timer = None
@@ -69,8 +81,9 @@ class Recycler:
         self.changed()
 
     def _done(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._overdue_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._overdue_timer = None
         self._current = None
         self._impatient = False

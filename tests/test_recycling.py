@@ -1,0 +1,87 @@
+"""fdserver's turns for recycling workers, on real channels in this process.
+
+The end-to-end test (tests/test_rolling.py) recycles real workers under
+supervisord; this one plays workers that misbehave, with a short patience
+(the Recycler's own parameter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from fdserver.peer import Peer
+from fdserver.recycling import Recycler
+from fdserver.transport import Channel, LoopChannel
+
+
+async def turns_given(count: int, patience: float, ready: list[int]):
+    """*count* ready workers on real socketpairs; returns (peers, recycler, their ends)."""
+    loop = asyncio.get_running_loop()
+    peers, ends = [], []
+    for pid in range(1, count + 1):
+        ours, theirs = socket.socketpair()
+        channel = LoopChannel(Channel(ours, server_side=True), loop,
+                              lambda message, fds: None, lambda reason: None)
+        peer = Peer(pid=pid, uid=0, gid=0, connected_at=time.time(), channel=channel,
+                    role="worker", state="ready")
+        peers.append(peer)
+        theirs.setblocking(False)
+        ends.append(Channel(theirs))
+    return peers, Recycler(loop, lambda: ready[0], patience=patience), ends
+
+
+async def next_message(end: Channel, timeout: float = 5.0) -> dict:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (message := end.next_message()) is None:
+        assert loop.time() < deadline, "no message"
+        try:
+            end.receive_some()
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+    return message[0]
+
+
+def test_a_turn_not_taken_passes_on_and_turns_wait_for_the_replacement():
+    async def main() -> None:
+        ready = [2]
+        (first, second), recycler, (first_end, second_end) = await turns_given(2, 0.1, ready)
+        recycler.ask(first)
+        recycler.ask(second)
+        assert (await next_message(first_end))["type"] == "recycle"
+        # first never drains: after the patience, second gets the turn.
+        assert (await next_message(second_end))["type"] == "recycle"
+        # second drains and goes; with no replacement ready, a third worker
+        # asking waits until one is (or until the patience runs out).
+        (third,), _, (third_end,) = await turns_given(1, 0.1, ready)
+        third.pid = 3
+        second.state = "gone"
+        ready[0] = 1
+        recycler.ask(third)
+        recycler.changed()
+        assert third_end.next_message() is None
+        assert (await next_message(third_end))["type"] == "recycle"     # patience ran out
+    asyncio.run(main())
+
+
+def test_a_worker_that_asks_twice_is_queued_once():
+    async def main() -> None:
+        ready = [2]
+        (first, second), recycler, (first_end, second_end) = await turns_given(2, 5.0, ready)
+        recycler.ask(first)
+        recycler.ask(second)
+        recycler.ask(second)
+        assert (await next_message(first_end))["type"] == "recycle"
+        first.state = "gone"
+        recycler.changed()                  # replacement ready: ready[0] is still 2
+        assert (await next_message(second_end))["type"] == "recycle"
+        second.state = "gone"
+        recycler.changed()
+        second_end.sock.setblocking(False)
+        try:
+            assert not second_end.sock.recv(1), "a second turn was given"
+        except BlockingIOError:
+            pass
+    asyncio.run(main())

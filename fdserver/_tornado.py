@@ -237,6 +237,11 @@ def promise_no_keep_alive(request: Any) -> None:
 
     def write_headers_saying_close(start_line: Any, headers: httputil.HTTPHeaders,
                                    chunk: bytes | None = None) -> Any:
+        if getattr(start_line, "code", None) == 101:
+            # A websocket accepted during the drain: "Connection: close" would
+            # break its handshake. It is taken over, then told 1001 at once.
+            request._disconnect_on_finish = False
+            return write_headers(start_line, headers, chunk)
         line = getattr(request, "_request_start_line", None)
         asked = getattr(request, "_request_headers", None)
         if (line is not None and line.version == "HTTP/1.0" and asked is not None

@@ -70,6 +70,7 @@ class DrainingHTTPServer(HTTPServer):
         # streams taken over from HTTP (websockets) -> their handler, if known
         self._detached: dict[IOStream, Any] = {}
         self._checking: asyncio.TimerHandle | None = None
+        self._goodbyes: set[asyncio.Future[Any]] = set()    # on_drain() under way
         # Counted here rather than read off Tornado's private set: every
         # handle_stream ends in exactly one on_close.
         self._open = 0
@@ -156,15 +157,26 @@ class DrainingHTTPServer(HTTPServer):
             return          # not a handler we know: it ends by itself or at the deadline
         try:
             on_drain = getattr(handler, "on_drain", None)
-            if callable(on_drain):
-                result = on_drain()
-                if inspect.isawaitable(result):
-                    asyncio.ensure_future(result)
-            elif isinstance(handler, WebSocketHandler):
-                handler.close(1001, "going away")
+            if not callable(on_drain):
+                _going_away(handler)
+                return
+            result = on_drain()
+            if inspect.isawaitable(result):
+                goodbye = asyncio.ensure_future(result)
+                self._goodbyes.add(goodbye)
+                goodbye.add_done_callback(lambda done: self._said_goodbye(handler, done))
         except Exception as exc:
-            log.error("saying goodbye to %s failed: %s: %s", type(handler).__name__,
-                      type(exc).__name__, exc)
+            self._goodbye_failed(handler, exc)
+
+    def _said_goodbye(self, handler: Any, done: asyncio.Future[Any]) -> None:
+        self._goodbyes.discard(done)
+        if not done.cancelled() and done.exception() is not None:
+            self._goodbye_failed(handler, done.exception())
+
+    def _goodbye_failed(self, handler: Any, exc: BaseException | None) -> None:
+        log.error("on_drain of %s failed: %s: %s; closing it with 1001",
+                  type(handler).__name__, type(exc).__name__, exc)
+        _going_away(handler)
 
     async def drain(self, timeout: float, grace: float) -> int:
         """Stop accepting and wait for the connections to end.
@@ -223,6 +235,11 @@ class DrainingHTTPServer(HTTPServer):
             self._check_idle_later(conn, request, time.monotonic())
             return
         conn.stream.close()
+
+
+def _going_away(handler: Any) -> None:
+    if isinstance(handler, WebSocketHandler):
+        handler.close(1001, "going away")
 
 
 def _input_waiting(sock: socket.socket | None) -> bool:

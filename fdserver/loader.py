@@ -12,7 +12,7 @@
   server it makes is served on fdserver's listeners instead, and the port
   it names is ignored (said once in the log).  A sync main() that then
   starts the loop itself (``IOLoop.current().start()``) is fine: the loop
-  runs already.
+  runs already, so start() returns at once; run_sync() is refused.
 
 How: for the time fdapp runs, ``HTTPServer(...)`` builds a
 :class:`ListeningServer`, Tornado's own ``Configurable.configure``, whose
@@ -22,17 +22,20 @@ listen(), bind() and add_sockets() note the request instead of binding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib
 import inspect
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPServerConnectionDelegate
+from tornado.ioloop import IOLoop
 
 from .drain import DrainingHTTPServer
 from .errors import AppError
@@ -113,12 +116,10 @@ async def load(spec: str, target: Any) -> Loaded:
     ListeningServer.wanted = wanted
     HTTPServer.configure(ListeningServer)
     try:
-        result = target()
-    except RuntimeError as exc:
-        # A sync main() that listened, then started the loop: it runs already.
-        if not wanted.done():
-            raise AppError(f"calling {spec} failed: RuntimeError: {exc}") from None
-        return _checked(spec, Loaded(server=wanted.result()))
+        with _loop_running_already(spec):
+            result = target()
+    except AppError:
+        raise
     except Exception as exc:
         raise AppError(f"calling {spec} failed: {type(exc).__name__}: {exc}") from None
     if inspect.isawaitable(result):
@@ -139,6 +140,24 @@ async def load(spec: str, target: Any) -> Loaded:
                        "(a main() must call app.listen() or HTTPServer(app).listen())")
     raise AppError(f"{spec} returned a {type(result).__name__}, not a "
                    "tornado.web.Application")
+
+
+@contextlib.contextmanager
+def _loop_running_already(spec: str) -> Iterator[None]:
+    """While a sync main() runs: starting the loop returns at once (it runs
+    already), and run_sync(), which would stop fdapp's loop, is refused."""
+    io_loop = IOLoop.current()
+
+    def run_sync(*args: Any, **kwargs: Any) -> Any:
+        raise AppError(f"{spec} calls IOLoop.run_sync(), which would stop fdapp's running "
+                       "loop: make main() async and await that coroutine instead")
+
+    io_loop.start = lambda: None            # type: ignore[method-assign]
+    io_loop.run_sync = run_sync             # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del io_loop.start, io_loop.run_sync  # the class's own again
 
 
 def _checked(spec: str, loaded: Loaded) -> Loaded:

@@ -34,6 +34,7 @@ class Recycler:
         self._current: Peer | None = None
         self._ready_before = 0
         self._impatient = False
+        self._held_until = 0.0          # no turn before (after an fdserver restart)
         self._timer: asyncio.TimerHandle | None = None       # waiting for a replacement
         self._overdue_timer: asyncio.TimerHandle | None = None
 
@@ -43,8 +44,18 @@ class Recycler:
             self._queue.append(peer)
         self.changed()
 
+    def hold(self, seconds: float) -> None:
+        """Give no turn for *seconds*: after an fdserver restart, a worker that
+        was recycling drains unseen (a draining worker does not re-register)."""
+        until = self._loop.time() + seconds
+        if until > self._held_until:
+            self._held_until = until
+            self._loop.call_later(seconds, self.changed)
+
     def changed(self) -> None:
         """A worker came, went or changed state: perhaps the next turn is due."""
+        if self._loop.time() < self._held_until:
+            return
         current = self._current
         if current is not None:
             if current.state != "gone":
@@ -56,7 +67,7 @@ class Recycler:
             self._done()
         while self._queue:
             peer = self._queue.popleft()
-            if peer.state == "ready" and peer.channel.usable:
+            if peer.state == "ready" and peer.channel.usable and not peer.unresponsive:
                 self._current = peer
                 self._ready_before = self._ready_count()
                 log.info("worker pid %d may recycle now (%d ready)", peer.pid,

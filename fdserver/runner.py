@@ -21,6 +21,7 @@ import os
 import random
 import signal
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +96,7 @@ class Worker:
         self.max_requests = (max_requests + random.randint(0, max_requests_jitter)
                              if max_requests else None)
         self._recycle_asked = False
+        self._status = 0                 # exit status after a drain
         self.spec = spec
         self.target = target
         self.register = register
@@ -118,13 +120,15 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._exit = loop.create_future()
         self._released = loop.create_future()
+        loaded = await load(self.spec, self.target)
+        # After the warm-up: a slow sync factory is no stuck loop.
         if self.timeout:
             self._watch_loop(self.timeout)
-        loaded = await load(self.spec, self.target)
         self._main_task = loaded.main
         self.server = loaded.server or DrainingHTTPServer(loaded.app, **self.server_options)
         # Warm: now register (it may wait for fdserver) and take connections.
-        self.registration = await loop.run_in_executor(None, self.register)
+        # In a daemon thread: a SIGTERM meanwhile must not wait for it.
+        self.registration = await _in_daemon_thread(self.register)
         self.channel = LoopChannel(self.registration.channel, loop,
                                    self._on_message, self._on_server_gone)
         self.acceptor = Acceptor(self.server, self._send, balance=self.balance)
@@ -137,6 +141,8 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         self._report("ready")
+        if self._main_task is not None:       # from now on its end is watched
+            self._main_task.add_done_callback(self._main_ended)
         loop.call_later(HEARTBEAT_INTERVAL, self._beat, loop.time() + HEARTBEAT_INTERVAL)
         names = ", ".join(f"{listener.name} on {listener.address}"
                           for listener in self.registration.listeners)
@@ -149,6 +155,17 @@ class Worker:
                 if task and not task.done():
                     task.cancel()
             self.channel.close(None)
+
+    def _main_ended(self, main: asyncio.Future[Any]) -> None:
+        """The app's own main() ended after it listened: fine, unless it failed."""
+        if main.cancelled() or main.exception() is None:
+            return
+        exc = main.exception()
+        log.error("%s failed after it listened: %s: %s; draining", self.spec,
+                  type(exc).__name__, exc)
+        self._status = 1
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain())
 
     def _beat(self, due: float) -> None:
         """Tell fdserver the loop runs, and how late; ask to recycle when due."""
@@ -245,7 +262,7 @@ class Worker:
             await lifecycle.current().shut_down(self.shutdown_timeout)
         if not cut:
             log.info("drained; exiting")
-        self._finish(0)
+        self._finish(self._status)
 
     def _finish(self, status: int) -> None:
         if not self._exit.done():
@@ -321,3 +338,30 @@ class Worker:
             finally:
                 self._resuming = False
             await asyncio.sleep(next(delays))
+
+
+async def _in_daemon_thread(work: Callable[[], Registration]) -> Registration:
+    """Run blocking *work* off the loop, in a thread the process need not wait for."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Registration] = loop.create_future()
+
+    def settle(result: Registration | None, exc: BaseException | None) -> None:
+        if done.done():
+            return
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(result)      # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            outcome: tuple[Registration | None, BaseException | None] = (work(), None)
+        except Exception as exc:
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:
+            pass                          # the loop is gone: the process is exiting
+
+    threading.Thread(target=run, name="fdapp-register", daemon=True).start()
+    return await done

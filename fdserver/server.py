@@ -58,6 +58,10 @@ from .waits import Waits
 
 log = logging.getLogger("fdserver")
 
+# After an fdserver restart, no recycling turn for this long (fdapp's default
+# --graceful-timeout): a worker recycling meanwhile drains without re-registering.
+RECYCLE_HOLD_AFTER_RESTART = 30.0
+
 
 # A message handler: the message is of the type its key in Server._handlers names.
 Handler = Callable[[Peer, Any, list[int]], None]
@@ -299,6 +303,8 @@ class Server:
             peer.resumed = one_of(resume.get("state"), REPORTED_STATES)
             peer.state = "starting"
             log.info("worker pid %d uid %d re-registering", peer.pid, peer.uid)
+            # A restart: a worker that was recycling may still drain, unseen.
+            self._recycler.hold(RECYCLE_HOLD_AFTER_RESTART)
             self._worker_changed(peer)
         elif peer.role == "worker":
             peer.state = "starting"
@@ -393,8 +399,11 @@ class Server:
         peer.lag = min(max(0.0, float(message["lag"])), 1e6)
 
     def _on_recycle(self, peer: Peer, message: RecycleMessage, fds: list[int]) -> None:
+        if "recycle" not in peer.features:
+            raise ProtocolError("recycle from a worker without the recycle feature")
+        requests = message.get("requests")
         log.info("worker pid %d is due to recycle (%s requests)", peer.pid,
-                 message.get("requests", "?"))
+                 requests if isinstance(requests, int) else "?")
         self._recycler.ask(peer)
 
     def _worker_changed(self, peer: Peer) -> None:

@@ -396,3 +396,119 @@ def test_the_file_upload_demo_receives_multipart_and_streamed_uploads(start_fdse
     asyncio.run(main())
     worker.wait_for_line(rf'POST "{payload}" "application/octet-stream" 300000 bytes')
     worker.wait_for_line(r'PUT "upload.bin" "application/octet-stream" 300000 bytes')
+
+
+# -- edges found by a review --------------------------------------------------------------
+
+def test_a_websocket_whose_handshake_arrives_during_the_drain_gets_1001(start_fdserver,
+                                                                        start_fdapp, tmp_path):
+    import base64
+    import socket
+
+    (tmp_path / "goodbye.py").write_text(WEBSOCKET_APP.replace("async def on_drain",
+                                                               "async def not_on_drain"))
+    server = start_fdserver()
+    worker = start_fdapp(server, app="goodbye:make_app", cwd=tmp_path)
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        wait_until(lambda: workers_of(server)[0]["connections"] == 1, what="accepted")
+        worker.signal(signal.SIGTERM)
+        worker.wait_for_line(r"draining 1 connections")
+        key = base64.b64encode(os.urandom(16)).decode()
+        raw.sendall(f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                    f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        received = b""
+        while not received.endswith(b"\x03\xe9going away"):     # close frame, code 1001
+            chunk = raw.recv(4096)
+            assert chunk, received
+            received += chunk
+    head = received.split(b"\r\n\r\n")[0].decode()
+    assert head.startswith("HTTP/1.1 101 "), head
+    assert "Connection: Upgrade" in head and "Connection: close" not in head, head
+    assert worker.wait() == 0
+
+
+@pytest.mark.child_errors("the app's failing on_drain() is logged on purpose")
+def test_an_on_drain_that_fails_is_logged_and_the_websocket_still_told_1001(
+        start_fdserver, start_fdapp, tmp_path):
+    (tmp_path / "failing.py").write_text(WEBSOCKET_APP.replace(
+        'self.write_message("moving you to another worker")', 'raise ValueError("oops")'))
+    server = start_fdserver()
+    worker = start_fdapp(server, app="failing:make_app", cwd=tmp_path)
+
+    async def main() -> None:
+        conn = await websocket_connect(f"ws://{server.address}/ws")
+        assert await conn.read_message() == "hello"
+        worker.signal(signal.SIGTERM)
+        assert await conn.read_message() is None
+        assert conn.close_code == 1001
+
+    asyncio.run(main())
+    assert worker.wait() == 0
+    worker.wait_for_line(r"ERROR on_drain of Goodbye failed: ValueError: oops; closing it")
+    assert "Traceback" not in worker.output
+
+
+MAINS = """
+import asyncio
+import tornado.ioloop, tornado.web
+
+def app():
+    return tornado.web.Application([])
+
+def uses_run_sync():
+    app().listen(8888)
+    tornado.ioloop.IOLoop.current().run_sync(asyncio.sleep)
+
+def fails_after_listen():
+    app().listen(8888)
+    raise RuntimeError("no config")
+
+async def async_fails_after_listen():
+    app().listen(8888)
+    await asyncio.sleep(0)
+    raise ValueError("lost the database")
+"""
+
+
+@pytest.mark.child_errors("the app's main() failing after it listened is logged on purpose")
+@pytest.mark.parametrize("main, expected", [
+    ("uses_run_sync", "mains:uses_run_sync calls IOLoop.run_sync(), which would stop fdapp's "
+                      "running loop"),
+    ("fails_after_listen", "calling mains:fails_after_listen failed: RuntimeError: no config"),
+    ("async_fails_after_listen", None),
+])
+def test_a_main_that_cannot_run_under_fdapp_says_why(start_fdserver, tmp_path, procs, main,
+                                                     expected):
+    (tmp_path / "mains.py").write_text(MAINS)
+    server = start_fdserver()
+    if expected:
+        result = run([script("fdapp"), f"mains:{main}", "--socket", server.socket],
+                     cwd=tmp_path)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1].startswith(f"fdapp: error: {expected}")
+        assert "Traceback" not in result.stderr
+        return
+    worker = procs.start([script("fdapp"), f"mains:{main}", "--socket", server.socket],
+                         cwd=tmp_path)
+    worker.wait_for_line(r"ERROR mains:async_fails_after_listen failed after it listened: "
+                         r"ValueError: lost the database; draining")
+    assert worker.wait() == 1
+
+
+def test_sigterm_while_connecting_exits_at_once(sockdir, procs):
+    worker = procs.start([script("fdapp"), "app:make_app", "--socket",
+                          str(sockdir / "nobody-here.sock"), "--connect-timeout", "60"])
+    # No fdserver: it retries.  Wait until the app is loaded and it connects.
+    wait_until(lambda: _threads(worker.pid) >= 2, what="fdapp connecting, in its thread")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=5) == 0
+
+
+def _threads(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+    except OSError:
+        return 0

@@ -287,9 +287,9 @@ def fdapp_parser() -> argparse.ArgumentParser:
 
 def fdapp_main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ours, app_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
-        else (argv, [])
-    args = fdapp_parser().parse_args(ours)
+    cut = argv.index("--") if "--" in argv else len(argv)     # after it: the app's own
+    args = fdapp_parser().parse_args(argv[:cut])
+    app_argv = argv[cut + 1:]
 
     def body() -> int:
         import os
@@ -300,8 +300,9 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _stopped_during_start_up)
 
         from .client import Registration, register, trusted_server_uids
+        from .loader import load_app
         from .privileges import uid_of
-        from .runner import FEATURES, Worker, load_app
+        from .runner import FEATURES, Worker
         from .systemd import Notifier
 
         server_uids = trusted_server_uids(uid_of(args.server_user) if args.server_user else None)

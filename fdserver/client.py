@@ -247,7 +247,7 @@ def mode_of(welcome: WelcomeMessage) -> Mode:
 
 def resume(path: str, state: Reported, listeners: list[ReceivedListener],
            features: tuple[str, ...] = (),
-           server_uids: frozenset[int] = frozenset({0})) -> tuple[Channel, WelcomeMessage]:
+           server_uids: frozenset[int] | None = None) -> tuple[Channel, WelcomeMessage]:
     """Re-register a running worker with a (re)started fdserver; one attempt.
 
     The worker keeps its sockets.  The welcome asks for them: a new fdserver
@@ -255,9 +255,12 @@ def resume(path: str, state: Reported, listeners: list[ReceivedListener],
     workers) takes them back, and any fdserver checks them before it counts
     the worker ``ready`` again.  They go only to a process running as one of
     *server_uids*, and carry the welcome's token, so fdserver knows they
-    answer its welcome.  Returns the channel and the welcome; raises
+    answer its welcome (default, as for :func:`register`: root and this
+    process's own user).  Returns the channel and the welcome; raises
     ConnectError if nobody answers.
     """
+    if server_uids is None:
+        server_uids = trusted_server_uids()
     channel, welcome = connect(path, "worker", 0, server_uids, resume={"state": state},
                                features=list(features))
     try:

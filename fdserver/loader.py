@@ -104,13 +104,26 @@ def import_target(spec: str, path: str | None = None) -> Any:
         raise AppError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
-async def load(spec: str, target: Any) -> Loaded:
-    """Turn *target* (what *spec* names) into something to serve, inside the loop."""
-    if isinstance(target, HTTPServerConnectionDelegate):
-        return _checked(spec, Loaded(app=target))
-    if not callable(target):
+def load_app(spec: str, path: str | None = None) -> Any:
+    """Import what ``MODULE:ATTR`` names, checked to be something fdapp can run.
+
+    Before fdapp connects: a bad spec fails fast.  The app itself is made
+    later, inside the running loop (:func:`load`).
+    """
+    return _runnable(spec, import_target(spec, path))
+
+
+def _runnable(spec: str, target: Any) -> Any:
+    if not isinstance(target, HTTPServerConnectionDelegate) and not callable(target):
         raise AppError(f"{spec} is a {type(target).__name__}, not a tornado.web.Application "
                        "or a callable returning one")
+    return target
+
+
+async def load(spec: str, target: Any) -> Loaded:
+    """Turn *target* (what *spec* names) into something to serve, inside the loop."""
+    if isinstance(_runnable(spec, target), HTTPServerConnectionDelegate):
+        return _checked(spec, Loaded(app=target))
     loop = asyncio.get_running_loop()
     wanted: asyncio.Future[DrainingHTTPServer] = loop.create_future()
     ListeningServer.wanted = wanted

@@ -401,11 +401,10 @@ def _unavailable(conn: socket.socket) -> None:
     """Answer 503 and close, reading first so the close sends FIN, not RST."""
     try:
         conn.setblocking(False)
-        for _ in range(16):
-            if not conn.recv(65536):
-                break
     except OSError:
         pass
+    else:
+        _read_pending(conn)
     try:
         conn.send(UNAVAILABLE)
     except OSError:
@@ -415,10 +414,15 @@ def _unavailable(conn: socket.socket) -> None:
 
 def _read_and_close(conn: socket.socket) -> None:
     """Close a non-blocking *conn*, reading what it sent first (FIN, not RST)."""
+    _read_pending(conn)
+    conn.close()
+
+
+def _read_pending(conn: socket.socket) -> None:
+    """Read and drop what a non-blocking *conn* has sent so far (bounded)."""
     try:
         for _ in range(16):
             if not conn.recv(65536):
                 break
     except OSError:
         pass
-    conn.close()

@@ -25,14 +25,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from tornado.httputil import HTTPServerConnectionDelegate
-
 from . import lifecycle
 from .acceptor import Acceptor
 from .client import Registration, mode_of, resume, retry_delays
 from .drain import DrainingHTTPServer
-from .errors import AppError, FdserverError
-from .loader import import_target, load
+from .errors import FdserverError
+from .loader import load
 from .protocol import HEARTBEAT_INTERVAL, Message, Mode, Reported
 from .transport import LoopChannel
 
@@ -46,24 +44,12 @@ RECONNECT_MAX_DELAY = 1.0
 FEATURES = ("share", "dispatch", "heartbeat", "recycle")
 
 
-def load_app(spec: str, path: str | None = None) -> Any:
-    """Import what ``MODULE:ATTR`` names (checked: something fdapp can run).
-
-    The app itself is made later, inside the running loop (see
-    :mod:`fdserver.loader`).
-    """
-    target = import_target(spec, path)
-    if not isinstance(target, HTTPServerConnectionDelegate) and not callable(target):
-        raise AppError(f"{spec} is a {type(target).__name__}, not a tornado.web.Application "
-                       "or a callable returning one")
-    return target
-
-
 class Worker:
     """Makes the app *spec* names, registers, serves until drained.
 
-    *target* is what :func:`load_app` imported; *register* registers with
-    fdserver (blocking: it runs in a thread, once the app is warm).
+    *target* is what :func:`fdserver.loader.load_app` imported; *register*
+    registers with fdserver (blocking: it runs in a thread, once the app is
+    warm).
     """
 
     # Made once the loop runs (_main).
@@ -164,8 +150,7 @@ class Worker:
         log.error("%s failed after it listened: %s: %s; draining", self.spec,
                   type(exc).__name__, exc)
         self._status = 1
-        if self._drain_task is None:
-            self._drain_task = asyncio.ensure_future(self._drain())
+        self._start_drain(None)
 
     def _beat(self, due: float) -> None:
         """Tell fdserver the loop runs, and how late; ask to recycle when due."""
@@ -189,10 +174,16 @@ class Worker:
             self._send({"type": "recycle", "requests": self.server.requests})
 
     def _recycle(self) -> None:
-        if self._drain_task is None:
-            log.info("recycling after %d requests: draining %d connections (at most %gs)",
-                     self.server.requests, self.server.connection_count, self.graceful_timeout)
-            self._drain_task = asyncio.ensure_future(self._drain())
+        self._start_drain(f"recycling after {self.server.requests} requests")
+
+    def _start_drain(self, why: str | None) -> None:
+        """Drain once, whichever asked first: a signal, recycling, main() failing."""
+        if self._drain_task is not None:
+            return
+        if why:
+            log.info("%s: draining %d connections (at most %gs)", why,
+                     self.server.connection_count, self.graceful_timeout)
+        self._drain_task = asyncio.ensure_future(self._drain())
 
     def _watch_loop(self, timeout: float) -> None:
         """Exit non-zero, every thread's stack in the log, if the loop stalls *timeout*.
@@ -216,10 +207,8 @@ class Worker:
             left = self.server.connection_count
             log.warning("%s: exiting at once, cutting %d connections", name, left)
             self._finish(1)
-        elif self._drain_task is None:
-            log.info("%s: draining %d connections (at most %gs)", name,
-                     self.server.connection_count, self.graceful_timeout)
-            self._drain_task = asyncio.ensure_future(self._drain())
+        else:
+            self._start_drain(name)
 
     def _adopt_mode(self, mode: Mode) -> None:
         """Follow a restarted fdserver that runs in the other mode."""

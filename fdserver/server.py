@@ -347,9 +347,7 @@ class Server:
             state, peer.resumed = peer.resumed, None
             if ours and ours <= peer.shown:
                 peer.holds = True
-                peer.state = state
-                if state == "ready":
-                    peer.ready_at = time.time()
+                peer.report(state)
                 log.info("worker pid %d uid %d re-registered (%s)", peer.pid, peer.uid, state)
                 self._worker_changed(peer)
             else:

@@ -25,7 +25,7 @@ import socket
 import struct
 import termios
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import ProtocolError, TransportError
 from .protocol import (
@@ -151,20 +151,21 @@ class Channel:
                 raise ProtocolError(f"{message['type']} message announced {count} "
                                     f"descriptors but {len(self._fds)} arrived")
             self._inbox.append((message, [self._fds.popleft() for _ in range(count)]))
-        if self._fds and self._decoder.pending and not self.accept_fds:
-            stray = list(self._fds)
-            self._fds.clear()
-            close_fds(stray)
-            raise ProtocolError(f"unexpected descriptors ({len(stray)}, with a frame "
-                                "not yet complete)")
-        if len(self._fds) > MAX_FDS_PER_FRAME or (self._fds and not self._decoder.pending):
+        waiting = len(self._fds)
+        if waiting and self._decoder.pending and not self.accept_fds:
+            self._drop_waiting(f"unexpected descriptors ({waiting}, with a frame not yet "
+                               "complete)")
+        if waiting > MAX_FDS_PER_FRAME or (waiting and not self._decoder.pending):
             # Descriptors ride on a frame's first byte: at most one frame's
             # worth can be waiting for the rest of its frame.
-            stray = list(self._fds)
-            self._fds.clear()
-            close_fds(stray)
-            raise ProtocolError(f"{len(stray)} unannounced descriptors received")
+            self._drop_waiting(f"{waiting} unannounced descriptors received")
         return True
+
+    def _drop_waiting(self, reason: str) -> NoReturn:
+        """Close the descriptors no complete frame has claimed; the peer is refused."""
+        close_fds(self._fds)
+        self._fds.clear()
+        raise ProtocolError(reason)
 
     @property
     def holds_partial(self) -> bool:

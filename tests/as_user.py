@@ -17,7 +17,8 @@ import fdserver.cli
 import fdserver.client  # noqa: F401
 import fdserver.ctl  # noqa: F401
 import fdserver.listeners  # noqa: F401
-import fdserver.runner
+import fdserver.loader
+import fdserver.runner  # noqa: F401
 import fdserver.server  # noqa: F401
 import fdserver.socketfile  # noqa: F401
 
@@ -27,7 +28,7 @@ def main() -> int:
     record = pwd.getpwnam(user)
     if args and ":" in args[0] and entry == "fdapp_main":
         # Load the app now, while its files are readable.
-        fdserver.runner.load_app(args[0])
+        fdserver.loader.load_app(args[0])
     os.setgroups([])
     os.setresgid(record.pw_gid, record.pw_gid, record.pw_gid)
     os.setresuid(record.pw_uid, record.pw_uid, record.pw_uid)

@@ -14,6 +14,20 @@ class HelloHandler(tornado.web.RequestHandler):
         self.write(f"Hello from {os.getpid()}\n")
 
 
+class ListenerHandler(tornado.web.RequestHandler):
+    """``GET /listener``: the fdserver listener this request came on, and its scheme.
+
+    An app that serves both ``http`` and ``https`` redirects with the same
+    test: ``if fdserver.listener_of(self.request) == "http": self.redirect(...)``.
+    """
+
+    def get(self) -> None:
+        import fdserver
+
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.write(f"{fdserver.listener_of(self.request)} {self.request.protocol}\n")
+
+
 class SlowHandler(tornado.web.RequestHandler):
     """``GET /slow?seconds=N`` answers after N seconds (for drain demos and tests).
 
@@ -59,4 +73,4 @@ class PollHandler(tornado.web.RequestHandler):
 
 def make_app() -> tornado.web.Application:
     return tornado.web.Application([(r"/", HelloHandler), (r"/slow", SlowHandler),
-                                    (r"/poll", PollHandler)])
+                                    (r"/poll", PollHandler), (r"/listener", ListenerHandler)])

@@ -32,6 +32,11 @@ Tornado's ``HTTPServer.handle_stream``.
 
 Either way the worker reports its open connections (``load``), coalesced to
 at most one report per *report_interval*.
+
+TLS.  A connection on a listener with a context in ``contexts`` (fdserver's
+TLS listeners, or all of them if the app's own HTTPServer has
+``ssl_options``) is wrapped as Tornado's TCPServer would, and served with
+:class:`TLSStream`; fdapp's own IOStream is for plain connections only.
 """
 
 from __future__ import annotations
@@ -42,14 +47,18 @@ import logging
 import math
 import os
 import socket
+import ssl
 import struct
 from collections.abc import Callable
 from typing import Any, Final
+
+from tornado.iostream import SSLIOStream
 
 from . import _tornado
 from .accept import OUT_OF_DESCRIPTORS, accepted
 from .drain import DrainingHTTPServer
 from .protocol import LoadMessage
+from .tls import LISTENER_ATTRIBUTE
 
 log = logging.getLogger("fdapp")
 
@@ -98,6 +107,25 @@ class _Connection(socket.socket):
         return self._family
 
 
+class TLSStream(SSLIOStream):
+    """Tornado's SSLIOStream, saying goodbye properly.
+
+    Python closes a TLS socket without a close_notify alert, so a client
+    cannot tell a clean close (a drained keep-alive connection, a
+    ``Connection: close`` response) from a cut one.  Here the alert is sent
+    first, as far as the socket takes it without waiting.
+    """
+
+    def close_fd(self) -> None:
+        sock = self.socket
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.unwrap()       # sends close_notify; the peer's never awaited
+            except (ssl.SSLError, OSError, ValueError):
+                pass                # no handshake yet, the peer gone, or the buffer full
+        super().close_fd()
+
+
 class Acceptor:
     """Feeds connections to a DrainingHTTPServer and reports the load."""
 
@@ -111,6 +139,9 @@ class Acceptor:
         self._stream_class = _tornado.stream_class(self.fast)
         self._report = report
         self._loop = asyncio.get_running_loop()
+        # listener name -> the context its connections are served with (TLS)
+        self.contexts: dict[str, ssl.SSLContext] = {}
+        self._names: dict[int, str] = {}          # a listener's descriptor -> its name
         self._sockets: list[socket.socket] = []
         self._paused = False
         self._valve = False               # one accept allowed right after a pause
@@ -127,8 +158,11 @@ class Acceptor:
 
     # -- shared mode ---------------------------------------------------------
 
-    def start(self, sockets: list[socket.socket]) -> None:
+    def start(self, sockets: list[socket.socket], names: list[str] | None = None) -> None:
+        """Accept on *sockets*, the listeners called *names* (for TLS and listener_of)."""
         self._sockets = list(sockets)
+        self._names = {sock.fileno(): name for sock, name in zip(sockets, names or [],
+                                                                  strict=False)}
         self._watch()
 
     def close(self) -> None:
@@ -156,7 +190,8 @@ class Acceptor:
     def _watch(self) -> None:
         for sock in self._sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock,
-                                  _tornado.raw_accept(sock, self.fast), sock.family)
+                                  _tornado.raw_accept(sock, self.fast), sock.family,
+                                  self._names.get(sock.fileno(), ""))
 
     def _unwatch(self) -> None:
         for sock in self._sockets:
@@ -188,7 +223,7 @@ class Acceptor:
         return self.balance and self._share is not None and self._share[1] > CPUS
 
     def _accept(self, sock: socket.socket, accept: Callable[[], tuple[int, Any]],
-                family: socket.AddressFamily) -> None:
+                family: socket.AddressFamily, name: str) -> None:
         waiting = _accept_queue_length(sock) if self._bursts_matter() else 0
         in_burst = waiting > 0 and self._share is not None and waiting >= self._share[1]
         self._burst_base = min(self._burst_base, self.server.connection_count)
@@ -200,7 +235,7 @@ class Acceptor:
                                     self._may_take if self.balance else None):
             if self._waiting:
                 self._waiting -= 1
-            self._serve(_Connection(family, fileno=fd), address)
+            self._serve(_Connection(family, fileno=fd), address, name)
         if not in_burst:            # what it holds now is the share's business
             self._burst_base = self.server.connection_count
 
@@ -240,23 +275,34 @@ class Acceptor:
     # -- dispatch mode -------------------------------------------------------
 
     def on_connection(self, fd: int, peer: Any,
-                      family: socket.AddressFamily = socket.AF_INET) -> None:
+                      family: socket.AddressFamily = socket.AF_INET, name: str = "") -> None:
         self._received += 1
         # Family and type given: no getsockopt calls to find them out.
         conn = _Connection(family, fileno=fd)
         address = tuple(peer) if isinstance(peer, list) and len(peer) == 2 else ("", 0)
-        self._serve(conn, address)
+        self._serve(conn, address, name)
 
     # -- both ----------------------------------------------------------------
 
-    def _serve(self, conn: socket.socket, address: Any) -> None:
+    def _serve(self, conn: socket.socket, address: Any, name: str = "") -> None:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass            # already reset by the peer: Tornado finds out on reading
         # IOStream makes the socket non-blocking itself.
-        stream = self._stream_class(conn, max_buffer_size=self.server.max_buffer_size,
-                                    read_chunk_size=self.server.read_chunk_size)
+        context = self.contexts.get(name) if self.contexts else None
+        stream: Any
+        if context is None:
+            stream = self._stream_class(conn, max_buffer_size=self.server.max_buffer_size,
+                                        read_chunk_size=self.server.read_chunk_size)
+        else:
+            # As Tornado's TCPServer: the handshake happens on the loop.
+            stream = TLSStream(context.wrap_socket(conn, server_side=True,
+                                                   do_handshake_on_connect=False),
+                               max_buffer_size=self.server.max_buffer_size,
+                               read_chunk_size=self.server.read_chunk_size)
+        if name:
+            setattr(stream, LISTENER_ATTRIBUTE, name)
         self.server.handle_stream(stream, address)
 
     def changed(self) -> None:

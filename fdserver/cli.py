@@ -12,11 +12,15 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .certificates import Material
 
 import setproctitle
 
 from . import __version__
-from .errors import FdserverError, UsageError
+from .errors import FdserverError, ReloadError, UsageError
 
 EXIT_ERROR = 1
 
@@ -139,6 +143,22 @@ def fdserver_parser() -> argparse.ArgumentParser:
                         "fdserver's own user (default %(default)s)")
     p.add_argument("--handshake-timeout", type=_positive, default=5.0, metavar="SECONDS",
                    help="close connections that send no hello in time (default %(default)s)")
+    tls = p.add_argument_group(
+        "TLS", "fdserver reads the certificate and key (as root, before dropping "
+               "privileges; on a reload as --user, e.g. with --group ssl-cert) and sends them "
+               "to its workers: the app's user needs no access to the key file. "
+               "fdctl reload or SIGHUP re-reads them")
+    tls.add_argument("--certfile", metavar="PATH",
+                     help="PEM certificate, followed by its chain (e.g. fullchain.pem)")
+    tls.add_argument("--keyfile", metavar="PATH", help="PEM private key, unencrypted")
+    tls.add_argument("--tls-listener", action="append", default=[], metavar="NAME",
+                     help="serve TLS on the listener called NAME; repeatable (default: the "
+                          "listener called https)")
+    tls.add_argument("--ca-certs", metavar="PATH",
+                     help="PEM CA certificates: require client certificates signed by them")
+    tls.add_argument("--ciphers", metavar="LIST",
+                     help="OpenSSL cipher list for TLS 1.2 (default: Python's, forward-secret "
+                          "AEAD suites only)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -175,6 +195,8 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
                 "--bind given, but systemd passed listening sockets (LISTEN_FDS); use one")
         if listeners is None and not specs:
             raise UsageError("nothing to serve: give --bind HOST:PORT")
+        material = _tls_material(args, [listener.name for listener in listeners]
+                                 if listeners is not None else [spec.name for spec in specs])
         notifier = systemd.Notifier(os.environ)
         socket_file = SocketFile(args.socket, mode=args.socket_mode, group=socket_gid,
                                  owners=(uid,))
@@ -197,10 +219,33 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         Server(listeners, socket_file, handshake_timeout=args.handshake_timeout,
                max_peers=args.max_connections,
                allow=allow, notifier=notifier, recovery=recovery, dispatch=args.dispatch,
-               unavailable_timeout=args.unavailable_timeout).run()
+               unavailable_timeout=args.unavailable_timeout, tls=material).run()
         return 0
 
     return _run("fdserver", body)
+
+
+def _tls_material(args: argparse.Namespace, names: list[str]) -> Material | None:
+    """Read and check the certificate and key, before privileges are dropped."""
+    from . import certificates, tls
+
+    if bool(args.certfile) != bool(args.keyfile):
+        raise UsageError("--certfile and --keyfile go together")
+    files = None
+    if args.certfile:
+        if args.ciphers:
+            certificates.ciphers_ok(args.ciphers)
+        files = certificates.TLSFiles(
+            args.certfile, args.keyfile, args.ca_certs, args.ciphers,
+            frozenset(args.tls_listener or [certificates.DEFAULT_LISTENER]))
+    elif args.ca_certs or args.ciphers:
+        raise UsageError("--ca-certs and --ciphers need --certfile and --keyfile")
+    certificates.check_names(files, names, args.tls_listener)
+    if files is None:
+        return None
+    # The key will be in this process's memory: keep others of its user out.
+    tls.not_dumpable()
+    return certificates.read(files)
 
 
 def _schedule_as_batch() -> None:
@@ -369,6 +414,9 @@ def fdctl_parser() -> argparse.ArgumentParser:
     rolling.add_argument("--ready-timeout", type=_positive, default=60.0, metavar="SECONDS",
                          help="give up if a replacement is not ready this long after its "
                               "start (default %(default)s)")
+    sub.add_parser("reload", help="re-read the TLS certificate and key and put them in "
+                                  "service in every worker, with no restart (as SIGHUP); "
+                                  "if they fail the checks, the ones in service stay")
     return p
 
 
@@ -385,6 +433,13 @@ def fdctl_main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "rolling-restart":
             return _rolling_restart(args)
+        if args.command == "reload":
+            with Control(args.socket) as control:
+                ok, said = control.reload()
+            if not ok:
+                raise ReloadError(f"reload failed: {said}")
+            print(said)
+            return 0
         raise AssertionError(args.command)
 
     return _run("fdctl", body)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,9 +32,11 @@ from .protocol import (
     Mode,
     Reported,
     Role,
+    TLSMessage,
     WelcomeMessage,
     batches,
 )
+from .tls import not_dumpable, server_context
 from .transport import Channel, adopt_listener, close_fds, peer_credentials
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -47,6 +50,7 @@ class ReceivedListener:
     family: str
     address: str
     sock: socket.socket
+    tls: bool = False           # serve it with TLS (Registration.ssl_context())
 
 
 @dataclass
@@ -61,11 +65,17 @@ class Registration:
     mode: Mode = "shared"
     # who may serve *path*: checked again on every reconnect
     server_uids: frozenset[int] = frozenset({0})
+    # the certificate material for the TLS listeners (feature "tls"), if any
+    tls: TLSMessage | None = None
 
     def sockets(self, name: str | None = None) -> list[socket.socket]:
         """The listening sockets, all of them or those called *name*."""
         return [listener.sock for listener in self.listeners
                 if name is None or listener.name == name]
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The context to serve the TLS listeners with; None if there are none."""
+        return server_context(self.tls) if self.tls else None
 
     def report(self, state: Reported) -> None:
         """Tell fdserver this process is ``ready`` or ``draining`` (blocking)."""
@@ -200,7 +210,10 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     *features* opt in to messages the caller will read from the channel:
     ``share`` (load shares, shared mode) and ``dispatch`` (accepted
     connections, dispatch mode).  fdapp opts in to both; a plain
-    ``add_sockets`` user opts in to none and is sent neither.
+    ``add_sockets`` user opts in to none and is sent neither.  ``tls``: the
+    caller serves the listeners marked ``tls`` with
+    :meth:`Registration.ssl_context`; an fdserver with TLS listeners refuses
+    a worker without it (it would serve them as plain HTTP).
 
     *server_uids* (default: root and this process's own user, see
     :func:`trusted_server_uids`) are the users the process serving *path*
@@ -210,7 +223,10 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         server_uids = trusted_server_uids()
     channel, welcome = connect(path, "worker", connect_timeout, server_uids,
                                features=list(features))
+    if welcome.get("tls"):
+        not_dumpable()          # the key comes next: keep it from others of this user
     listeners: list[ReceivedListener] = []
+    tls: TLSMessage | None = None
     try:
         more = True
         while more:
@@ -230,14 +246,18 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                     raise ConnectError(f"fdserver at {path}: listener "
                                        f"{meta.get('name')!r}: {exc}") from None
                 listeners.append(ReceivedListener(str(meta.get("name")), str(meta.get("family")),
-                                                  str(meta.get("address")), sock))
+                                                  str(meta.get("address")), sock,
+                                                  meta.get("tls") is True))
+        if welcome.get("tls"):
+            tls, fds = expect(channel, "tls", path)
+            close_fds(fds)
     except BaseException:
         for listener in listeners:
             listener.sock.close()
         channel.close()
         raise
     return Registration(path, channel, welcome["server_pid"], listeners, mode_of(welcome),
-                        frozenset(server_uids))
+                        frozenset(server_uids), tls)
 
 
 def mode_of(welcome: WelcomeMessage) -> Mode:
@@ -263,6 +283,8 @@ def resume(path: str, state: Reported, listeners: list[ReceivedListener],
         server_uids = trusted_server_uids()
     channel, welcome = connect(path, "worker", 0, server_uids, resume={"state": state},
                                features=list(features))
+    if welcome.get("tls"):
+        not_dumpable()
     try:
         if welcome.get("handback"):
             token = welcome.get("token")

@@ -7,7 +7,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .client import connect, expect
-from .protocol import WaitedMessage, WorkerState
+from .protocol import ReloadedMessage, WaitedMessage, WorkerState
+
+# fdserver answers a reload once every worker took the new certificate (or
+# at its own timeout, 5 s): allow for that.
+RELOAD_TIMEOUT = 30.0
 
 
 class Control:
@@ -34,6 +38,18 @@ class Control:
         answer.pop("type")
         return answer
 
+    def reload(self) -> tuple[bool, str]:
+        """Ask fdserver to re-read its certificate; (whether it took, what it said)."""
+        self.channel.send({"type": "reload"})
+        old = self.channel.sock.gettimeout()
+        self.channel.sock.settimeout(RELOAD_TIMEOUT)
+        try:
+            message: ReloadedMessage
+            message, _ = expect(self.channel, "reloaded", self.path)
+        finally:
+            self.channel.sock.settimeout(old)
+        return message["ok"], message["message"]
+
     def wait(self, pid: int, state: WorkerState, timeout: float) -> tuple[bool, str]:
         """Wait until worker *pid* is in *state* (``gone`` included).
 
@@ -58,8 +74,8 @@ def format_status(status: dict[str, Any], now: datetime | None = None) -> str:
     lines = [f"fdserver pid {server['pid']} (uid {server['uid']}), version {server['version']}, "
              f"{server.get('mode', 'shared')} mode, up {_age(server['started_at'], now)}",
              f"socket   {server['socket']}", ""]
-    rows: list[tuple[str, ...]] = [("LISTENER", "FAMILY", "ADDRESS")]
-    rows += [(listener["name"], listener["family"], listener["address"])
+    rows: list[tuple[str, ...]] = [("LISTENER", "FAMILY", "ADDRESS", "TLS")]
+    rows += [(listener["name"], listener["family"], listener["address"], _tls(listener))
              for listener in status["listeners"]]
     lines += _table(rows) + [""]
     workers = status["workers"]
@@ -74,6 +90,16 @@ def format_status(status: dict[str, Any], now: datetime | None = None) -> str:
     lines.append(f"{len(workers)} worker{'s' if len(workers) != 1 else ''}"
                  + (f": {summary}" if summary else ""))
     return "\n".join(lines)
+
+
+def _tls(listener: dict[str, Any]) -> str:
+    """A TLS listener's certificate: its subject and the days it has left."""
+    tls = listener.get("tls")
+    if not isinstance(tls, dict):
+        return "-"
+    days = tls.get("days_left")
+    left = "EXPIRED" if isinstance(days, int) and days < 0 else f"{days} days left"
+    return f"{tls.get('subject')} ({left}, until {str(tls.get('not_after'))[:10]})"
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -31,6 +31,7 @@ import asyncio
 import inspect
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -246,7 +247,10 @@ def _input_waiting(sock: socket.socket | None) -> bool:
     if sock is None:
         return False
     try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True         # decrypted, not yet read by Tornado
+        # The TCP socket's own recv: an SSLSocket's refuses flags.
+        return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except (BlockingIOError, InterruptedError):
         return False
     except OSError:

@@ -63,3 +63,11 @@ class SupervisorFault(RollingRestartError):
     def __init__(self, message: str, fault: str) -> None:
         super().__init__(message)
         self.fault = fault
+
+
+class TLSError(FdserverError):
+    """A certificate, key or TLS setting cannot be used."""
+
+
+class ReloadError(FdserverError):
+    """fdserver refused a reload; the certificate in service stays."""

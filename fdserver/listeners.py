@@ -31,6 +31,7 @@ class Listener:
 
     name: str
     sock: socket.socket
+    tls: bool = False       # workers wrap its connections in TLS (fdserver.certificates)
 
     @property
     def family(self) -> str:
@@ -40,8 +41,12 @@ class Listener:
     def address(self) -> str:
         return format_address(self.sock.family, self.sock.getsockname())
 
-    def describe(self) -> dict[str, str]:
-        return {"name": self.name, "family": self.family, "address": self.address}
+    def describe(self) -> dict[str, Any]:
+        described: dict[str, Any] = {"name": self.name, "family": self.family,
+                                     "address": self.address}
+        if self.tls:
+            described["tls"] = True
+        return described
 
 
 def format_address(family: int, sockaddr: tuple[Any, ...]) -> str:

@@ -187,7 +187,11 @@ class NoWorkerAnswer:
     def _accept(self, listener: Listener) -> None:
         family = listener.sock.family
         for fd, _ in accepted(raw_accept(listener.sock), ACCEPT_BATCH, self._accept_failed):
-            self._answer(socket.socket(family, socket.SOCK_STREAM, 0, fd))
+            conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            if listener.tls:
+                _read_and_close(conn)   # a TLS client can read no plain 503: it sees the close
+            else:
+                self._answer(conn)
 
     def _accept_failed(self, exc: OSError) -> None:
         # Out of descriptors: stop watching for a moment, the backlog holds the rest.
@@ -272,7 +276,12 @@ class Dispatcher:
         if self._expiry:
             self._expiry.cancel()
         while self._waiting:
-            _unavailable(self._waiting.popleft()[2])
+            _, name, conn, _ = self._waiting.popleft()
+            self._unavailable(name, conn)
+
+    def _unavailable(self, name: str, conn: socket.socket) -> None:
+        tls = any(listener.tls for listener in self._listeners if listener.name == name)
+        _unavailable(conn, plain=not tls)
 
     def worker_changed(self) -> None:
         self.changed()
@@ -360,7 +369,7 @@ class Dispatcher:
         for message, fds in messages[::-1]:
             if message["type"] != "connections" or self._closed:
                 for fd in fds:
-                    _unavailable(socket.socket(fileno=fd))
+                    self._unavailable(str(message.get("listener")), socket.socket(fileno=fd))
                 continue
             family = socket.AddressFamily[str(message.get("family"))]
             # One peer per descriptor: _send built both from one batch.
@@ -386,7 +395,8 @@ class Dispatcher:
         deadline = time.monotonic() - self.wait_timeout
         expired = 0
         while self._waiting and self._waiting[0][0] <= deadline:
-            _unavailable(self._waiting.popleft()[2])
+            _, name, conn, _ = self._waiting.popleft()
+            self._unavailable(name, conn)
             expired += 1
         if expired:
             log.warning("no ready worker: answered %d waiting connections with 503", expired)
@@ -397,18 +407,20 @@ class Dispatcher:
                 self._waiting[0][0] + self.wait_timeout - time.monotonic(), self._expire)
 
 
-def _unavailable(conn: socket.socket) -> None:
-    """Answer 503 and close, reading first so the close sends FIN, not RST."""
+def _unavailable(conn: socket.socket, plain: bool = True) -> None:
+    """Answer 503 (a TLS client, *plain* False, can read none) and close,
+    reading first so the close sends FIN, not RST."""
     try:
         conn.setblocking(False)
     except OSError:
         pass
     else:
         _read_pending(conn)
-    try:
-        conn.send(UNAVAILABLE)
-    except OSError:
-        pass
+    if plain:
+        try:
+            conn.send(UNAVAILABLE)
+        except OSError:
+            pass
     conn.close()
 
 

@@ -20,16 +20,20 @@ an ``error`` message and the connection is closed.
 Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
 
     client -> hello      {"versions": [1], "role": "worker" | "ctl",
-                          "features": ["share", "dispatch", "heartbeat", "recycle"],
+                          "features": ["share", "dispatch", "heartbeat", "recycle",
+                                       "tls"],
                                        (optional: the optional messages this
                                         worker reads or sends)
                           "resume": {"state": "ready"}}       (optional)
     server -> welcome    {"version": 1, "server_pid": int, "listeners": int,
                           "handback": bool, "mode": "shared" | "dispatch",
-                          "token": str}        (with "handback": true only)
+                          "token": str,        (with "handback": true only)
+                          "tls": bool}         (TLS material follows: see below)
   worker, first registration (no "resume"):
-    server -> listeners  {"listeners": [{"name", "family", "address"}, ...],
+    server -> listeners  {"listeners": [{"name", "family", "address", "tls"}, ...],
                           "fds": n, "more": bool}        (repeated while more)
+    server -> tls        {"serial": n, "chain": PEM, "key": PEM, "ca": PEM,
+                          "ciphers": str}   (if a listener is TLS; "ca", "ciphers" optional)
   worker re-registering after an fdserver restart ("resume"; keeps its sockets):
     worker -> handback   {"listeners": [{"name", "family", "address"}, ...],
                           "fds": n, "token": the welcome's,
@@ -43,6 +47,8 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
     worker -> heartbeat  {"lag": seconds}    ("heartbeat": every HEARTBEAT_INTERVAL)
     worker -> recycle    {"requests": n}     ("recycle": may I drain and exit now?)
     server -> recycle    {}                  (your turn: one worker at a time)
+    server -> tls        {"serial": n, ...}  (renewed material, after a reload)
+    worker -> tls        {"serial": n, "ok": bool, "error": str}   (whether it took it)
   shared mode (workers accept on the listeners themselves):
     server -> share      {"connections": total open, "workers": ready workers}
   dispatch mode (fdserver accepts; workers hold the listeners only for handback):
@@ -55,6 +61,8 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
     server -> status     {"server": {...}, "listeners": [...], "workers": [...]}
     ctl    -> wait       {"pid": int, "state": str, "timeout": float}
     server -> waited     {"pid": int, "state": str | null, "ok": bool}
+    ctl    -> reload     {}
+    server -> reloaded   {"ok": bool, "message": str, "certificate": {...}, "workers": n}
   any time:
     server -> error      {"message": str}       then the server closes
 
@@ -148,6 +156,7 @@ class WelcomeMessage(TypedDict):
     handback: NotRequired[object]
     mode: NotRequired[object]
     token: NotRequired[object]
+    tls: NotRequired[object]
 
 
 class ListenersMessage(TypedDict):
@@ -227,6 +236,32 @@ class RecycleMessage(TypedDict):
     requests: NotRequired[object]           # what the worker served (the ask only)
 
 
+class TLSMessage(TypedDict):
+    # server -> worker: the certificate material (feature "tls");
+    # worker -> server: whether it took it ("ok", or "error").
+    type: Literal["tls"]
+    serial: int                             # which material: one more per reload
+    chain: NotRequired[object]              # PEM: the certificate, then its chain
+    key: NotRequired[object]                # PEM: the private key
+    ca: NotRequired[object]                 # PEM: CAs for client certificates
+    ciphers: NotRequired[object]            # an OpenSSL cipher list
+    ok: NotRequired[object]
+    error: NotRequired[object]
+
+
+class ReloadMessage(TypedDict):
+    # ctl -> server: re-read the certificate and key and push them to the workers
+    type: Literal["reload"]
+
+
+class ReloadedMessage(TypedDict):
+    type: Literal["reloaded"]
+    ok: bool
+    message: str
+    certificate: NotRequired[object]        # what is in service: subject, not_after, ...
+    workers: NotRequired[object]            # how many workers took it
+
+
 class ErrorMessage(TypedDict):
     type: Literal["error"]
     message: str
@@ -234,7 +269,8 @@ class ErrorMessage(TypedDict):
 
 Message = (HelloMessage | WelcomeMessage | ListenersMessage | StateMessage | HandbackMessage
            | LoadMessage | ShareMessage | ConnectionsMessage | ReleasedMessage | StatusMessage
-           | WaitMessage | WaitedMessage | HeartbeatMessage | RecycleMessage | ErrorMessage)
+           | WaitMessage | WaitedMessage | HeartbeatMessage | RecycleMessage | TLSMessage
+           | ReloadMessage | ReloadedMessage | ErrorMessage)
 
 
 def _json_type(hint: Any) -> type | tuple[type, ...]:

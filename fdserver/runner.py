@@ -21,9 +21,12 @@ import os
 import random
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from tornado.netutil import ssl_options_to_context
 
 from . import lifecycle
 from .acceptor import Acceptor
@@ -31,7 +34,8 @@ from .client import Registration, mode_of, resume, retry_delays
 from .drain import DrainingHTTPServer
 from .errors import FdserverError
 from .loader import load
-from .protocol import HEARTBEAT_INTERVAL, Message, Mode, Reported
+from .protocol import HEARTBEAT_INTERVAL, Message, Mode, Reported, TLSMessage
+from .tls import server_context
 from .transport import LoopChannel
 
 log = logging.getLogger("fdapp")
@@ -41,7 +45,7 @@ DEFAULT_KEEPALIVE_GRACE = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 RECONNECT_MAX_DELAY = 1.0
 # What fdapp reads from its channel (see fdserver.client.register).
-FEATURES = ("share", "dispatch", "heartbeat", "recycle")
+FEATURES = ("share", "dispatch", "heartbeat", "recycle", "tls")
 
 
 class Worker:
@@ -118,8 +122,9 @@ class Worker:
         self.channel = LoopChannel(self.registration.channel, loop,
                                    self._on_message, self._on_server_gone)
         self.acceptor = Acceptor(self.server, self._send, balance=self.balance)
+        self._set_contexts(self.registration.ssl_context())
         if self.registration.mode == "shared":
-            self.acceptor.start(self.registration.sockets())
+            self._start_accepting()
         # In dispatch mode the listeners are only held, for a handback to a
         # restarted fdserver (see fdserver.recovery); fdserver accepts.
 
@@ -141,6 +146,40 @@ class Worker:
                 if task and not task.done():
                     task.cancel()
             self.channel.close(None)
+
+    def _start_accepting(self) -> None:
+        self.acceptor.start(self.registration.sockets(),
+                            [listener.name for listener in self.registration.listeners])
+
+    def _set_contexts(self, fdservers: ssl.SSLContext | None) -> None:
+        """TLS for fdserver's TLS listeners; the app's own ssl_options for the rest."""
+        own = self.server.ssl_options
+        apps = ssl_options_to_context(own, server_side=True) if own is not None else None
+        contexts = {}
+        for listener in self.registration.listeners:
+            context = fdservers if listener.tls else apps
+            if context is not None:
+                contexts[listener.name] = context
+        if apps is not None and not self.acceptor.contexts:
+            log.info("the app's HTTPServer has ssl_options: serving TLS with them on %s",
+                     ", ".join(name for name, context in contexts.items() if context is apps))
+        self.acceptor.contexts = contexts
+
+    def _renew(self, message: TLSMessage) -> None:
+        """New certificate material from fdserver: new handshakes use it."""
+        if message.get("chain") is None:
+            return
+        self.registration.tls = message
+        try:
+            context = server_context(message)
+        except FdserverError as exc:
+            log.warning("renewed certificate refused, keeping the one in service: %s", exc)
+            self._send({"type": "tls", "serial": message["serial"], "ok": False,
+                        "error": str(exc)})
+            return
+        self._set_contexts(context)
+        log.info("renewed certificate in service for new connections")
+        self._send({"type": "tls", "serial": message["serial"], "ok": True})
 
     def _main_ended(self, main: asyncio.Future[Any]) -> None:
         """The app's own main() ended after it listened: fine, unless it failed."""
@@ -217,7 +256,7 @@ class Worker:
         log.warning("fdserver now runs in %s mode; switching", mode)
         self.registration.mode = mode
         if mode == "shared":
-            self.acceptor.start(self.registration.sockets())
+            self._start_accepting()
         else:
             self.acceptor.stop_accepting()    # keep the sockets, for a handback
 
@@ -262,7 +301,7 @@ class Worker:
             family = socket.AF_INET6 if message.get("family") == "AF_INET6" else socket.AF_INET
             for i, (fd, peer) in enumerate(zip(fds, message["peers"], strict=True)):
                 try:
-                    self.acceptor.on_connection(fd, peer, family)
+                    self.acceptor.on_connection(fd, peer, family, message["listener"])
                 except Exception:
                     for rest in fds[i + 1:]:
                         os.close(rest)
@@ -274,6 +313,8 @@ class Worker:
             self.acceptor.on_share(message["connections"], message["workers"])
         elif message["type"] == "recycle" and self._recycle_asked:
             self._recycle()
+        elif message["type"] == "tls":
+            self._renew(message)
         elif message["type"] == "released" and not self._released.done():
             self._released.set_result(None)
         elif message["type"] == "error":

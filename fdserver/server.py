@@ -22,6 +22,7 @@ from typing import Any
 from . import __version__
 from .accept import accepted
 from .admission import Admission
+from .certificates import Material
 from .errors import ProtocolError
 from .listeners import Listener
 from .peer import Peer, iso_time
@@ -40,9 +41,12 @@ from .protocol import (
     Mode,
     PeerState,
     RecycleMessage,
+    ReloadedMessage,
+    ReloadMessage,
     Role,
     StateMessage,
     StatusMessage,
+    TLSMessage,
     WaitMessage,
     WelcomeMessage,
     batches,
@@ -51,6 +55,7 @@ from .protocol import (
 )
 from .recovery import Recovery
 from .recycling import Recycler
+from .renewal import Renewal
 from .socketfile import SocketFile
 from .systemd import Notifier
 from .transport import Channel, Envelope, LoopChannel, close_fds, peer_credentials
@@ -86,6 +91,7 @@ class Server:
         recovery: Recovery | None = None,
         dispatch: bool = False,
         unavailable_timeout: float = 10.0,
+        tls: Material | None = None,
     ) -> None:
         self.listeners = listeners
         self.socket_file = socket_file
@@ -99,6 +105,9 @@ class Server:
         self.mode: Mode = "dispatch" if dispatch else "shared"
         # With no ready worker, connections get a 503 after this long (both modes).
         self.unavailable_timeout = unavailable_timeout
+        self._tls_material = tls
+        self.renewal: Renewal | None = None        # made with the loop, from *tls*
+        self._mark_tls(listeners)
         self._placement: Dispatcher | SharePublisher | None = None
         self.peers: set[Peer] = set()
         self.started_at = time.time()
@@ -117,8 +126,10 @@ class Server:
             ("worker", "load"): self._on_load,
             ("worker", "heartbeat"): self._on_heartbeat,
             ("worker", "recycle"): self._on_recycle,
+            ("worker", "tls"): self._on_tls,
             ("ctl", "status"): self._on_status,
             ("ctl", "wait"): self._on_wait,
+            ("ctl", "reload"): self._on_reload,
         }
 
     _loop: asyncio.AbstractEventLoop        # the running loop, from _main() on
@@ -145,6 +156,10 @@ class Server:
                 stop.set_result(signum)
         for stopping in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(stopping, stop_on, stopping)
+        if self._tls_material:
+            self.renewal = Renewal(loop, self._tls_material)
+        # SIGHUP: re-read the certificate (and never its default: exiting).
+        loop.add_signal_handler(signal.SIGHUP, loop.call_soon, self._reload_on_signal)
         loop.add_reader(self.socket_file.sock.fileno(), self._accept)
         if self.recovery:
             log.info("cannot bind %s: address in use; waiting up to %gs for a worker to "
@@ -243,6 +258,8 @@ class Server:
             peer.timer.cancel()
         self._waits.drop(peer)
         if peer.role == "worker":
+            if self.renewal:
+                self.renewal.gone(peer)
             log.info("worker pid %d gone (was %s)%s", peer.pid, peer.state,
                      f": {reason}" if reason else "")
             peer.state = "gone"
@@ -277,10 +294,16 @@ class Server:
         version = negotiate(message)
         role = one_of(message["role"], ROLES)       # negotiate() refused any other
         self._admission.check_hello(self.peers, peer, role)
-        peer.role = role
         features = message.get("features")
         if isinstance(features, list):
             peer.features = frozenset(f for f in features[:16] if isinstance(f, str))
+        if role == "worker" and self.renewal and "tls" not in peer.features:
+            # It would serve TLS listeners as plain HTTP.
+            raise ProtocolError(
+                f"this fdserver serves TLS on {', '.join(sorted(self.renewal.files.listeners))}"
+                "; this worker does not read TLS material (fdapp does; with "
+                "fdserver.client.register, pass features=('tls',))")
+        peer.role = role
         peer.beat_at = time.monotonic()         # the first heartbeat is due from now
         if peer.timer:
             peer.timer.cancel()
@@ -288,7 +311,8 @@ class Server:
         resume = message.get("resume") if peer.role == "worker" else None
         welcome: WelcomeMessage = {
             "type": "welcome", "version": version, "server_pid": os.getpid(),
-            "listeners": len(self.listeners), "handback": False, "mode": self.mode}
+            "listeners": len(self.listeners), "handback": False, "mode": self.mode,
+            "tls": role == "worker" and self.renewal is not None}
         if isinstance(resume, dict):
             # A handback must echo this: it answers this welcome, not a guess.
             peer.token = secrets.token_hex(16)
@@ -302,6 +326,8 @@ class Server:
             # handback shows it holds ours; "starting" until then.
             peer.resumed = one_of(resume.get("state"), REPORTED_STATES)
             peer.state = "starting"
+            if self.renewal:
+                peer.channel.send(self.renewal.message())    # perhaps renewed meanwhile
             log.info("worker pid %d uid %d re-registering", peer.pid, peer.uid)
             # A restart: a worker that was recycling may still drain, unseen.
             self._recycler.hold(RECYCLE_HOLD_AFTER_RESTART)
@@ -325,6 +351,13 @@ class Server:
                 {"type": "listeners", "listeners": [listener.describe() for listener in batch],
                  "fds": len(batch), "more": n < len(frames)},
                 [listener.sock.fileno() for listener in batch])
+        if self.renewal:
+            peer.channel.send(self.renewal.message())
+
+    def _mark_tls(self, listeners: list[Listener]) -> None:
+        if self._tls_material:
+            for listener in listeners:
+                listener.tls = listener.name in self._tls_material.files.listeners
 
     def _on_handback(self, peer: Peer, message: HandbackMessage, fds: list[int]) -> None:
         if peer.token is None or message.get("token") != peer.token:
@@ -365,6 +398,7 @@ class Server:
         for listener in taken:
             log.info("took back %s on %s from worker pid %d", listener.name, listener.address,
                      peer.pid)
+        self._mark_tls(taken)
         self.listeners.extend(taken)
         if recovery.done:
             self.recovery = None
@@ -436,15 +470,42 @@ class Server:
                        "mode": self.mode,
                        "protocol": PROTOCOL_VERSION, "socket": self.socket_file.path,
                        "started_at": iso_time(self.started_at)},
-            "listeners": [listener.describe() for listener in self.listeners],
+            "listeners": [self._status_of(listener) for listener in self.listeners],
             "workers": [p.describe() for p in self.workers()],
         }
+
+    def _status_of(self, listener: Listener) -> dict[str, Any]:
+        described = listener.describe()
+        if listener.tls and self.renewal:
+            described["tls"] = self.renewal.describe()
+        return described
 
     def _on_status(self, peer: Peer, message: StatusMessage, fds: list[int]) -> None:
         peer.channel.send(self.status())
 
     def _on_wait(self, asker: Peer, message: WaitMessage, fds: list[int]) -> None:
         self._waits.add(asker, message)
+
+    # -- TLS renewal -------------------------------------------------------
+
+    def _on_reload(self, asker: Peer, message: ReloadMessage, fds: list[int]) -> None:
+        self._reload(asker.channel.send)
+
+    def _reload_on_signal(self) -> None:
+        log.info("SIGHUP: reloading the certificate")
+        self._reload(lambda answer: None)       # the outcome is logged
+
+    def _reload(self, answer: Callable[[ReloadedMessage], None]) -> None:
+        if self.renewal is None:
+            why = "fdserver serves no TLS: there is no certificate to reload (--certfile)"
+            log.warning("reload: %s", why)
+            answer({"type": "reloaded", "ok": False, "message": why})
+            return
+        self.renewal.reload(self._unsorted_workers(), answer)
+
+    def _on_tls(self, peer: Peer, message: TLSMessage, fds: list[int]) -> None:
+        if self.renewal:
+            self.renewal.acknowledged(peer, message)
 
     def _state_of(self, pid: int) -> PeerState:
         for peer in self.peers:

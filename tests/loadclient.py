@@ -27,6 +27,11 @@ Modes:
   was not processed.
 * ``close``: a new connection per request, sending ``Connection: close``.
 
+With ``--tls-ca PATH`` every connection is HTTPS, the server's certificate
+verified against the CAs in PATH; a server closing a connection without
+TLS's close_notify is then no clean close, and its next request's failure
+counts like any other.
+
 Latency is measured from the start of a request (including the connect when
 one is needed) to the last byte of a complete response, for every complete
 response whatever its status.
@@ -46,6 +51,7 @@ import math
 import os
 import re
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -238,8 +244,10 @@ class Client:
     """One client: requests one after another until told to stop."""
 
     def __init__(self, host: str, port: int, path: str, keepalive: bool, timeout: float,
-                 stats: Stats, started: asyncio.Event) -> None:
+                 stats: Stats, started: asyncio.Event,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.host, self.port, self.keepalive, self.timeout = host, port, keepalive, timeout
+        self.tls = tls
         self.stats, self.started = stats, started
         conn = "keep-alive" if keepalive else "close"
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -290,7 +298,7 @@ class Client:
         if self.writer is None:
             try:
                 self.reader, self.writer = await asyncio.open_connection(
-                    self.host, self.port, limit=MAX_LINE)
+                    self.host, self.port, limit=MAX_LINE, ssl=self.tls)
             except OSError as exc:
                 raise Failure("connect", f"connect to {self.host}:{self.port}: "
                                          f"{exc.strerror or exc}") from None
@@ -315,7 +323,7 @@ class Client:
 
 async def run_load(host: str, port: int, *, clients: int, keepalive: bool, duration: float,
                    timeout: float, path: str = "/", stop_file: str | None = None,
-                   on_started=lambda: None) -> Stats:
+                   on_started=lambda: None, tls_ca: str | None = None) -> Stats:
     """Run *clients* clients until stopped; return their shared Stats."""
     loop = asyncio.get_running_loop()
     stats = Stats()
@@ -339,7 +347,8 @@ async def run_load(host: str, port: int, *, clients: int, keepalive: bool, durat
         await started.wait()
         on_started()
 
-    workers = [Client(host, port, path, keepalive, timeout, stats, started)
+    tls = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
+    workers = [Client(host, port, path, keepalive, timeout, stats, started, tls)
                for _ in range(clients)]
     tasks = [asyncio.ensure_future(w.run(stop, deadline)) for w in workers]
     helpers = [asyncio.ensure_future(watch_stop_file()), asyncio.ensure_future(announce())]
@@ -399,6 +408,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--path", default="/", help="request target (default /)")
     p.add_argument("--stop-file", metavar="PATH", help="stop once this file exists")
     p.add_argument("--json-out", metavar="PATH", help="write the result here (default stdout)")
+    p.add_argument("--tls-ca", metavar="PATH", help="HTTPS, verifying the server against "
+                                                   "these CA certificates")
     return p
 
 
@@ -414,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = asyncio.run(run_load(host, port, clients=args.clients,
                                  keepalive=args.mode == "keepalive", duration=args.duration,
                                  timeout=args.timeout, path=args.path, stop_file=args.stop_file,
-                                 on_started=started))
+                                 on_started=started, tls_ca=args.tls_ca))
     result = stats.report(address=f"{host}:{port}", mode=args.mode, clients=args.clients)
     text = json.dumps(result, indent=2)
     if args.json_out:
@@ -435,8 +446,9 @@ class LoadClient:
 
     def __init__(self, address: str, *, clients: int = 8, mode: str = "keepalive",
                  duration: float = 120.0, timeout: float = 5.0, path: str = "/",
-                 workdir: str | Path | None = None) -> None:
+                 workdir: str | Path | None = None, tls_ca: str | Path | None = None) -> None:
         self.address, self.clients, self.mode = address, clients, mode
+        self.tls_ca = tls_ca
         self.duration, self.timeout, self.path = duration, timeout, path
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="loadclient-"))
@@ -454,6 +466,8 @@ class LoadClient:
                 "--duration", str(self.duration), "--timeout", str(self.timeout),
                 "--path", self.path, "--stop-file", str(self.stop_file),
                 "--json-out", str(self.json_out)]
+        if self.tls_ca:
+            argv += ["--tls-ca", str(self.tls_ca)]
         self.proc = Proc(argv, watchdog=self.duration + self.timeout + 30.0)
         return self
 

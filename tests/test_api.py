@@ -9,7 +9,7 @@ import fdserver
 def test_public_api_is_pinned():
     assert sorted(fdserver.__all__) == [
         "FdserverError", "ReceivedListener", "Registration", "__version__", "draining",
-        "on_shutdown", "register"]
+        "listener_of", "on_shutdown", "register"]
     for name in fdserver.__all__:
         assert hasattr(fdserver, name)
 
@@ -21,4 +21,4 @@ def test_client_imports_standalone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(sorted([
         "fdserver", "fdserver.client", "fdserver.errors", "fdserver.lifecycle",
-        "fdserver.protocol", "fdserver.transport"]))
+        "fdserver.protocol", "fdserver.tls", "fdserver.transport"]))

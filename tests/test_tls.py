@@ -1,0 +1,407 @@
+"""HTTPS: fdserver reads the key, workers terminate TLS, renewal needs no restart.
+
+Certificates are made with the openssl command; clients are Python's ssl
+and curl.  The app's user is a real user that cannot read the key file.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from loadclient import LoadClient
+from support import APP_USER, GROUP, http_get, replace_by_hand, run, script
+
+TLS_GROUP = "fdtest-tls"        # may read the key; the app's user is not in it
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="real users need root")
+
+
+def openssl(*args: str) -> None:
+    result = subprocess.run(["openssl", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+class Site:
+    """A certificate (with SANs for 127.0.0.1 and localhost) and its key."""
+
+    def __init__(self, folder: Path, name: str, ca: Path, ca_key: Path, days: int = 30,
+                 key: Path | None = None) -> None:
+        self.cert = folder / f"{name}.crt"
+        self.key = key or folder / f"{name}.key"
+        self.subject = f"CN={name}.test"
+        if key is None:
+            openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-out", str(self.key))
+        csr, ext = folder / f"{name}.csr", folder / f"{name}.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\n")
+        openssl("req", "-new", "-key", str(self.key), "-subj", f"/CN={name}.test",
+                "-out", str(csr))
+        openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+                "-CAcreateserial", "-days", str(days), "-extfile", str(ext),
+                "-out", str(self.cert))
+
+
+class Certificates:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.ca, ca_key = folder / "ca.crt", folder / "ca.key"
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-nodes", "-keyout", str(ca_key), "-out", str(self.ca), "-days", "30",
+                "-subj", "/CN=fdtest CA")
+        self.first = Site(folder, "first", self.ca, ca_key)
+        self.renewed = Site(folder, "renewed", self.ca, ca_key)
+        self.expired = Site(folder, "expired", self.ca, ca_key, days=-1)
+        # A certificate whose key is not the one it will be served with.
+        self.client = Site(folder, "client", self.ca, ca_key)
+        for path in folder.iterdir():
+            os.chmod(path, 0o600 if path.suffix == ".key" else 0o644)
+
+    def live(self, site: Site, target: Path) -> tuple[Path, Path]:
+        """Copy *site* to *target*/live.{crt,key}, as a deploy hook would."""
+        cert, key = target / "live.crt", target / "live.key"
+        for source, dest in ((site.cert, cert), (site.key, key)):
+            shutil.copyfile(source, dest.with_suffix(".new"))
+            os.replace(dest.with_suffix(".new"), dest)
+        return cert, key
+
+
+@pytest.fixture(scope="session")
+def certs():
+    folder = Path(tempfile.mkdtemp(prefix="fdtls-", dir="/tmp"))
+    os.chmod(folder, 0o755)
+    try:
+        yield Certificates(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def live(certs, public_dir):
+    """A folder with live.crt and live.key (the first site), as deployed."""
+    folder = public_dir / "tls"
+    folder.mkdir(mode=0o755)
+    certs.live(certs.first, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tls_group():
+    try:
+        grp.getgrnam(TLS_GROUP)
+        created = False
+    except KeyError:
+        subprocess.run(["groupadd", "--system", TLS_GROUP], check=True)
+        created = True
+    try:
+        yield grp.getgrnam(TLS_GROUP).gr_gid
+    finally:
+        if created:
+            subprocess.run(["groupdel", TLS_GROUP], check=False)
+
+
+def fetch(address: str, ca: Path, path: str = "/", cert: Site | None = None,
+          ) -> tuple[str, str, str | None]:
+    """GET over a fresh TLS connection: (certificate subject, body, ALPN)."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(ca))
+    context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF      # a close must send close_notify
+    context.set_alpn_protocols(["http/1.1"])
+    if cert:
+        context.load_cert_chain(str(cert.cert), str(cert.key))
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=host.strip("[]"),
+                                suppress_ragged_eofs=False) as tls:
+        subject = ",".join("=".join(pair) for rdn in tls.getpeercert()["subject"]
+                           for pair in rdn).replace("commonName", "CN")
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                    .encode())
+        data = b""
+        while chunk := tls.recv(65536):     # a close without close_notify raises here
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        return subject, body.decode(), tls.selected_alpn_protocol()
+
+
+def tls_address(server, name: str = "https") -> str:
+    [listener] = [li for li in server.status()["listeners"] if li["name"] == name]
+    return listener["address"]
+
+
+def reload(server) -> subprocess.CompletedProcess:
+    return run([script("fdctl"), "--socket", server.socket, "reload"])
+
+
+def start_worker_as(procs, user: str, server):
+    # setpriv execs fdapp, in the same process: one that exec'd is dumpable
+    # again, as under supervisord or systemd (as_user.py's in-process setuid
+    # would hide whether fdapp makes itself non-dumpable).
+    proc = procs.start(["setpriv", f"--reuid={user}", f"--regid={GROUP}", "--clear-groups",
+                        "--", script("fdapp"), "app:make_app",
+                        "--socket", server.socket, "--connect-timeout", "5"])
+    proc.wait_for_line(r"ready: serving")
+    server.wait_state(proc.pid, "ready")
+    return proc
+
+
+@needs_root
+def test_workers_serve_https_with_a_key_their_user_cannot_read(
+        certs, live, users, deploy_user, tls_group, procs, start_fdserver, public_dir):
+    # As deployed: the key root:ssl-cert 0640, fdserver in that group, the app not.
+    os.chown(live / "live.key", 0, tls_group)
+    os.chmod(live / "live.key", 0o640)
+    assert run(["runuser", "-u", APP_USER, "--", "cat", str(live / "live.key")]).returncode != 0
+    server = start_fdserver(
+        "--user", "fdserver", "--group", TLS_GROUP, "--socket-group", GROUP,
+        "--allow-group", GROUP, "--certfile", str(live / "live.crt"),
+        "--keyfile", str(live / "live.key"),
+        binds=("https=127.0.0.1:0", "http=127.0.0.1:0"), dir=public_dir)
+    worker = start_worker_as(procs, APP_USER, server)
+    https, http = tls_address(server), tls_address(server, "http")
+
+    subject, body, alpn = fetch(https, certs.ca)
+    assert (subject, body, alpn) == (certs.first.subject, f"Hello from {worker.pid}\n",
+                                     "http/1.1")
+    curl = run(["curl", "-sS", "--cacert", str(certs.ca), f"https://{https}/listener"])
+    assert (curl.returncode, curl.stdout) == (0, "https https\n"), curl.stderr
+    assert http_get(http, "/listener") == (200, "http http\n")
+    # The key is in the worker's memory: no core dump, no ptrace by its user,
+    # its /proc files root's.
+    for pid in (worker.pid, server.pid):
+        assert {os.stat(f"/proc/{pid}/{name}").st_uid for name in ("mem", "environ")} == {0}
+
+    # Plain HTTP on the TLS port gets no HTTP answer.
+    host, port = https.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as plain:
+        plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        try:
+            while chunk := plain.recv(4096):
+                answer += chunk
+        except ConnectionResetError:
+            pass                # the handshake failed, and the worker closed with data unread
+    assert not answer.startswith(b"HTTP"), answer
+
+    status = run([script("fdctl"), "--socket", server.socket, "status"])
+    assert re.search(r"https +AF_INET +127\.0\.0\.1:\d+ +CN=first\.test \((29|30) days left, "
+                     r"until \d{4}-\d\d-\d\d\)", status.stdout), status.stdout
+    assert re.search(r"http +AF_INET +127\.0\.0\.1:\d+ +-", status.stdout), status.stdout
+
+    # Renewal, read by fdserver as its own user after the drop.
+    certs.live(certs.renewed, live)
+    result = reload(server)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"loaded CN=renewed\.test, expires \d{4}-\d\d-\d\d into 1 worker\(s\)\n",
+                        result.stdout), result.stdout
+    assert fetch(https, certs.ca)[0] == certs.renewed.subject
+
+    # A renewal fdserver cannot read is refused; the certificate in service stays.
+    os.chmod(live / "live.key", 0o600)
+    result = reload(server)
+    assert result.returncode == 1
+    assert result.stderr == (f"fdctl: error: reload failed: --keyfile {live}/live.key: cannot "
+                             f"read it: permission denied; still serving CN=renewed.test "
+                             f"(expires {_expiry(result.stderr)})\n")
+    assert fetch(https, certs.ca)[0] == certs.renewed.subject
+
+
+def _expiry(text: str) -> str:
+    return re.search(r"expires (\d{4}-\d\d-\d\d)", text).group(1)
+
+
+def test_renewal_under_load_and_bad_renewals_keep_the_certificate(
+        certs, live, start_fdserver, start_fdapp):
+    server = start_fdserver("--certfile", str(live / "live.crt"),
+                            "--keyfile", str(live / "live.key"), binds=("https=127.0.0.1:0",))
+    workers = [start_fdapp(server) for _ in range(2)]
+    https = tls_address(server)
+    loads = [LoadClient(https, clients=4, mode=mode, tls_ca=certs.ca)
+             for mode in ("keepalive", "close")]
+    try:
+        for load in loads:
+            load.start().wait_started()
+        certs.live(certs.renewed, live)
+        result = reload(server)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.endswith("into 2 worker(s)\n"), result.stdout
+        # Every worker said it took it before fdctl returned: every new handshake
+        # from now on gets the new certificate.
+        seen = [fetch(https, certs.ca) for _ in range(12)]
+        assert {subject for subject, _, _ in seen} == {certs.renewed.subject}
+        served = {int(body.split()[-1]) for _, body, _ in seen}
+        assert served <= {w.pid for w in workers}
+
+        for bad, why in (
+                ((certs.client.cert, certs.renewed.key), "does not belong to the certificate"),
+                ((certs.expired.cert, certs.expired.key), "the certificate expired on")):
+            for source, dest in zip(bad, ("live.crt", "live.key"), strict=True):
+                shutil.copyfile(source, live / dest)
+            result = reload(server)
+            assert result.returncode == 1 and why in result.stderr, result.stderr
+            assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+            assert result.stderr.rstrip().endswith(
+                f"still serving CN=renewed.test (expires {_expiry(result.stderr)})")
+            assert fetch(https, certs.ca)[0] == certs.renewed.subject
+        # SIGHUP does the same as fdctl reload.
+        certs.live(certs.first, live)
+        mark = len(server.lines)
+        server.signal(signal.SIGHUP)
+        server.wait_for_line(r"reload: loaded CN=first\.test.* into 2 worker\(s\)|"
+                             r"reloaded .*CN=first\.test", start=mark)
+        reports = [load.stop() for load in loads]
+    finally:
+        for load in loads:
+            load.close()
+    for report in reports:
+        assert report["failed"] == 0, report["failures"]
+        assert report["ok"] > 50, report
+
+
+@pytest.mark.parametrize("mode,dispatch", [("keepalive", False), ("close", False),
+                                           ("keepalive", True)])
+def test_rolling_restart_under_tls_load_loses_nothing(certs, live, start_fdserver, start_fdapp,
+                                                      mode, dispatch):
+    server = start_fdserver("--certfile", str(live / "live.crt"),
+                            "--keyfile", str(live / "live.key"),
+                            *(["--dispatch"] if dispatch else []), binds=("https=127.0.0.1:0",))
+    workers = [start_fdapp(server) for _ in range(2)]
+    with LoadClient(tls_address(server), clients=8, mode=mode, tls_ca=certs.ca) as load:
+        load.wait_started()
+        replace_by_hand(workers, lambda: start_fdapp(server), times=4)
+        report = load.stop()
+    assert report["failed"] == 0, report["failures"]
+    assert report["ok"] > 50, report
+
+
+def test_a_drained_tls_connection_ends_with_close_notify(certs, live, start_fdserver,
+                                                         start_fdapp):
+    server = start_fdserver("--certfile", str(live / "live.crt"),
+                            "--keyfile", str(live / "live.key"), binds=("https=127.0.0.1:0",))
+    worker = start_fdapp(server, "--keepalive-grace", "0.2")
+    host, port = tls_address(server).rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    # Python's default forgives a close without close_notify; this client does not.
+    context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=host, suppress_ragged_eofs=False) as tls:
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert tls.recv(65536).endswith(f"Hello from {worker.pid}\n".encode())
+        worker.signal(signal.SIGTERM)          # the connection is idle: the drain closes it
+        # With close_notify this is a clean end (b""); without, SSLEOFError.
+        assert tls.recv(65536) == b""
+    assert worker.wait() == 0
+
+
+def test_client_certificates_with_ca_certs(certs, live, start_fdserver, start_fdapp):
+    server = start_fdserver("--certfile", str(live / "live.crt"),
+                            "--keyfile", str(live / "live.key"), "--ca-certs", str(certs.ca),
+                            binds=("https=127.0.0.1:0",))
+    worker = start_fdapp(server)
+    https = tls_address(server)
+    assert fetch(https, certs.ca, cert=certs.client)[1] == f"Hello from {worker.pid}\n"
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        fetch(https, certs.ca)       # no client certificate: the handshake fails
+
+
+def test_a_worker_that_cannot_do_tls_is_refused(certs, live, start_fdserver):
+    from fdserver.client import register
+    from fdserver.errors import RefusedError
+
+    server = start_fdserver("--certfile", str(live / "live.crt"),
+                            "--keyfile", str(live / "live.key"),
+                            binds=("https=127.0.0.1:0", "http=127.0.0.1:0"))
+    with pytest.raises(RefusedError, match=r"serves TLS on https; this worker does not read "
+                                           r"TLS material"):
+        register(server.socket, connect_timeout=5)
+    registration = register(server.socket, connect_timeout=5, features=("tls",))
+    try:
+        assert [(li.name, li.tls) for li in registration.listeners] == [
+            ("https", True), ("http", False)]
+        context = registration.ssl_context()
+        assert context is not None and context.minimum_version == ssl.TLSVersion.TLSv1_2
+    finally:
+        for listener in registration.listeners:
+            listener.sock.close()
+        registration.channel.close()
+
+
+def test_bad_tls_settings_are_one_line_errors(certs, sockdir, tmp_path):
+    first, key = str(certs.first.cert), str(certs.first.key)
+    encrypted = tmp_path / "encrypted.key"
+    openssl("pkey", "-in", key, "-aes256", "-passout", "pass:secret", "-out", str(encrypted))
+    cases = [
+        (["--bind", "https=127.0.0.1:0"],
+         "the listener named 'https' serves TLS and needs --certfile and --keyfile"),
+        (["--bind", "127.0.0.1:0", "--certfile", first, "--keyfile", key],
+         f"--certfile {first} given, but no listener serves TLS"),
+        (["--bind", "web=127.0.0.1:0", "--certfile", first, "--keyfile", key,
+          "--tls-listener", "www"], "--tls-listener www: no listener has that name"),
+        (["--bind", "https=127.0.0.1:0", "--certfile", first],
+         "--certfile and --keyfile go together"),
+        (["--bind", "https=127.0.0.1:0", "--certfile", first, "--keyfile",
+          str(certs.renewed.key)], "does not belong to the certificate"),
+        (["--bind", "https=127.0.0.1:0", "--certfile", str(certs.expired.cert), "--keyfile",
+          str(certs.expired.key)], "the certificate expired on"),
+        (["--bind", "https=127.0.0.1:0", "--certfile", first, "--keyfile",
+          str(tmp_path / "absent.key")], "cannot read it: no such file or directory"),
+        (["--bind", "https=127.0.0.1:0", "--certfile", key, "--keyfile", key],
+         "no PEM certificate in it"),
+        (["--bind", "https=127.0.0.1:0", "--certfile", first, "--keyfile", first],
+         "not a PEM private key"),
+        (["--bind", "https=127.0.0.1:0", "--certfile", first, "--keyfile", str(encrypted)],
+         "the key is encrypted"),
+        (["--bind", "https=127.0.0.1:0", "--certfile", first, "--keyfile", key,
+          "--ciphers", "NO-SUCH-CIPHER"], "--ciphers NO-SUCH-CIPHER: OpenSSL knows no cipher"),
+    ]
+    for args, why in cases:
+        result = run([script("fdserver"), "--socket", str(sockdir / "bad.sock"), *args])
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stderr.startswith("fdserver: error: ") and why in result.stderr, (
+            args, result.stderr)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert not (sockdir / "bad.sock").exists()
+
+
+def test_reload_without_tls_says_so(start_fdserver):
+    server = start_fdserver()
+    result = reload(server)
+    assert (result.returncode, result.stderr) == (
+        1, "fdctl: error: reload failed: fdserver serves no TLS: there is no certificate to "
+           "reload (--certfile)\n")
+
+
+MAIN_WITH_SSL_OPTIONS = """
+import os
+import tornado.httpserver, tornado.web
+
+class Hello(tornado.web.RequestHandler):
+    def get(self):
+        self.write(f"Hello from {{os.getpid()}}\\n")
+
+async def main():
+    app = tornado.web.Application([(r"/", Hello)])
+    server = tornado.httpserver.HTTPServer(
+        app, ssl_options={{"certfile": {cert!r}, "keyfile": {key!r}}})
+    server.listen(8443)
+"""
+
+
+def test_an_apps_own_ssl_options_are_honoured(certs, tmp_path, start_fdserver, start_fdapp):
+    # Before fdserver knew TLS, fdapp served such an app as plain HTTP.
+    (tmp_path / "own.py").write_text(MAIN_WITH_SSL_OPTIONS.format(
+        cert=str(certs.first.cert), key=str(certs.first.key)))
+    server = start_fdserver()
+    worker = start_fdapp(server, app="own:main", cwd=tmp_path)
+    assert fetch(server.address, certs.ca) == (certs.first.subject,
+                                               f"Hello from {worker.pid}\n", None)

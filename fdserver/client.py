@@ -61,6 +61,8 @@ class Registration:
     mode: Mode = "shared"
     # who may serve *path*: checked again on every reconnect
     server_uids: frozenset[int] = frozenset({0})
+    # fdserver asks for metrics reports (feature "metrics", fdserver --metrics)
+    metrics: bool = False
 
     def sockets(self, name: str | None = None) -> list[socket.socket]:
         """The listening sockets, all of them or those called *name*."""
@@ -237,7 +239,7 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         channel.close()
         raise
     return Registration(path, channel, welcome["server_pid"], listeners, mode_of(welcome),
-                        frozenset(server_uids))
+                        frozenset(server_uids), welcome.get("metrics") is True)
 
 
 def mode_of(welcome: WelcomeMessage) -> Mode:

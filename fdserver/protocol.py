@@ -20,13 +20,16 @@ an ``error`` message and the connection is closed.
 Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
 
     client -> hello      {"versions": [1], "role": "worker" | "ctl",
-                          "features": ["share", "dispatch", "heartbeat", "recycle"],
+                          "features": ["share", "dispatch", "heartbeat", "recycle",
+                                       "metrics"],
                                        (optional: the optional messages this
                                         worker reads or sends)
                           "resume": {"state": "ready"}}       (optional)
     server -> welcome    {"version": 1, "server_pid": int, "listeners": int,
                           "handback": bool, "mode": "shared" | "dispatch",
-                          "token": str}        (with "handback": true only)
+                          "token": str,        (with "handback": true only)
+                          "metrics": bool}     (true: send metrics; only to a
+                                                worker with the "metrics" feature)
   worker, first registration (no "resume"):
     server -> listeners  {"listeners": [{"name", "family", "address"}, ...],
                           "fds": n, "more": bool}        (repeated while more)
@@ -40,7 +43,14 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
   any worker, any time after:
     worker -> state      {"state": "ready" | "draining"}
     worker -> load       {"connections": open now, "received": dispatched so far}
-    worker -> heartbeat  {"lag": seconds}    ("heartbeat": every HEARTBEAT_INTERVAL)
+    worker -> heartbeat  {"lag": seconds,    ("heartbeat": every HEARTBEAT_INTERVAL)
+                          "requests": n}     (optional: served so far, for its rate)
+    worker -> metrics    {"requests": [[status, method, listener, n], ...],
+                          "durations": [[listener, [n per DURATION_BUCKETS + 1],
+                                         seconds], ...]}
+                         (only if the welcome said "metrics": the responses
+                          since the last report; at most one a second, and a
+                          last one during the drain)
     worker -> recycle    {"requests": n}     ("recycle": may I drain and exit now?)
     server -> recycle    {}                  (your turn: one worker at a time)
   shared mode (workers accept on the listeners themselves):
@@ -93,6 +103,14 @@ MAX_ANSWER = 16 * 1024 * 1024      # what a client accepts (a status of many wor
 MAX_INT = 2 ** 53                  # integers JSON peers agree on
 # SCM_MAX_FD in the Linux kernel is 253; keep one spare, as the design asks.
 MAX_FDS_PER_FRAME = 252
+
+# What a metrics report may name: the methods counted by name (others are
+# "other"), and the upper bounds of the request duration histogram's buckets
+# (seconds; Prometheus's defaults), the +Inf bucket after them.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT",
+                     "TRACE"})
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0)
 
 # -- the words of the conversation ----------------------------------------------------
 
@@ -148,6 +166,7 @@ class WelcomeMessage(TypedDict):
     handback: NotRequired[object]
     mode: NotRequired[object]
     token: NotRequired[object]
+    metrics: NotRequired[object]
 
 
 class ListenersMessage(TypedDict):
@@ -219,12 +238,20 @@ class WaitedMessage(TypedDict):
 class HeartbeatMessage(TypedDict):
     type: Literal["heartbeat"]
     lag: float                              # how late the worker's loop ran this beat (s)
+    requests: NotRequired[object]           # requests served so far
 
 
 class RecycleMessage(TypedDict):
     # worker -> server: "may I recycle now?"; server -> worker: "your turn"
     type: Literal["recycle"]
     requests: NotRequired[object]           # what the worker served (the ask only)
+
+
+class MetricsMessage(TypedDict):
+    # worker -> server, the responses since its last report (feature "metrics")
+    type: Literal["metrics"]
+    requests: list[Any]                     # [[status, method, listener, n], ...]
+    durations: list[Any]                    # [[listener, [n per bucket], seconds], ...]
 
 
 class ErrorMessage(TypedDict):
@@ -234,7 +261,8 @@ class ErrorMessage(TypedDict):
 
 Message = (HelloMessage | WelcomeMessage | ListenersMessage | StateMessage | HandbackMessage
            | LoadMessage | ShareMessage | ConnectionsMessage | ReleasedMessage | StatusMessage
-           | WaitMessage | WaitedMessage | HeartbeatMessage | RecycleMessage | ErrorMessage)
+           | WaitMessage | WaitedMessage | HeartbeatMessage | RecycleMessage | MetricsMessage
+           | ErrorMessage)
 
 
 def _json_type(hint: Any) -> type | tuple[type, ...]:

@@ -24,6 +24,7 @@ from .accept import accepted
 from .admission import Admission
 from .errors import ProtocolError
 from .listeners import Listener
+from .metrics import HostMetrics
 from .peer import Peer, iso_time
 from .peerlog import PeerLog
 from .placement import Dispatcher, SharePublisher
@@ -37,6 +38,7 @@ from .protocol import (
     HelloMessage,
     LoadMessage,
     Message,
+    MetricsMessage,
     Mode,
     PeerState,
     RecycleMessage,
@@ -86,6 +88,7 @@ class Server:
         recovery: Recovery | None = None,
         dispatch: bool = False,
         unavailable_timeout: float = 10.0,
+        metrics_socket: socket.socket | None = None,
     ) -> None:
         self.listeners = listeners
         self.socket_file = socket_file
@@ -101,6 +104,11 @@ class Server:
         self.unavailable_timeout = unavailable_timeout
         self._placement: Dispatcher | SharePublisher | None = None
         self.peers: set[Peer] = set()
+        # What the workers served and fdserver's own events; served over HTTP
+        # on *metrics_socket* (fdserver --metrics, see fdserver.exposition).
+        self.metrics = HostMetrics()
+        self.metrics_socket = metrics_socket
+        self._endpoint: Any = None
         self.started_at = time.time()
         self._waits = Waits(self._state_of, lambda asker: self._arm(
             asker, self.ctl_idle_timeout, "idle for too long"))
@@ -117,6 +125,7 @@ class Server:
             ("worker", "load"): self._on_load,
             ("worker", "heartbeat"): self._on_heartbeat,
             ("worker", "recycle"): self._on_recycle,
+            ("worker", "metrics"): self._on_metrics,
             ("ctl", "status"): self._on_status,
             ("ctl", "wait"): self._on_wait,
         }
@@ -146,6 +155,11 @@ class Server:
         for stopping in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(stopping, stop_on, stopping)
         loop.add_reader(self.socket_file.sock.fileno(), self._accept)
+        if self.metrics_socket is not None:
+            from .exposition import start_endpoint  # imported before any privilege drop
+            self._endpoint = start_endpoint(self.metrics_socket, self.metrics,
+                                            self._unsorted_workers, self.listeners, self.mode)
+            await self._endpoint.start()
         if self.recovery:
             log.info("cannot bind %s: address in use; waiting up to %gs for a worker to "
                      "hand it back; socket %s", self.recovery.describe(),
@@ -166,9 +180,11 @@ class Server:
             self._shut_down()
 
     def _serving(self) -> None:
+        self.metrics.listener_names = {listener.name for listener in self.listeners}
         if self.mode == "dispatch":
             self._placement = Dispatcher(self._loop, self.listeners, self._unsorted_workers,
-                                         wait_timeout=self.unavailable_timeout)
+                                         wait_timeout=self.unavailable_timeout,
+                                         metrics=self.metrics)
             self._placement.start()
         else:
             self._placement = SharePublisher(self._loop, self._unsorted_workers, self.listeners,
@@ -180,6 +196,8 @@ class Server:
     def _shut_down(self) -> None:
         self._notify("STOPPING=1", "STATUS=stopping; workers keep serving")
         self._loop.remove_reader(self.socket_file.sock.fileno())
+        if self._endpoint is not None:
+            self._endpoint.close()
         placement, self._placement = self._placement, None
         if placement:
             placement.close()
@@ -211,6 +229,7 @@ class Server:
     def _admit(self, conn: socket.socket) -> None:
         pid, uid, gid = peer_credentials(conn)
         if not self._admission.make_room(self.peers, conn, pid, uid):
+            self.metrics.refused += 1
             return
         # The callbacks run from the loop's next pass on, once *peer* exists.
         channel = LoopChannel(
@@ -271,6 +290,8 @@ class Server:
             self._arm(peer, self.ctl_idle_timeout, "idle for too long")
 
     def _refuse(self, peer: Peer, reason: str) -> None:
+        if peer.role is None:
+            self.metrics.refused += 1       # its hello: not allowed, too many, malformed
         peer.channel.send_and_close({"type": "error", "message": reason})
 
     def _on_hello(self, peer: Peer, message: HelloMessage, fds: list[int]) -> None:
@@ -289,6 +310,8 @@ class Server:
         welcome: WelcomeMessage = {
             "type": "welcome", "version": version, "server_pid": os.getpid(),
             "listeners": len(self.listeners), "handback": False, "mode": self.mode}
+        if self._wants_metrics(peer):
+            welcome["metrics"] = True
         if isinstance(resume, dict):
             # A handback must echo this: it answers this welcome, not a guess.
             peer.token = secrets.token_hex(16)
@@ -313,6 +336,7 @@ class Server:
             else:
                 self._hand_over(peer)
             log.info("worker pid %d uid %d connected", peer.pid, peer.uid)
+            self.metrics.worker_changed(peer)
             self._notify()
         else:
             peer.state = "ctl"
@@ -395,6 +419,18 @@ class Server:
     def _on_heartbeat(self, peer: Peer, message: HeartbeatMessage, fds: list[int]) -> None:
         peer.beat_at = time.monotonic()
         peer.lag = min(max(0.0, float(message["lag"])), 1e6)
+        requests = message.get("requests")
+        if isinstance(requests, int) and not isinstance(requests, bool):
+            peer.served(requests, peer.beat_at)
+
+    def _wants_metrics(self, peer: Peer) -> bool:
+        return (self._endpoint is not None and peer.role == "worker"
+                and "metrics" in peer.features)
+
+    def _on_metrics(self, peer: Peer, message: MetricsMessage, fds: list[int]) -> None:
+        if not self._wants_metrics(peer):
+            raise ProtocolError("metrics from a worker this fdserver did not ask for them")
+        self.metrics.add(message)
 
     def _on_recycle(self, peer: Peer, message: RecycleMessage, fds: list[int]) -> None:
         if "recycle" not in peer.features:
@@ -407,6 +443,7 @@ class Server:
     def _worker_changed(self, peer: Peer) -> None:
         """A worker's state changed: answer waits, tell systemd, re-place load."""
         self._waits.changed(peer)
+        self.metrics.worker_changed(peer)
         self._recycler.changed()
         self._notify()
         if self._placement:

@@ -183,6 +183,7 @@ class MetricsEndpoint:
         self.registry.register(collector)
         self.ready = ready
         self.clients = 0
+        self.address = address_of(sock)
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:

@@ -160,6 +160,8 @@ class Server:
             self._endpoint = start_endpoint(self.metrics_socket, self.metrics,
                                             self._unsorted_workers, self.listeners, self.mode)
             await self._endpoint.start()
+            log.info("metrics on http://%s/metrics, health on /health",
+                     self._endpoint.address)
         if self.recovery:
             log.info("cannot bind %s: address in use; waiting up to %gs for a worker to "
                      "hand it back; socket %s", self.recovery.describe(),

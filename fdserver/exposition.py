@@ -19,6 +19,7 @@ connection slot, never the loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +37,8 @@ from .errors import BindError
 from .listeners import Listener, parse_bind
 from .metrics import Histogram, HostMetrics, states
 from .peer import Peer, estimate
+
+log = logging.getLogger("fdserver")
 
 MAX_CLIENTS = 64
 MAX_HEAD = 8192
@@ -208,6 +211,9 @@ class MetricsEndpoint:
             else:
                 writer.transport.abort()
         except (TimeoutError, OSError):
+            writer.transport.abort()
+        except Exception as exc:       # a bug of ours: say so, keep serving
+            log.error("metrics endpoint: %s: %s", type(exc).__name__, exc)
             writer.transport.abort()
         finally:
             self.clients -= 1

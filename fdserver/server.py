@@ -30,6 +30,7 @@ from .peerlog import PeerLog
 from .placement import Dispatcher, SharePublisher
 from .privileges import AllowList
 from .protocol import (
+    MAX_INT,
     PROTOCOL_VERSION,
     REPORTED_STATES,
     ROLES,
@@ -107,6 +108,9 @@ class Server:
         # What the workers served and fdserver's own events; served over HTTP
         # on *metrics_socket* (fdserver --metrics, see fdserver.exposition).
         self.metrics = HostMetrics()
+        # What a report may name, those still to be taken back included.
+        self.metrics.listener_names = {listener.name for listener in listeners} | {
+            spec.name for spec in (self.recovery.specs if self.recovery else [])}
         self.metrics_socket = metrics_socket
         self._endpoint: Any = None
         self.started_at = time.time()
@@ -182,7 +186,7 @@ class Server:
             self._shut_down()
 
     def _serving(self) -> None:
-        self.metrics.listener_names = {listener.name for listener in self.listeners}
+        self.metrics.listener_names |= {listener.name for listener in self.listeners}
         if self.mode == "dispatch":
             self._placement = Dispatcher(self._loop, self.listeners, self._unsorted_workers,
                                          wait_timeout=self.unavailable_timeout,
@@ -422,7 +426,8 @@ class Server:
         peer.beat_at = time.monotonic()
         peer.lag = min(max(0.0, float(message["lag"])), 1e6)
         requests = message.get("requests")
-        if isinstance(requests, int) and not isinstance(requests, bool):
+        if isinstance(requests, int) and not isinstance(requests, bool) and (
+                0 <= requests <= MAX_INT):
             peer.served(requests, peer.beat_at)
 
     def _wants_metrics(self, peer: Peer) -> bool:

@@ -209,6 +209,11 @@ def test_hostile_worker_reports_are_refused_whole(start_fdserver):
     samples = scrape(server)
     assert total(samples, "fdserver_http_requests_total") == 7
     assert total(samples, "fdserver_http_request_duration_seconds_count") == 7
+    # A request count no float holds, in heartbeats: ignored, the status still answers.
+    for n in (1, 2):
+        good.channel.send({"type": "heartbeat", "lag": 0, "requests": n * 10 ** 400})
+    wait_until(lambda: [w["rate"] for w in server.status()["workers"]] == [None],
+               what="the status")
     good.channel.close()
 
 
@@ -336,3 +341,27 @@ def test_bad_metrics_address(start_fdserver, sockdir):
             f"fdserver: error: --metrics {spec}: {result.stderr.split(': ', 3)[-1].strip()}"]
         assert says in result.stderr and "Traceback" not in result.stderr
 
+
+
+def test_a_peer_that_left_is_read_before_a_failed_write_closes_it():
+    """A worker's last words (its last report) arrive even if fdserver's next
+    write to it fails first because it has exited."""
+    import asyncio
+
+    from fdserver.protocol import encode
+    from fdserver.transport import LoopChannel
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    events: list = []
+
+    async def main() -> None:
+        channel = LoopChannel(Channel(ours, server_side=True), asyncio.get_running_loop(),
+                              lambda message, fds: events.append(message["type"]),
+                              lambda reason: events.append(f"closed: {reason}"))
+        theirs.sendall(encode({"type": "metrics", "requests": [], "durations": []}))
+        theirs.close()
+        # No loop pass in between: the write fails (EPIPE) before the read runs.
+        channel.send({"type": "share", "connections": 0, "workers": 1})
+
+    asyncio.run(main())
+    assert events == ["metrics", "closed: write failed: Broken pipe"], events

@@ -34,7 +34,11 @@ and of the patterns rotates from round to round.
    load started the moment a 1 s wave of ``new conn`` load ends, when the
    shares fdserver last sent still count that wave (the other loads start
    once fdserver counts no open connection).
-4. Worker start-up: from spawning ``fdapp`` to its first served request (a
+4. Metrics: throughput of 2 workers with ``fdserver --metrics`` (the
+   workers count every response and report once a second) against the same
+   stack without it, in the same round, patterns as section 1 (wrk -t 2).
+   Target: on/off >= 0.97 (the metrics cost at most 3%).
+5. Worker start-up: from spawning ``fdapp`` to its first served request (a
    request already waiting in the listen queue when it starts) and to
    ``ready`` in fdserver's status; and the handout latency, the time
    ``fdserver.register(path)`` takes to return the listeners, in this process.
@@ -83,6 +87,8 @@ WAVE_SECONDS = 1.0
 THROUGHPUT_WORKERS = 2
 FAIR_WORKERS = 8
 TARGETS = {"shared": 1.0, "dispatch": 0.8}               # throughput ratio to fork_processes
+METRICS_TARGET = 0.97                                    # metrics on / off
+METRICS_PATTERNS = PATTERNS
 FAIR_TARGETS = {"balanced": 0.95, "dispatch": 0.99}      # Jain's index
 
 
@@ -91,7 +97,8 @@ FAIR_TARGETS = {"balanced": 0.95, "dispatch": 0.99}      # Jain's index
 def detect_modes() -> dict[str, bool]:
     server_help = run([script("fdserver"), "--help"]).stdout
     app_help = run([script("fdapp"), "--help"]).stdout
-    return {"dispatch": "--dispatch" in server_help, "balance": "--no-balance" in app_help}
+    return {"dispatch": "--dispatch" in server_help, "balance": "--no-balance" in app_help,
+            "metrics": "--metrics" in server_help}
 
 
 class Plan:
@@ -120,6 +127,14 @@ class Plan:
         elif mode == "balanced" and not self.modes["balance"]:
             return None
         return lambda: FdStack(self.workdir, f"{mode}{workers}", workers, server_flags, app_flags)
+
+    def metrics(self, on: bool) -> Callable[[], FdStack] | None:
+        """Shared mode, with or without fdserver --metrics (n/a if it has none)."""
+        if not self.modes["metrics"]:
+            return None
+        flags = ("--metrics", "127.0.0.1:0") if on else ()
+        return lambda: FdStack(self.workdir, f"metrics-{'on' if on else 'off'}",
+                               THROUGHPUT_WORKERS, flags)
 
 
 # -- one measurement each ---------------------------------------------------
@@ -318,6 +333,12 @@ def run_round(r: int, plan: Plan, args: argparse.Namespace,
             guarded("fairness", name, makers[name],
                     loads("fairness", name, args.fair_connections, args.fair_duration,
                           rotate(FAIR_PATTERNS, r)))
+    if "metrics" in args.sections:
+        makers = {"off": plan.metrics(False), "on": plan.metrics(True)}
+        for name in rotate(list(makers), r):
+            guarded("metrics", name, makers[name],
+                    loads("metrics", name, args.connections, args.duration,
+                          rotate(METRICS_PATTERNS, r)))
     if "startup" in args.sections:
         for name in rotate(["shared", "dispatch"], r):
             guarded("startup", name, plan.fd(name, 0), starts(name))
@@ -410,6 +431,19 @@ def throughput_table(runs: list[dict], plan: Plan) -> str:
                          "1 (baseline)" if name == "fork" else spread(ratios, num(2)),
                          f">= {target:g}" if target else "",
                          verdict(ratios, target, num(2)) if target else ""))
+    return table(rows)
+
+
+def metrics_table(runs: list[dict]) -> str:
+    rows = [("pattern", "metrics", "req/s", "ratio on/off", "target", "")]
+    for pattern in METRICS_PATTERNS:
+        base = {x["round"]: x["rps"] for x in select(runs, "metrics", "off", pattern)}
+        mine = select(runs, "metrics", "on", pattern)
+        ratios = [x["rps"] / base[x["round"]] for x in mine if base.get(x["round"])]
+        rows.append((pattern, "off", spread(list(base.values()), kilo), "1 (baseline)", "", ""))
+        rows.append((pattern, "on", spread([x["rps"] for x in mine], kilo),
+                     spread(ratios, num(3)), f">= {METRICS_TARGET:g}",
+                     verdict(ratios, METRICS_TARGET, num(3))))
     return table(rows)
 
 
@@ -531,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fair-connections", type=int, default=64, help="wrk -c for fairness")
     p.add_argument("--starts", type=int, default=15, help="fdapp starts timed in all, per mode")
     p.add_argument("--handouts", type=int, default=200, help="register() calls timed in all")
-    p.add_argument("--sections", default="throughput,fairness,startup",
+    p.add_argument("--sections", default="throughput,fairness,metrics,startup",
                    help="comma-separated subset of %(default)s (CPU comes with throughput)")
     p.add_argument("--json-out", metavar="PATH", help="also write every run's result here")
     p.add_argument("--plot", metavar="PATH", default=str(PROJECT / "bench/results/fairness.png"),
@@ -541,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     args.sections = set(args.sections.split(","))
-    unknown = args.sections - {"throughput", "fairness", "startup"}
+    unknown = args.sections - {"throughput", "fairness", "metrics", "startup"}
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}")
     args.starts_per_round = max(1, math.ceil(args.starts / args.rounds))
@@ -581,7 +615,12 @@ def main(argv: list[str] | None = None) -> int:
           "connections each worker held midway,\nfrom fdserver's status (new conn: few are "
           "open at any instant).  With keep-alive, requests per worker also\ndepend on how "
           "the cores are shared among 8 workers and wrk, even with equal connections.")
-    print("\n4. Worker start-up and listener handout, ms: median of all samples (lowest-highest "
+    if "metrics" in args.sections:
+        print(f"\n4. Metrics cost: {THROUGHPUT_WORKERS} workers, shared mode, fdserver --metrics "
+              f"on against off in the same round, wrk -t 2 -c {args.connections} "
+              f"-d {args.duration:g}s")
+        print(metrics_table(runs))
+    print("\n5. Worker start-up and listener handout, ms: median of all samples (lowest-highest "
           "round median)")
     print(startup_table(runs))
     failed = [x for x in runs if "failed" in x]

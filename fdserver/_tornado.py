@@ -250,3 +250,12 @@ def promise_no_keep_alive(request: Any) -> None:
         return write_headers(start_line, headers, chunk)
 
     request.write_headers = write_headers_saying_close    # type: ignore[method-assign]
+
+
+def response_length(handler: Any) -> int | None:
+    """The body size of a finished response, from its Content-Length (None if
+    it had none: a chunked response).  RequestHandler keeps its response
+    headers in ``_headers``."""
+    headers = getattr(handler, "_headers", None)
+    value = headers.get("Content-Length") if isinstance(headers, httputil.HTTPHeaders) else None
+    return int(value) if isinstance(value, str) and value.isdigit() else None

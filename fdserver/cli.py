@@ -25,10 +25,16 @@ from .errors import FdserverError, ReloadError, UsageError
 EXIT_ERROR = 1
 
 
-def _setup_logging(name: str) -> None:
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr,
-        format=f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
+def _logging_flags(p: argparse.ArgumentParser) -> None:
+    from .logconfig import LEVELS, level_name
+
+    p.add_argument("--log-level", type=level_name, metavar="LEVEL",
+                   help=f"least level logged: {', '.join(LEVELS)} (default: info); "
+                        "applied after --log-config")
+    p.add_argument("--log-config", metavar="FILE",
+                   help="a logging.config configuration applied on top of the default: "
+                        "a dictConfig dictionary in FILE.json (or FILE.yaml with PyYAML), "
+                        "or an INI file for fileConfig (see docs/metrics.md)")
 
 
 def _run(prog: str, body: Callable[[], int]) -> int:
@@ -143,6 +149,10 @@ def fdserver_parser() -> argparse.ArgumentParser:
                         "fdserver's own user (default %(default)s)")
     p.add_argument("--handshake-timeout", type=_positive, default=5.0, metavar="SECONDS",
                    help="close connections that send no hello in time (default %(default)s)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve GET /metrics (Prometheus) and GET /health on this address: "
+                        "the counts of every worker of this host (needs "
+                        "fdserver[metrics]; see docs/metrics.md)")
     tls = p.add_argument_group(
         "TLS", "fdserver reads the certificate and key (as root, before dropping "
                "privileges; on a reload as --user, e.g. with --group ssl-cert) and sends them "
@@ -159,6 +169,7 @@ def fdserver_parser() -> argparse.ArgumentParser:
     tls.add_argument("--ciphers", metavar="LIST",
                      help="OpenSSL cipher list for TLS 1.2 (default: Python's, forward-secret "
                           "AEAD suites only)")
+    _logging_flags(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -170,7 +181,7 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         import os
 
         # Everything used after the privilege drop is imported here, first.
-        from . import privileges, systemd
+        from . import logconfig, privileges, systemd
         from .listeners import bind_all, parse_bind
         from .recovery import Recovery
         from .server import Server
@@ -187,7 +198,13 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         socket_group = args.socket_group or args.group
         socket_gid = privileges.gid_of(socket_group) if socket_group else gid
         allow = privileges.AllowList.from_names(args.allow_user, args.allow_group)
-        _setup_logging("fdserver")
+        if args.metrics is not None:
+            try:
+                from . import exposition
+            except ImportError as exc:
+                raise UsageError(f"--metrics needs prometheus_client ({exc}): pip install "
+                                 "'fdserver[metrics]'") from None
+        logconfig.setup("fdserver", level=args.log_level, config=args.log_config)
         _raise_fd_limit()
         listeners = systemd.activated_listeners(os.environ)
         if listeners is not None and specs:
@@ -200,7 +217,10 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         notifier = systemd.Notifier(os.environ)
         socket_file = SocketFile(args.socket, mode=args.socket_mode, group=socket_gid,
                                  owners=(uid,))
+        metrics_socket = None
         try:
+            if args.metrics is not None:
+                metrics_socket = exposition.bind_metrics(args.metrics)
             recovery = None
             if listeners is None:
                 listeners, in_use = bind_all(specs, args.backlog,
@@ -213,13 +233,16 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
                 privileges.drop(uid, gid)
         except BaseException:
             socket_file.close()
+            if metrics_socket is not None:
+                metrics_socket.close()
             raise
         if args.dispatch:
             _schedule_as_batch()
         Server(listeners, socket_file, handshake_timeout=args.handshake_timeout,
                max_peers=args.max_connections,
                allow=allow, notifier=notifier, recovery=recovery, dispatch=args.dispatch,
-               unavailable_timeout=args.unavailable_timeout, tls=material).run()
+               unavailable_timeout=args.unavailable_timeout, tls=material,
+               metrics_socket=metrics_socket).run()
         return 0
 
     return _run("fdserver", body)
@@ -295,7 +318,12 @@ def fdapp_parser() -> argparse.ArgumentParser:
                         "instead of holding back while this process has more than its "
                         "share (shared mode only)")
     p.add_argument("--access-log", action="store_true",
-                   help="log every request (off by default: it costs throughput)")
+                   help="log every request, one line each, through the logger "
+                        "fdserver.access to stderr (off by default: it costs throughput)")
+    p.add_argument("--access-log-format", choices=("text", "json"), default="text",
+                   help="text: PID LISTENER CLIENT \"METHOD PATH\" STATUS BYTES DURATIONms; "
+                        "json: one JSON object a line (default %(default)s)")
+    _logging_flags(p)
     p.add_argument("--xheaders", action="store_true",
                    help="trust X-Real-Ip/X-Forwarded-For (only behind a proxy)")
     p.add_argument("--timeout", type=_positive, metavar="SECONDS",
@@ -344,6 +372,7 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         # ends the process cleanly: nothing has been served yet.
         signal.signal(signal.SIGTERM, _stopped_during_start_up)
 
+        from . import logconfig
         from .client import Registration, register, trusted_server_uids
         from .loader import load_app
         from .privileges import uid_of
@@ -351,9 +380,12 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         from .systemd import Notifier
 
         server_uids = trusted_server_uids(uid_of(args.server_user) if args.server_user else None)
-        _setup_logging("fdapp")
-        if not args.access_log:
-            logging.getLogger("tornado.access").setLevel(logging.WARNING)
+        # Tornado's own access log: its warnings (4xx) and errors (5xx) only,
+        # and nothing with --access-log, whose lines say it all.
+        logging.getLogger("tornado.access").setLevel(
+            logging.CRITICAL + 1 if args.access_log else logging.WARNING)
+        logconfig.setup("fdapp", level=args.log_level, config=args.log_config,
+                        access_log=args.access_log_format if args.access_log else None)
         # The app's own command line, as if it ran by itself (tornado.options).
         sys.argv = [args.app, *app_argv]
         target = load_app(args.app)
@@ -382,7 +414,8 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
                         server_options=options, balance=not args.no_balance,
                         timeout=args.timeout, shutdown_timeout=args.shutdown_timeout,
                         max_requests=args.max_requests,
-                        max_requests_jitter=args.max_requests_jitter)
+                        max_requests_jitter=args.max_requests_jitter,
+                        access_log_format=args.access_log_format if args.access_log else None)
         return worker.run()
 
     return _run("fdapp", body)

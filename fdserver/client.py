@@ -67,6 +67,8 @@ class Registration:
     server_uids: frozenset[int] = frozenset({0})
     # the certificate material for the TLS listeners (feature "tls"), if any
     tls: TLSMessage | None = None
+    # fdserver asks for metrics reports (feature "metrics", fdserver --metrics)
+    metrics: bool = False
 
     def sockets(self, name: str | None = None) -> list[socket.socket]:
         """The listening sockets, all of them or those called *name*."""
@@ -257,7 +259,7 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         channel.close()
         raise
     return Registration(path, channel, welcome["server_pid"], listeners, mode_of(welcome),
-                        frozenset(server_uids), tls)
+                        frozenset(server_uids), tls, welcome.get("metrics") is True)
 
 
 def mode_of(welcome: WelcomeMessage) -> Mode:

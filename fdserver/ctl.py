@@ -80,9 +80,9 @@ def format_status(status: dict[str, Any], now: datetime | None = None) -> str:
     lines += _table(rows) + [""]
     workers = status["workers"]
     if workers:
-        rows = [("PID", "UID", "STATE", "CONNS", "CONNECTED", "READY")]
+        rows = [("PID", "UID", "STATE", "CONNS", "REQ/S", "LAG", "CONNECTED", "READY")]
         rows += [(str(w["pid"]), str(w["uid"]), _state(w), str(w.get("connections", "-")),
-                  _age(w["connected_at"], now) + " ago",
+                  _rate(w), _lag(w), _age(w["connected_at"], now) + " ago",
                   _age(w["ready_at"], now) + " ago" if w["ready_at"] else "-") for w in workers]
         lines += _table(rows)
     counts = collections.Counter(w["state"] for w in workers)
@@ -115,6 +115,18 @@ def _age(iso: str, now: datetime) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def _rate(worker: dict[str, Any]) -> str:
+    """Requests a second over its last heartbeats; "-" until two have come."""
+    rate = worker.get("rate")
+    return "-" if not isinstance(rate, (int, float)) else f"{rate:.1f}"
+
+
+def _lag(worker: dict[str, Any]) -> str:
+    """How late its event loop ran its last heartbeat."""
+    lag = worker.get("lag")
+    return "-" if not isinstance(lag, (int, float)) else f"{lag * 1000:.0f}ms"
 
 
 def _state(worker: dict[str, Any]) -> str:

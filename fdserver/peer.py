@@ -7,6 +7,7 @@ Its own module so that both the server and the placement of connections
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +24,9 @@ from .protocol import (
     one_of,
 )
 from .transport import LoopChannel
+
+# A worker's request rate is taken over this many heartbeats (seconds).
+RATE_BEATS = 5
 
 # The states a worker may report next, from each it can be in.
 NEXT_STATES: dict[PeerState, tuple[Reported, ...]] = {
@@ -50,6 +54,9 @@ class Peer:
     shown: set[tuple[int, int]] = field(default_factory=set)   # sockets it handed back
     beat_at: float = 0.0             # monotonic time of its last heartbeat (feature)
     lag: float = 0.0                 # how late its loop ran, as it last said
+    # (monotonic time, requests served) of its last heartbeats: its rate
+    served_at: collections.deque[tuple[float, int]] = field(
+        default_factory=lambda: collections.deque(maxlen=RATE_BEATS + 1))
     timer: asyncio.TimerHandle | None = None
     waits: list[Wait] = field(default_factory=list)
 
@@ -73,6 +80,20 @@ class Peer:
             self.ready_at = time.time()
         return state
 
+    def served(self, requests: int, now: float) -> None:
+        """Its heartbeat says it has served *requests* so far."""
+        if self.served_at and requests < self.served_at[-1][1]:
+            self.served_at.clear()          # not a count that only grows: start again
+        self.served_at.append((now, requests))
+
+    @property
+    def rate(self) -> float | None:
+        """Requests a second over its last RATE_BEATS heartbeats; None if unknown."""
+        if len(self.served_at) < 2:
+            return None
+        (then, first), (now, last) = self.served_at[0], self.served_at[-1]
+        return (last - first) / (now - then) if now > then else None
+
     @property
     def silent_for(self) -> float:
         """Seconds since a heartbeat was due and did not come; 0 if none is late."""
@@ -92,7 +113,8 @@ class Peer:
                 "state": "unresponsive" if silent else self.state,
                 "connections": estimate(self), "connected_at": iso_time(self.connected_at),
                 "ready_at": iso_time(self.ready_at) if self.ready_at else None,
-                "silent_for": round(silent, 1), "lag": round(self.lag, 4)}
+                "silent_for": round(silent, 1), "lag": round(self.lag, 4),
+                "rate": None if (rate := self.rate) is None else round(rate, 1)}
 
 
 @dataclass(eq=False)

@@ -37,6 +37,7 @@ from typing import Any
 
 from .accept import accepted, raw_accept
 from .listeners import Listener
+from .metrics import HostMetrics
 from .peer import Peer, estimate
 from .protocol import Message
 
@@ -243,8 +244,9 @@ class Dispatcher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listeners: list[Listener],
                  workers: Callable[[], Iterable[Peer]], *, wait_timeout: float = 10.0,
-                 max_waiting: int = 1024) -> None:
+                 max_waiting: int = 1024, metrics: HostMetrics | None = None) -> None:
         self._loop = loop
+        self._metrics = metrics or HostMetrics()
         self._listeners = listeners
         self._workers = workers
         self.wait_timeout = wait_timeout
@@ -293,7 +295,8 @@ class Dispatcher:
             worker = self._choose(ready, busy)
             if worker is None:
                 return
-            _, name, conn, address = self._waiting.popleft()
+            since, name, conn, address = self._waiting.popleft()
+            self._metrics.dispatch_waited(time.monotonic() - since)
             self._assign(worker, busy)
             self._send(worker, name, conn.family, [(conn.detach(), address)])
         if not self._backing_off:
@@ -318,6 +321,7 @@ class Dispatcher:
             self._assign(worker, busy)       # counts at once for the next choice
             batches.setdefault(worker, []).append((fd, address))
         for worker, batch in batches.items():
+            self._metrics.dispatched_at_once += len(batch)
             self._send(worker, listener.name, family, batch)
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
@@ -399,6 +403,7 @@ class Dispatcher:
             self._unavailable(name, conn)
             expired += 1
         if expired:
+            self._metrics.dispatch_expired += expired
             log.warning("no ready worker: answered %d waiting connections with 503", expired)
             if not self._backing_off:
                 self.start()

@@ -21,14 +21,16 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
 
     client -> hello      {"versions": [1], "role": "worker" | "ctl",
                           "features": ["share", "dispatch", "heartbeat", "recycle",
-                                       "tls"],
+                                       "tls", "metrics"],
                                        (optional: the optional messages this
                                         worker reads or sends)
                           "resume": {"state": "ready"}}       (optional)
     server -> welcome    {"version": 1, "server_pid": int, "listeners": int,
                           "handback": bool, "mode": "shared" | "dispatch",
                           "token": str,        (with "handback": true only)
-                          "tls": bool}         (TLS material follows: see below)
+                          "tls": bool,         (TLS material follows: see below)
+                          "metrics": bool}     (true: send metrics; only to a
+                                                worker with the "metrics" feature)
   worker, first registration (no "resume"):
     server -> listeners  {"listeners": [{"name", "family", "address", "tls"}, ...],
                           "fds": n, "more": bool}        (repeated while more)
@@ -44,7 +46,14 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
   any worker, any time after:
     worker -> state      {"state": "ready" | "draining"}
     worker -> load       {"connections": open now, "received": dispatched so far}
-    worker -> heartbeat  {"lag": seconds}    ("heartbeat": every HEARTBEAT_INTERVAL)
+    worker -> heartbeat  {"lag": seconds,    ("heartbeat": every HEARTBEAT_INTERVAL)
+                          "requests": n}     (optional: served so far, for its rate)
+    worker -> metrics    {"requests": [[status, method, listener, n], ...],
+                          "durations": [[listener, [n per DURATION_BUCKETS + 1],
+                                         seconds], ...]}
+                         (only if the welcome said "metrics": the responses
+                          since the last report; at most one a second, and a
+                          last one during the drain)
     worker -> recycle    {"requests": n}     ("recycle": may I drain and exit now?)
     server -> recycle    {}                  (your turn: one worker at a time)
     server -> tls        {"serial": n, ...}  (renewed material, after a reload)
@@ -102,6 +111,14 @@ MAX_INT = 2 ** 53                  # integers JSON peers agree on
 # SCM_MAX_FD in the Linux kernel is 253; keep one spare, as the design asks.
 MAX_FDS_PER_FRAME = 252
 
+# What a metrics report may name: the methods counted by name (others are
+# "other"), and the upper bounds of the request duration histogram's buckets
+# (seconds; Prometheus's defaults), the +Inf bucket after them.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT",
+                     "TRACE"})
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0)
+
 # -- the words of the conversation ----------------------------------------------------
 
 Role = Literal["worker", "ctl"]
@@ -157,6 +174,7 @@ class WelcomeMessage(TypedDict):
     mode: NotRequired[object]
     token: NotRequired[object]
     tls: NotRequired[object]
+    metrics: NotRequired[object]
 
 
 class ListenersMessage(TypedDict):
@@ -228,6 +246,7 @@ class WaitedMessage(TypedDict):
 class HeartbeatMessage(TypedDict):
     type: Literal["heartbeat"]
     lag: float                              # how late the worker's loop ran this beat (s)
+    requests: NotRequired[object]           # requests served so far
 
 
 class RecycleMessage(TypedDict):
@@ -262,6 +281,13 @@ class ReloadedMessage(TypedDict):
     workers: NotRequired[object]            # how many workers took it
 
 
+class MetricsMessage(TypedDict):
+    # worker -> server, the responses since its last report (feature "metrics")
+    type: Literal["metrics"]
+    requests: list[Any]                     # [[status, method, listener, n], ...]
+    durations: list[Any]                    # [[listener, [n per bucket], seconds], ...]
+
+
 class ErrorMessage(TypedDict):
     type: Literal["error"]
     message: str
@@ -270,7 +296,7 @@ class ErrorMessage(TypedDict):
 Message = (HelloMessage | WelcomeMessage | ListenersMessage | StateMessage | HandbackMessage
            | LoadMessage | ShareMessage | ConnectionsMessage | ReleasedMessage | StatusMessage
            | WaitMessage | WaitedMessage | HeartbeatMessage | RecycleMessage | TLSMessage
-           | ReloadMessage | ReloadedMessage | ErrorMessage)
+           | ReloadMessage | ReloadedMessage | MetricsMessage | ErrorMessage)
 
 
 def _json_type(hint: Any) -> type | tuple[type, ...]:

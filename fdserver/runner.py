@@ -34,7 +34,8 @@ from .client import Registration, mode_of, resume, retry_delays
 from .drain import DrainingHTTPServer
 from .errors import FdserverError
 from .loader import load
-from .protocol import HEARTBEAT_INTERVAL, Message, Mode, Reported, TLSMessage
+from .protocol import HEARTBEAT_INTERVAL, Message, MetricsMessage, Mode, Reported, TLSMessage
+from .requestlog import Reporter, RequestLog
 from .tls import server_context
 from .transport import LoopChannel
 
@@ -45,7 +46,7 @@ DEFAULT_KEEPALIVE_GRACE = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 RECONNECT_MAX_DELAY = 1.0
 # What fdapp reads from its channel (see fdserver.client.register).
-FEATURES = ("share", "dispatch", "heartbeat", "recycle", "tls")
+FEATURES = ("share", "dispatch", "heartbeat", "recycle", "tls", "metrics")
 
 
 class Worker:
@@ -80,6 +81,7 @@ class Worker:
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         max_requests: int | None = None,
         max_requests_jitter: int = 0,
+        access_log_format: str | None = None,
     ) -> None:
         # gunicorn's rule: recycle after N + random(0..J) requests, so that
         # workers started together do not all recycle together.
@@ -101,6 +103,11 @@ class Worker:
         self._drain_task: asyncio.Task[None] | None = None
         self._resuming = False            # a re-registration's handshake is under way
         self._reconnect_task: asyncio.Task[None] | None = None
+        # Counts for fdserver and the access log (fdserver.requestlog): only
+        # installed when fdserver asks for metrics or --access-log is on.
+        self.access_log_format = access_log_format
+        self._request_log: RequestLog | None = None
+        self._reporter: Reporter | None = None
 
     def run(self) -> int:
         """Serve until drained; return the process exit status."""
@@ -123,6 +130,9 @@ class Worker:
                                    self._on_message, self._on_server_gone)
         self.acceptor = Acceptor(self.server, self._send, balance=self.balance)
         self._set_contexts(self.registration.ssl_context())
+        if self.access_log_format:
+            self._log_requests()
+        self._follow_metrics(self.registration.metrics)
         if self.registration.mode == "shared":
             self._start_accepting()
         # In dispatch mode the listeners are only held, for a handback to a
@@ -145,6 +155,11 @@ class Worker:
             for task in (self._drain_task, self._reconnect_task, self._main_task):
                 if task and not task.done():
                     task.cancel()
+            if self._reporter:
+                # The last report: every connection has ended (or was cut).
+                self._reporter.stop()
+                self._reporter.flush()
+            self.channel.flush_now()
             self.channel.close(None)
 
     def _start_accepting(self) -> None:
@@ -181,6 +196,36 @@ class Worker:
         log.info("renewed certificate in service for new connections")
         self._send({"type": "tls", "serial": message["serial"], "ok": True})
 
+    def _log_requests(self) -> RequestLog | None:
+        """The request hook on the app, installed once, when first wanted."""
+        if self._request_log is None:
+            request_log = RequestLog(
+                [(one.name, one.family, one.address) for one in self.registration.listeners],
+                access_log_format=self.access_log_format)
+            if not request_log.install(self.server.request_callback):
+                return None
+            self._request_log = request_log
+        return self._request_log
+
+    def _follow_metrics(self, wanted: bool) -> None:
+        """Report counts to fdserver if it asks (its welcome); stop if a new one does not."""
+        if wanted and self._reporter is None:
+            request_log = self._log_requests()
+            if request_log is not None:
+                self._reporter = Reporter(request_log, self._send_metrics,
+                                          asyncio.get_running_loop().call_later)
+                self._reporter.start()
+        elif not wanted and self._reporter is not None:
+            self._reporter.stop()
+            self._reporter.requests.counting = False
+            self._reporter = None
+
+    def _send_metrics(self, message: MetricsMessage) -> bool:
+        if not self.channel.usable:
+            return False
+        self.channel.send(message)
+        return True
+
     def _main_ended(self, main: asyncio.Future[Any]) -> None:
         """The app's own main() ended after it listened: fine, unless it failed."""
         if main.cancelled() or main.exception() is None:
@@ -197,7 +242,8 @@ class Worker:
         now = loop.time()
         if self._exit.done():
             return
-        self._send({"type": "heartbeat", "lag": round(max(0.0, now - due), 4)})
+        self._send({"type": "heartbeat", "lag": round(max(0.0, now - due), 4),
+                    "requests": self.server.requests})
         if (self.max_requests and not self._recycle_asked and not self._drain_task
                 and self.server.requests >= self.max_requests):
             self._recycle_asked = True
@@ -356,6 +402,7 @@ class Worker:
                     self._adopt_mode(mode)
                     self.acceptor.restart_counts()     # the new fdserver counts from zero
                 self.channel = LoopChannel(channel, loop, self._on_message, self._on_server_gone)
+                self._follow_metrics(welcome.get("metrics") is True)
                 log.info("re-registered with fdserver at %s (%s mode)", path,
                          self.registration.mode)
                 if self._drain_task:

@@ -25,11 +25,13 @@ from .admission import Admission
 from .certificates import Material
 from .errors import ProtocolError
 from .listeners import Listener
+from .metrics import HostMetrics
 from .peer import Peer, iso_time
 from .peerlog import PeerLog
 from .placement import Dispatcher, SharePublisher
 from .privileges import AllowList
 from .protocol import (
+    MAX_INT,
     PROTOCOL_VERSION,
     REPORTED_STATES,
     ROLES,
@@ -38,6 +40,7 @@ from .protocol import (
     HelloMessage,
     LoadMessage,
     Message,
+    MetricsMessage,
     Mode,
     PeerState,
     RecycleMessage,
@@ -92,6 +95,7 @@ class Server:
         dispatch: bool = False,
         unavailable_timeout: float = 10.0,
         tls: Material | None = None,
+        metrics_socket: socket.socket | None = None,
     ) -> None:
         self.listeners = listeners
         self.socket_file = socket_file
@@ -110,6 +114,14 @@ class Server:
         self._mark_tls(listeners)
         self._placement: Dispatcher | SharePublisher | None = None
         self.peers: set[Peer] = set()
+        # What the workers served and fdserver's own events; served over HTTP
+        # on *metrics_socket* (fdserver --metrics, see fdserver.exposition).
+        self.metrics = HostMetrics()
+        # What a report may name, those still to be taken back included.
+        self.metrics.listener_names = {listener.name for listener in listeners} | {
+            spec.name for spec in (self.recovery.specs if self.recovery else [])}
+        self.metrics_socket = metrics_socket
+        self._endpoint: Any = None
         self.started_at = time.time()
         self._waits = Waits(self._state_of, lambda asker: self._arm(
             asker, self.ctl_idle_timeout, "idle for too long"))
@@ -127,6 +139,7 @@ class Server:
             ("worker", "heartbeat"): self._on_heartbeat,
             ("worker", "recycle"): self._on_recycle,
             ("worker", "tls"): self._on_tls,
+            ("worker", "metrics"): self._on_metrics,
             ("ctl", "status"): self._on_status,
             ("ctl", "wait"): self._on_wait,
             ("ctl", "reload"): self._on_reload,
@@ -161,6 +174,13 @@ class Server:
         # SIGHUP: re-read the certificate (and never its default: exiting).
         loop.add_signal_handler(signal.SIGHUP, loop.call_soon, self._reload_on_signal)
         loop.add_reader(self.socket_file.sock.fileno(), self._accept)
+        if self.metrics_socket is not None:
+            from .exposition import start_endpoint  # imported before any privilege drop
+            self._endpoint = start_endpoint(self.metrics_socket, self.metrics,
+                                            self._unsorted_workers, self.listeners, self.mode)
+            await self._endpoint.start()
+            log.info("metrics on http://%s/metrics, health on /health",
+                     self._endpoint.address)
         if self.recovery:
             log.info("cannot bind %s: address in use; waiting up to %gs for a worker to "
                      "hand it back; socket %s", self.recovery.describe(),
@@ -181,9 +201,11 @@ class Server:
             self._shut_down()
 
     def _serving(self) -> None:
+        self.metrics.listener_names |= {listener.name for listener in self.listeners}
         if self.mode == "dispatch":
             self._placement = Dispatcher(self._loop, self.listeners, self._unsorted_workers,
-                                         wait_timeout=self.unavailable_timeout)
+                                         wait_timeout=self.unavailable_timeout,
+                                         metrics=self.metrics)
             self._placement.start()
         else:
             self._placement = SharePublisher(self._loop, self._unsorted_workers, self.listeners,
@@ -195,6 +217,8 @@ class Server:
     def _shut_down(self) -> None:
         self._notify("STOPPING=1", "STATUS=stopping; workers keep serving")
         self._loop.remove_reader(self.socket_file.sock.fileno())
+        if self._endpoint is not None:
+            self._endpoint.close()
         placement, self._placement = self._placement, None
         if placement:
             placement.close()
@@ -226,6 +250,7 @@ class Server:
     def _admit(self, conn: socket.socket) -> None:
         pid, uid, gid = peer_credentials(conn)
         if not self._admission.make_room(self.peers, conn, pid, uid):
+            self.metrics.refused += 1
             return
         # The callbacks run from the loop's next pass on, once *peer* exists.
         channel = LoopChannel(
@@ -288,6 +313,8 @@ class Server:
             self._arm(peer, self.ctl_idle_timeout, "idle for too long")
 
     def _refuse(self, peer: Peer, reason: str) -> None:
+        if peer.role is None:
+            self.metrics.refused += 1       # its hello: not allowed, too many, malformed
         peer.channel.send_and_close({"type": "error", "message": reason})
 
     def _on_hello(self, peer: Peer, message: HelloMessage, fds: list[int]) -> None:
@@ -313,6 +340,8 @@ class Server:
             "type": "welcome", "version": version, "server_pid": os.getpid(),
             "listeners": len(self.listeners), "handback": False, "mode": self.mode,
             "tls": role == "worker" and self.renewal is not None}
+        if self._wants_metrics(peer):
+            welcome["metrics"] = True
         if isinstance(resume, dict):
             # A handback must echo this: it answers this welcome, not a guess.
             peer.token = secrets.token_hex(16)
@@ -339,6 +368,7 @@ class Server:
             else:
                 self._hand_over(peer)
             log.info("worker pid %d uid %d connected", peer.pid, peer.uid)
+            self.metrics.worker_changed(peer)
             self._notify()
         else:
             peer.state = "ctl"
@@ -429,6 +459,19 @@ class Server:
     def _on_heartbeat(self, peer: Peer, message: HeartbeatMessage, fds: list[int]) -> None:
         peer.beat_at = time.monotonic()
         peer.lag = min(max(0.0, float(message["lag"])), 1e6)
+        requests = message.get("requests")
+        if isinstance(requests, int) and not isinstance(requests, bool) and (
+                0 <= requests <= MAX_INT):
+            peer.served(requests, peer.beat_at)
+
+    def _wants_metrics(self, peer: Peer) -> bool:
+        return (self._endpoint is not None and peer.role == "worker"
+                and "metrics" in peer.features)
+
+    def _on_metrics(self, peer: Peer, message: MetricsMessage, fds: list[int]) -> None:
+        if not self._wants_metrics(peer):
+            raise ProtocolError("metrics from a worker this fdserver did not ask for them")
+        self.metrics.add(message)
 
     def _on_recycle(self, peer: Peer, message: RecycleMessage, fds: list[int]) -> None:
         if "recycle" not in peer.features:
@@ -441,6 +484,7 @@ class Server:
     def _worker_changed(self, peer: Peer) -> None:
         """A worker's state changed: answer waits, tell systemd, re-place load."""
         self._waits.changed(peer)
+        self.metrics.worker_changed(peer)
         self._recycler.changed()
         self._notify()
         if self._placement:

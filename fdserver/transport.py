@@ -371,6 +371,9 @@ class LoopChannel:
         except BlockingIOError:
             done = False
         except OSError as exc:
+            # A peer that left (EPIPE) may have said its last words first
+            # (a worker's "draining", its last metrics): read them before closing.
+            self._read_what_is_left()
             self.close(f"write failed: {exc.strerror or exc}")
             return
         if done:
@@ -408,6 +411,18 @@ class LoopChannel:
         elif not self.channel.holds_partial and self._partial is not None:
             self._partial.cancel()
             self._partial = None
+
+    def _read_what_is_left(self) -> None:
+        for _ in range(64):           # bounded: what a peer sent before it left
+            if self.closed or self._closing:
+                return
+            try:
+                alive = self.channel.receive_some()
+            except (OSError, ProtocolError, TransportError):
+                return
+            self._deliver()
+            if not alive:
+                return
 
     def _partial_expired(self) -> None:
         self._partial = None

@@ -1,0 +1,215 @@
+"""What an app process notes of each response: counts for fdserver, the access log.
+
+One hook per process, :class:`RequestLog`, wrapped around the app's
+``Application.log_request``: Tornado calls it exactly once for every
+response a ``RequestHandler`` finishes (errors, redirects and websocket
+handshakes included), with the handler, its status and its duration.  It is
+installed only when something wants it (fdserver asked for metrics at the
+welcome, or ``fdapp --access-log``): otherwise the request path is Tornado's
+own.
+
+Counts travel to fdserver as ``metrics`` messages (:mod:`fdserver.protocol`)
+holding the *deltas* since the last one: at most one a second, only when
+something changed, and a last one during the drain, once every connection
+has ended and before the registration closes.  fdserver adds them to the
+host's totals (:mod:`fdserver.metrics`), so a worker's counts outlive it.
+What a worker killed with SIGKILL counted since its last report is lost.
+
+Responses Tornado's HTTP layer writes without a handler (``400 Bad Request``
+for a request it cannot parse) are neither counted nor logged; nor are those
+of an app that is not a ``tornado.web.Application``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from . import _tornado
+from .protocol import DURATION_BUCKETS, METHODS, MetricsMessage
+
+log = logging.getLogger("fdapp")
+access_log = logging.getLogger("fdserver.access")
+
+REPORT_INTERVAL = 1.0
+# Rows per metrics message: far below the 64 KiB frame limit.
+MAX_ROWS = 512
+ACCESS_FORMATS = ("text", "json")
+# Control characters and quotes in a logged path, escaped: one line per request.
+_ESCAPES = {c: f"\\x{c:02x}" for c in range(0x20)} | {0x7f: "\\x7f", 0x22: '\\"',
+                                                      0x5c: "\\\\"}
+
+
+class RequestLog:
+    """Counts responses for fdserver and writes the access log, as asked.
+
+    *listeners* are (name, family, address) of the listeners this process
+    serves: the listener a connection came in on is read off its local
+    address, once per connection, and only when there is more than one name.
+    """
+
+    def __init__(self, listeners: list[tuple[str, str, str]], *,
+                 access_log_format: str | None = None) -> None:
+        names = sorted({name for name, _, _ in listeners})
+        self._only_name = names[0] if len(names) == 1 else None
+        self._by_address: dict[tuple[str, int], str] = {}
+        self._by_port: dict[int, str] = {}
+        for name, _, address in listeners:
+            host, _, port = address.rpartition(":")
+            if port.isdigit():
+                self._by_address[(host.strip("[]"), int(port))] = name
+                self._by_port.setdefault(int(port), name)
+        self.access_format = access_log_format
+        self.counting = False
+        # (status, method, listener) -> responses since the last report
+        self._requests: dict[tuple[int, str, str], int] = {}
+        # listener -> ([per-bucket counts, the last one +Inf], sum of seconds)
+        self._durations: dict[str, tuple[list[int], list[float]]] = {}
+        self._pid = os.getpid()
+
+    # -- the hook ------------------------------------------------------------
+
+    def install(self, app: Any) -> bool:
+        """Wrap *app*'s log_request; False (and said once) if it has none."""
+        original = getattr(app, "log_request", None)
+        if not callable(original):
+            log.warning("the app is a %s, not a tornado.web.Application: its requests are "
+                        "neither counted nor access-logged", type(app).__name__)
+            return False
+        if getattr(original, "_fdserver_request_log", None) is not None:
+            return True            # installed already (a re-registration)
+
+        def log_request(handler: Any) -> None:
+            # Counted first: an app's own log_function that raises must not
+            # make a response go uncounted.
+            self.record(handler)
+            original(handler)
+
+        log_request._fdserver_request_log = self    # type: ignore[attr-defined]
+        app.log_request = log_request
+        return True
+
+    def record(self, handler: Any) -> None:
+        request = handler.request
+        status = handler.get_status()
+        duration = request.request_time()
+        listener = self._only_name or self._listener_of(request)
+        if self.counting:
+            method = request.method if request.method in METHODS else "other"
+            key = (status, method, listener)
+            self._requests[key] = self._requests.get(key, 0) + 1
+            entry = self._durations.get(listener)
+            if entry is None:
+                entry = self._durations[listener] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
+            # Bucket i holds durations <= DURATION_BUCKETS[i]; the last, the rest.
+            entry[0][bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+            entry[1][0] += duration
+        if self.access_format and access_log.isEnabledFor(logging.INFO):
+            access_log.info(self._access_line(handler, request, status, duration, listener))
+
+    def _listener_of(self, request: Any) -> str:
+        stream = getattr(request.connection, "stream", None)
+        name = getattr(stream, "_fdserver_listener", None)
+        if name is None:
+            name = "other"
+            sock = getattr(stream, "socket", None)
+            try:
+                local = sock.getsockname() if sock is not None else None
+            except OSError:
+                local = None
+            if isinstance(local, tuple):
+                name = (self._by_address.get((local[0], local[1]))
+                        or self._by_port.get(local[1], "other"))
+            if stream is not None:
+                stream._fdserver_listener = name
+        return str(name)
+
+    def _access_line(self, handler: Any, request: Any, status: int, duration: float,
+                     listener: str) -> str:
+        size = _tornado.response_length(handler)
+        if self.access_format == "json":
+            return json.dumps({
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "pid": self._pid, "listener": listener, "client": request.remote_ip,
+                "method": request.method, "path": request.uri, "status": status,
+                "bytes": size, "duration": round(duration, 6)}, ensure_ascii=False)
+        path = str(request.uri).translate(_ESCAPES)
+        return (f"{self._pid} {listener} {request.remote_ip} "
+                f"\"{str(request.method).translate(_ESCAPES)} {path}\" {status} "
+                f"{'-' if size is None else size} {duration * 1000:.3f}ms")
+
+    # -- reports -------------------------------------------------------------
+
+    def take_reports(self) -> list[MetricsMessage]:
+        """The deltas since the last call, as messages (none if nothing changed)."""
+        if not self._requests and not self._durations:
+            return []
+        rows: list[list[Any]] = [[code, method, listener, n]
+                                 for (code, method, listener), n in self._requests.items()]
+        durations: list[list[Any]] = [[listener, counts, round(total[0], 6)]
+                                      for listener, (counts, total) in self._durations.items()]
+        self._requests = {}
+        self._durations = {}
+        messages: list[MetricsMessage] = []
+        for start in range(0, max(len(rows), 1), MAX_ROWS):
+            messages.append({"type": "metrics", "requests": rows[start:start + MAX_ROWS],
+                             "durations": durations if start == 0 else []})
+        return messages
+
+
+class Reporter:
+    """Sends a RequestLog's deltas through *send* every REPORT_INTERVAL, when changed."""
+
+    def __init__(self, requests: RequestLog, send: Callable[[MetricsMessage], bool],
+                 call_later: Callable[[float, Callable[[], None]], Any]) -> None:
+        self.requests = requests
+        self._send = send
+        self._call_later = call_later
+        self._timer: Any = None
+        self._held: list[MetricsMessage] = []
+
+    def start(self) -> None:
+        self.requests.counting = True
+        if self._timer is None:
+            self._timer = self._call_later(REPORT_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = self._call_later(REPORT_INTERVAL, self._tick)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what is counted now; kept for the next try if there is no channel."""
+        self._held += self.requests.take_reports()
+        while self._held:
+            if not self._send(self._held[0]):
+                if len(self._held) > 64:      # no fdserver for long: merge, stay bounded
+                    self._held = _merged(self._held)
+                return
+            self._held.pop(0)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _merged(messages: list[MetricsMessage]) -> list[MetricsMessage]:
+    merged = RequestLog([])
+    merged.counting = True
+    for message in messages:
+        for code, method, listener, n in message["requests"]:
+            key = (code, method, listener)
+            merged._requests[key] = merged._requests.get(key, 0) + n
+        for listener, counts, total in message["durations"]:
+            entry = merged._durations.setdefault(
+                listener, ([0] * (len(DURATION_BUCKETS) + 1), [0.0]))
+            for i, n in enumerate(counts):
+                entry[0][i] += n
+            entry[1][0] += total
+    return merged.take_reports()
+

@@ -32,6 +32,7 @@ from typing import Any
 
 from . import _tornado
 from .protocol import DURATION_BUCKETS, METHODS, MetricsMessage
+from .tls import LISTENER_ATTRIBUTE
 
 log = logging.getLogger("fdapp")
 access_log = logging.getLogger("fdserver.access")
@@ -114,7 +115,8 @@ class RequestLog:
 
     def _listener_of(self, request: Any) -> str:
         stream = getattr(request.connection, "stream", None)
-        name = getattr(stream, "_fdserver_listener", None)
+        # fdapp's acceptor names each connection's listener (see fdserver.listener_of).
+        name = getattr(stream, LISTENER_ATTRIBUTE, None)
         if name is None:
             name = "other"
             sock = getattr(stream, "socket", None)
@@ -126,7 +128,7 @@ class RequestLog:
                 name = (self._by_address.get((local[0], local[1]))
                         or self._by_port.get(local[1], "other"))
             if stream is not None:
-                stream._fdserver_listener = name
+                setattr(stream, LISTENER_ATTRIBUTE, name)
         return str(name)
 
     def _access_line(self, handler: Any, request: Any, status: int, duration: float,

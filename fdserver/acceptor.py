@@ -30,6 +30,11 @@ Dispatch mode.  fdserver accepts and sends each connection over the
 registration channel; the worker wraps it in an IOStream and hands it to
 Tornado's ``HTTPServer.handle_stream``.
 
+On a listener marked for the PROXY protocol (``fdserver --proxy-protocol``)
+each connection's header is read first (:mod:`fdserver.proxyproto`), off the
+event loop's critical path and under a deadline, and the address it carries
+is the one the app sees; a connection with a bad header is closed.
+
 Either way the worker reports its open connections (``load``), coalesced to
 at most one report per *report_interval*.
 """
@@ -50,6 +55,7 @@ from . import _tornado
 from .accept import OUT_OF_DESCRIPTORS, accepted
 from .drain import DrainingHTTPServer
 from .protocol import LoadMessage
+from .proxyproto import DEFAULT_TIMEOUT, ProxyProtocolError, read_header
 
 log = logging.getLogger("fdapp")
 
@@ -62,6 +68,9 @@ REPORT_INTERVAL = 0.02      # at most 50 load reports a second
 SLACK = 1                   # connections over the share before yielding
 CPUS = len(os.sched_getaffinity(0))
 TCPI_UNACKED = 24           # struct tcp_info: a listener's accept queue length
+MAX_PROXY_PENDING = 1024    # connections waiting for their PROXY header at once
+PROXY_LOG_BURST = 10        # bad PROXY headers logged per PROXY_LOG_WINDOW
+PROXY_LOG_WINDOW = 10.0
 
 
 class Excess(enum.IntEnum):
@@ -102,8 +111,16 @@ class Acceptor:
     """Feeds connections to a DrainingHTTPServer and reports the load."""
 
     def __init__(self, server: DrainingHTTPServer, report: Callable[[LoadMessage], None], *,
-                 balance: bool = True, fast: bool | None = None) -> None:
+                 balance: bool = True, fast: bool | None = None,
+                 proxied: frozenset[str] = frozenset(),
+                 proxy_timeout: float = DEFAULT_TIMEOUT) -> None:
         self.server = server
+        # Names of the listeners whose connections start with a PROXY header.
+        self.proxied = proxied
+        self.proxy_timeout = proxy_timeout
+        self._proxy_pending: set[asyncio.Task[None]] = set()
+        self._proxy_log = (0.0, 0, 0)      # window start, logged in it, suppressed
+        self._proxied_fds: set[int] = set()
         self.balance = balance
         # fdapp's own IOStream and accept, unless this Tornado changed what
         # they rely on (see fdserver._tornado).
@@ -127,8 +144,10 @@ class Acceptor:
 
     # -- shared mode ---------------------------------------------------------
 
-    def start(self, sockets: list[socket.socket]) -> None:
+    def start(self, sockets: list[socket.socket], proxied: list[socket.socket] | None = None) -> None:
+        """Accept on *sockets*; those also in *proxied* carry PROXY headers."""
         self._sockets = list(sockets)
+        self._proxied_fds = {sock.fileno() for sock in proxied or ()}
         self._watch()
 
     def close(self) -> None:
@@ -196,11 +215,12 @@ class Acceptor:
         # *accept* is the socket's raw accept (what socket.accept() calls):
         # wrapping the descriptor here with the family known saves the enum
         # conversions socket.accept() does for every connection.
+        proxied = sock.fileno() in self._proxied_fds
         for fd, address in accepted(accept, ACCEPT_BATCH, self._accept_failed,
                                     self._may_take if self.balance else None):
             if self._waiting:
                 self._waiting -= 1
-            self._serve(_Connection(family, fileno=fd), address)
+            self._serve(_Connection(family, fileno=fd), address, proxied)
         if not in_burst:            # what it holds now is the share's business
             self._burst_base = self.server.connection_count
 
@@ -240,16 +260,62 @@ class Acceptor:
     # -- dispatch mode -------------------------------------------------------
 
     def on_connection(self, fd: int, peer: Any,
-                      family: socket.AddressFamily = socket.AF_INET) -> None:
+                      family: socket.AddressFamily = socket.AF_INET,
+                      listener: str | None = None) -> None:
         self._received += 1
         # Family and type given: no getsockopt calls to find them out.
         conn = _Connection(family, fileno=fd)
         address = tuple(peer) if isinstance(peer, list) and len(peer) == 2 else ("", 0)
-        self._serve(conn, address)
+        self._serve(conn, address, listener in self.proxied)
 
     # -- both ----------------------------------------------------------------
 
-    def _serve(self, conn: socket.socket, address: Any) -> None:
+    def _serve(self, conn: socket.socket, address: Any, proxied: bool = False) -> None:
+        if proxied:
+            if len(self._proxy_pending) >= MAX_PROXY_PENDING:
+                self._proxy_failed(address, f"{MAX_PROXY_PENDING} connections already wait "
+                                            "for their PROXY header")
+                conn.close()
+                return
+            task = asyncio.ensure_future(self._serve_proxied(conn, address))
+            self._proxy_pending.add(task)
+            task.add_done_callback(self._proxy_pending.discard)
+            return
+        self._serve_stream(conn, address)
+
+    async def _serve_proxied(self, conn: socket.socket, address: Any) -> None:
+        conn.setblocking(False)
+        try:
+            header = await read_header(conn, self.proxy_timeout)
+        except ProxyProtocolError as exc:
+            self._proxy_failed(address, str(exc))
+            conn.close()
+            return
+        except BaseException:
+            conn.close()
+            raise
+        self._serve_stream(conn, header.source or address)
+
+    def _proxy_failed(self, address: Any, why: str) -> None:
+        """Log a refused connection, at most PROXY_LOG_BURST lines a window."""
+        now = self._loop.time()
+        start, logged, suppressed = self._proxy_log
+        if now - start >= PROXY_LOG_WINDOW:
+            if suppressed:
+                log.warning("closed %d more connections with a bad PROXY header in the "
+                            "last %gs", suppressed, round(now - start, 1))
+            start, logged, suppressed = now, 0, 0
+        if logged < PROXY_LOG_BURST:
+            peer = address[0] if isinstance(address, tuple) and address else "?"
+            log.warning("closed a connection from %s: %s", peer, why)
+            logged += 1
+        else:
+            suppressed += 1
+        self._proxy_log = (start, logged, suppressed)
+
+    def _serve_stream(self, conn: socket.socket, address: Any) -> None:
+        """The hand-off point: *conn* carries the client's own bytes from here
+        (after any PROXY header), and *address* is the client's."""
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:

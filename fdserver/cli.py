@@ -139,6 +139,28 @@ def fdserver_parser() -> argparse.ArgumentParser:
                         "fdserver's own user (default %(default)s)")
     p.add_argument("--handshake-timeout", type=_positive, default=5.0, metavar="SECONDS",
                    help="close connections that send no hello in time (default %(default)s)")
+    p.add_argument("--proxy-protocol", action="append", default=[], metavar="NAME",
+                   help="connections on the listener NAME start with a PROXY protocol "
+                        "header (v1 or v2, HAProxy's send-proxy / send-proxy-v2): the app "
+                        "sees the address it carries; a connection without one is closed. "
+                        "Repeatable. Only for listeners that nothing but the balancer can "
+                        "reach")
+    agent = p.add_argument_group(
+        "HAProxy agent-check", "answer HAProxy's agent-check with this host's ready "
+        "capacity (docs/fleet.md)")
+    agent.add_argument("--agent", metavar="HOST:PORT",
+                       help="address to answer agent-checks on: 'up ready N%%' (N: ready "
+                            "workers over --agent-capacity), 'down' with no ready worker, "
+                            "'drain' after fdctl drain or while fdserver stops")
+    agent.add_argument("--agent-capacity", type=_count, metavar="N",
+                       help="workers that make the host whole (default: the most that were "
+                            "ready at once in the last --agent-window)")
+    agent.add_argument("--agent-window", type=_positive, default=600.0, metavar="SECONDS",
+                       help="how long a peak of ready workers counts as the capacity "
+                            "(default %(default)s)")
+    agent.add_argument("--agent-linger", type=_positive, default=2.0, metavar="SECONDS",
+                       help="on SIGTERM, answer 'drain' this long before stopping: set it "
+                            "above HAProxy's agent-inter (default %(default)s)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -151,12 +173,23 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
 
         # Everything used after the privilege drop is imported here, first.
         from . import privileges, systemd
-        from .listeners import bind_all, parse_bind
+        from .agent import Capacity
+        from .hostdrain import DrainState
+        from .listeners import bind, bind_all, parse_bind
         from .recovery import Recovery
         from .server import Server
         from .socketfile import SocketFile
 
         specs = [parse_bind(spec) for spec in args.bind]
+        agent_spec = parse_bind(args.agent) if args.agent else None
+        if agent_spec and "=" in args.agent:
+            raise UsageError(f"--agent {args.agent}: expected HOST:PORT")
+        for name in args.proxy_protocol:
+            if specs and name not in {spec.name for spec in specs}:
+                raise UsageError(f"--proxy-protocol {name}: no --bind listener is called "
+                                 f"{name} (--bind {name}=HOST:PORT names one)")
+        if args.agent_capacity == 0:
+            raise UsageError("--agent-capacity 0: at least 1")
         if args.max_connections < 16:
             raise UsageError(f"--max-connections {args.max_connections}: at least 16")
         if args.group and not args.user:
@@ -180,6 +213,11 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
                                  owners=(uid,))
         try:
             recovery = None
+            agent = None
+            if agent_spec:
+                agent = (bind(agent_spec, 128).sock,
+                         Capacity(args.agent_capacity, args.agent_window),
+                         DrainState(socket_file.path))
             if listeners is None:
                 listeners, in_use = bind_all(specs, args.backlog,
                                              defer_in_use=args.recover_timeout > 0)
@@ -197,7 +235,9 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         Server(listeners, socket_file, handshake_timeout=args.handshake_timeout,
                max_peers=args.max_connections,
                allow=allow, notifier=notifier, recovery=recovery, dispatch=args.dispatch,
-               unavailable_timeout=args.unavailable_timeout).run()
+               unavailable_timeout=args.unavailable_timeout, agent=agent,
+               agent_linger=args.agent_linger,
+               proxy_listeners=frozenset(args.proxy_protocol)).run()
         return 0
 
     return _run("fdserver", body)
@@ -356,6 +396,15 @@ def fdctl_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = sub.add_parser("status", help="listeners and workers, with their states")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    drain = sub.add_parser(
+        "drain", help="take this host out of the balancer's rotation: fdserver's agent "
+                      "answers 'drain' (open connections carry on) until undrain, across "
+                      "fdserver restarts")
+    drain.add_argument("--wait", type=_positive, metavar="SECONDS",
+                       help="return once every balancer that asked the agent in the last "
+                            "minute has been told (it then sends no new request), or fail "
+                            "after SECONDS")
+    sub.add_parser("undrain", help="put this host back into the balancer's rotation")
     rolling = sub.add_parser(
         "rolling-restart",
         help="restart app processes one at a time through supervisord, each only "
@@ -383,11 +432,39 @@ def fdctl_main(argv: Sequence[str] | None = None) -> int:
                 status = control.status()
             print(json.dumps(status, indent=2) if args.json else format_status(status))
             return 0
+        if args.command in ("drain", "undrain"):
+            return _drain(args)
         if args.command == "rolling-restart":
             return _rolling_restart(args)
         raise AssertionError(args.command)
 
     return _run("fdctl", body)
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from .ctl import Control
+
+    wait = getattr(args, "wait", None)
+    with Control(args.socket, timeout=10.0 + (wait or 0)) as control:
+        answer = control.drain(args.command == "drain", wait)
+    if not answer.get("persisted", True):
+        print("fdctl: warning: fdserver could not record the state: it holds until "
+              "fdserver restarts (see fdserver's log)", file=sys.stderr)
+    if args.command == "undrain":
+        print("undrained: the agent answers with the host's ready capacity again")
+        return 0
+    told = answer.get("told") or []
+    waiting = answer.get("waiting") or []
+    if wait is None:
+        print("drained: the agent answers 'drain' until fdctl undrain")
+        return 0
+    if waiting:
+        print(f"fdctl: error: after {wait:g}s, not told yet: {', '.join(waiting)} "
+              f"(told: {', '.join(told) or 'none'})", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"drained; told {', '.join(told)}" if told else
+          "drained; no balancer asked the agent in the last minute")
+    return 0
 
 
 def _rolling_restart(args: argparse.Namespace) -> int:

@@ -47,6 +47,7 @@ class ReceivedListener:
     family: str
     address: str
     sock: socket.socket
+    proxy: bool = False         # its connections start with a PROXY protocol header
 
 
 @dataclass
@@ -230,7 +231,8 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                     raise ConnectError(f"fdserver at {path}: listener "
                                        f"{meta.get('name')!r}: {exc}") from None
                 listeners.append(ReceivedListener(str(meta.get("name")), str(meta.get("family")),
-                                                  str(meta.get("address")), sock))
+                                                  str(meta.get("address")), sock,
+                                                  meta.get("proxy") is True))
     except BaseException:
         for listener in listeners:
             listener.sock.close()

@@ -52,6 +52,7 @@ class Peer:
     lag: float = 0.0                 # how late its loop ran, as it last said
     timer: asyncio.TimerHandle | None = None
     waits: list[Wait] = field(default_factory=list)
+    waits_drain: bool = False        # an fdctl drain --wait, until the balancers know
 
     def report(self, wanted: str) -> Reported | None:
         """Move to the state the worker reports; None if it is in it already.

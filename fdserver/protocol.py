@@ -55,6 +55,12 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
     server -> status     {"server": {...}, "listeners": [...], "workers": [...]}
     ctl    -> wait       {"pid": int, "state": str, "timeout": float}
     server -> waited     {"pid": int, "state": str | null, "ok": bool}
+    ctl    -> drain      {"wait": seconds}   (optional: answer once every balancer
+                                              that asked the agent lately was told)
+    ctl    -> undrain    {}
+    server -> drained    {"drained": bool, "persisted": bool,
+                          "told": [host, ...], "waiting": [host, ...]}
+                         (only with --agent; else an error)
   any time:
     server -> error      {"message": str}       then the server closes
 
@@ -227,6 +233,23 @@ class RecycleMessage(TypedDict):
     requests: NotRequired[object]           # what the worker served (the ask only)
 
 
+class DrainMessage(TypedDict):
+    type: Literal["drain"]
+    wait: NotRequired[object]               # seconds: answer once the balancers know
+
+
+class UndrainMessage(TypedDict):
+    type: Literal["undrain"]
+
+
+class DrainedMessage(TypedDict):
+    type: Literal["drained"]
+    drained: bool
+    persisted: NotRequired[object]
+    told: NotRequired[object]               # balancers the agent told "drain"
+    waiting: NotRequired[object]            # balancers not told yet (at the wait's end)
+
+
 class ErrorMessage(TypedDict):
     type: Literal["error"]
     message: str
@@ -234,7 +257,8 @@ class ErrorMessage(TypedDict):
 
 Message = (HelloMessage | WelcomeMessage | ListenersMessage | StateMessage | HandbackMessage
            | LoadMessage | ShareMessage | ConnectionsMessage | ReleasedMessage | StatusMessage
-           | WaitMessage | WaitedMessage | HeartbeatMessage | RecycleMessage | ErrorMessage)
+           | WaitMessage | WaitedMessage | HeartbeatMessage | RecycleMessage | DrainMessage
+           | UndrainMessage | DrainedMessage | ErrorMessage)
 
 
 def _json_type(hint: Any) -> type | tuple[type, ...]:

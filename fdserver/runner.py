@@ -41,7 +41,7 @@ DEFAULT_KEEPALIVE_GRACE = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 RECONNECT_MAX_DELAY = 1.0
 # What fdapp reads from its channel (see fdserver.client.register).
-FEATURES = ("share", "dispatch", "heartbeat", "recycle")
+FEATURES = ("share", "dispatch", "heartbeat", "recycle", "proxy")
 
 
 class Worker:
@@ -117,9 +117,12 @@ class Worker:
         self.registration = await _in_daemon_thread(self.register)
         self.channel = LoopChannel(self.registration.channel, loop,
                                    self._on_message, self._on_server_gone)
-        self.acceptor = Acceptor(self.server, self._send, balance=self.balance)
+        proxied = frozenset(listener.name for listener in self.registration.listeners
+                            if listener.proxy)
+        self.acceptor = Acceptor(self.server, self._send, balance=self.balance,
+                                 proxied=proxied)
         if self.registration.mode == "shared":
-            self.acceptor.start(self.registration.sockets())
+            self._start_accepting()
         # In dispatch mode the listeners are only held, for a handback to a
         # restarted fdserver (see fdserver.recovery); fdserver accepts.
 
@@ -217,9 +220,13 @@ class Worker:
         log.warning("fdserver now runs in %s mode; switching", mode)
         self.registration.mode = mode
         if mode == "shared":
-            self.acceptor.start(self.registration.sockets())
+            self._start_accepting()
         else:
             self.acceptor.stop_accepting()    # keep the sockets, for a handback
+
+    def _start_accepting(self) -> None:
+        self.acceptor.start(self.registration.sockets(), [
+            listener.sock for listener in self.registration.listeners if listener.proxy])
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -262,7 +269,7 @@ class Worker:
             family = socket.AF_INET6 if message.get("family") == "AF_INET6" else socket.AF_INET
             for i, (fd, peer) in enumerate(zip(fds, message["peers"], strict=True)):
                 try:
-                    self.acceptor.on_connection(fd, peer, family)
+                    self.acceptor.on_connection(fd, peer, family, message["listener"])
                 except Exception:
                     for rest in fds[i + 1:]:
                         os.close(rest)

@@ -14,6 +14,15 @@ class HelloHandler(tornado.web.RequestHandler):
         self.write(f"Hello from {os.getpid()}\n")
 
 
+class AddressHandler(tornado.web.RequestHandler):
+    """``GET /ip`` answers the client's address and scheme as the app sees them
+    (behind a balancer: from PROXY protocol or trusted X-Forwarded-For)."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.write(f"{self.request.remote_ip} {self.request.protocol}\n")
+
+
 class SlowHandler(tornado.web.RequestHandler):
     """``GET /slow?seconds=N`` answers after N seconds (for drain demos and tests).
 
@@ -59,4 +68,4 @@ class PollHandler(tornado.web.RequestHandler):
 
 def make_app() -> tornado.web.Application:
     return tornado.web.Application([(r"/", HelloHandler), (r"/slow", SlowHandler),
-                                    (r"/poll", PollHandler)])
+                                    (r"/poll", PollHandler), (r"/ip", AddressHandler)])

@@ -144,7 +144,8 @@ class Acceptor:
 
     # -- shared mode ---------------------------------------------------------
 
-    def start(self, sockets: list[socket.socket], proxied: list[socket.socket] | None = None) -> None:
+    def start(self, sockets: list[socket.socket],
+              proxied: list[socket.socket] | None = None) -> None:
         """Accept on *sockets*; those also in *proxied* carry PROXY headers."""
         self._sockets = list(sockets)
         self._proxied_fds = {sock.fileno() for sock in proxied or ()}

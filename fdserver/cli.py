@@ -292,7 +292,13 @@ def fdapp_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", action="store_true",
                    help="log every request (off by default: it costs throughput)")
     p.add_argument("--xheaders", action="store_true",
-                   help="trust X-Real-Ip/X-Forwarded-For (only behind a proxy)")
+                   help="take the client's address and scheme from X-Real-Ip/X-Forwarded-For "
+                        "and X-Scheme/X-Forwarded-Proto, from the peers in "
+                        "--forwarded-allow-ips only")
+    p.add_argument("--forwarded-allow-ips", metavar="LIST",
+                   help="comma-separated IPs and networks of the proxies whose X-Forwarded-For "
+                        "is believed (implies --xheaders); * for any peer (default with "
+                        "--xheaders: 127.0.0.1,::1)")
     p.add_argument("--timeout", type=_positive, metavar="SECONDS",
                    help="if the event loop has not run for this long (a handler blocks it), "
                         "write every thread's stack to the log and exit 1, so that the "
@@ -338,6 +344,10 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         # Until the worker's loop takes the signals over, a stop request just
         # ends the process cleanly: nothing has been served yet.
         signal.signal(signal.SIGTERM, _stopped_during_start_up)
+        from .forwarded import DEFAULT, TrustedProxies
+
+        xheaders = args.xheaders or args.forwarded_allow_ips is not None
+        trusted = TrustedProxies.parse(args.forwarded_allow_ips or DEFAULT) if xheaders else None
 
         from .client import Registration, register, trusted_server_uids
         from .loader import load_app
@@ -368,7 +378,8 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
             setproctitle.setproctitle(f"{title} [{state}]")
             notifier.notify(sd_states[state], f"STATUS={state}")
 
-        options = {"xheaders": args.xheaders, "decompress_request": args.decompress_request,
+        options = {"xheaders": xheaders, "forwarded_allow_ips": trusted,
+                   "decompress_request": args.decompress_request,
                    **{name: value for name in ("max_body_size", "max_buffer_size",
                                                "idle_connection_timeout", "body_timeout")
                       if (value := getattr(args, name)) is not None}}

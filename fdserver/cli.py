@@ -181,9 +181,14 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         from .socketfile import SocketFile
 
         specs = [parse_bind(spec) for spec in args.bind]
-        agent_spec = parse_bind(args.agent) if args.agent else None
-        if agent_spec and "=" in args.agent:
-            raise UsageError(f"--agent {args.agent}: expected HOST:PORT")
+        agent_spec = None
+        if args.agent:
+            if "=" in args.agent:
+                raise UsageError(f"--agent {args.agent}: expected HOST:PORT")
+            try:
+                agent_spec = parse_bind(args.agent)
+            except FdserverError as exc:
+                raise UsageError(str(exc).replace("--bind", "--agent", 1)) from None
         for name in args.proxy_protocol:
             if specs and name not in {spec.name for spec in specs}:
                 raise UsageError(f"--proxy-protocol {name}: no --bind listener is called "

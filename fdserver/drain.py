@@ -65,8 +65,6 @@ class DrainingHTTPServer(HTTPServer):
     def initialize(self, *args: Any, forwarded_allow_ips: Any = None, **kwargs: Any) -> None:
         # With xheaders: the peers (fdserver.forwarded.TrustedProxies) whose
         # X-Forwarded-For is believed; None believes anyone (Tornado's way).
-        if forwarded_allow_ips is not None:
-            kwargs["trusted_downstream"] = forwarded_allow_ips    # used with `in` only
         super().initialize(*args, **kwargs)
         self._forwarded_allow_ips = forwarded_allow_ips
         # connection -> (its current request, monotonic time that request
@@ -111,6 +109,9 @@ class DrainingHTTPServer(HTTPServer):
             peer = getattr(request_conn, "context", None)
             address = getattr(peer, "address", None)
             trusted = isinstance(address, tuple) and address[0] in self._forwarded_allow_ips
+            if trusted and peer is not None:
+                # Tornado skips these in X-Forwarded-For; it only tests `in`.
+                peer.trusted_downstream = self._forwarded_allow_ips
             self.xheaders = trusted
             try:
                 delegate = super().start_request(server_conn, request_conn)

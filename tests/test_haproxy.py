@@ -41,22 +41,22 @@ FRONTEND_COUNTERS = ("ereq", "hrsp_5xx")
 
 
 def free_ports(hosts: tuple[str, ...], count: int) -> list[int]:
-    """*count* consecutive ports free on every one of *hosts*."""
-    for _ in range(50):
+    """*count* ports, each free on every one of *hosts*."""
+    ports: list[int] = []
+    for _ in range(100):
         with socket.socket() as probe:
             probe.bind((hosts[0], 0))
-            first = probe.getsockname()[1]
-        ports = list(range(first, first + count))
-        if ports[-1] > 65535:
-            continue
+            port = probe.getsockname()[1]
         try:
             for host in hosts:
-                for port in ports:
-                    with socket.socket() as probe:
-                        probe.bind((host, port))
+                with socket.socket() as probe:
+                    probe.bind((host, port))
         except OSError:
             continue
-        return ports
+        if port not in ports:
+            ports.append(port)
+        if len(ports) == count:
+            return ports
     raise AssertionError("no free ports")
 
 
@@ -128,11 +128,13 @@ class Host:
 
 
 class HAProxy:
-    def __init__(self, procs, workdir: Path, frontend: str, port: int, agent_port: int):
+    def __init__(self, procs, workdir: Path, frontend: str, port: int, agent_port: int,
+                 fast: bool = True):
         self.stats_socket = str(workdir / "haproxy.sock")
         self.frontend = frontend
         config = (PROJECT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
-        config = haproxy_test_config(config, self.stats_socket, frontend, port, agent_port)
+        config = haproxy_test_config(config, self.stats_socket, frontend, port, agent_port,
+                                     fast)
         path = workdir / "haproxy.cfg"
         path.write_text(config)
         check = run(["haproxy", "-c", "-f", str(path)])
@@ -161,7 +163,7 @@ class HAProxy:
 
 
 def haproxy_test_config(config: str, stats_socket: str, frontend: str, port: int,
-                        agent_port: int) -> str:
+                        agent_port: int, fast: bool = True) -> str:
     """The shipped config with the test's sockets, three loopback hosts and
     short intervals (the test waits on them); every other line as shipped."""
     def sub(pattern: str, replacement: str, text: str) -> str:
@@ -173,10 +175,11 @@ def haproxy_test_config(config: str, stats_socket: str, frontend: str, port: int
     config = sub(r"^    (user|group) haproxy\n", "", config)
     config = sub(r"^    daemon\n", "", config)
     config = sub(r"^    bind :80$", f"    bind {frontend}", config)
-    config = sub(r" inter 2s ", " inter 300ms ", config)
-    config = sub(r" agent-inter 1s ", " agent-inter 100ms ", config)
+    if fast:
+        config = sub(r" inter 2s ", " inter 300ms ", config)
+        config = sub(r" agent-inter 1s ", " agent-inter 100ms ", config)
+        config = sub(r" slowstart 5s", " slowstart 300ms", config)
     config = sub(r" agent-port 8081 ", f" agent-port {agent_port} ", config)
-    config = sub(r" slowstart 5s", " slowstart 300ms", config)
     config = sub(r"^    server host.*\n", "", config)
     servers = "".join(f"    server host{i} {host}:{port}\n" for i, host in enumerate(HOSTS, 1))
     return config.rstrip("\n") + "\n" + servers

@@ -26,6 +26,13 @@ class ListenerHandler(tornado.web.RequestHandler):
 
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.write(f"{fdserver.listener_of(self.request)} {self.request.protocol}\n")
+class AddressHandler(tornado.web.RequestHandler):
+    """``GET /ip`` answers the client's address and scheme as the app sees them
+    (behind a balancer: from PROXY protocol or trusted X-Forwarded-For)."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.write(f"{self.request.remote_ip} {self.request.protocol}\n")
 
 
 class SlowHandler(tornado.web.RequestHandler):
@@ -73,4 +80,5 @@ class PollHandler(tornado.web.RequestHandler):
 
 def make_app() -> tornado.web.Application:
     return tornado.web.Application([(r"/", HelloHandler), (r"/slow", SlowHandler),
-                                    (r"/poll", PollHandler), (r"/listener", ListenerHandler)])
+                                    (r"/poll", PollHandler), (r"/listener", ListenerHandler),
+                                    (r"/ip", AddressHandler)])

@@ -30,6 +30,11 @@ Dispatch mode.  fdserver accepts and sends each connection over the
 registration channel; the worker wraps it in an IOStream and hands it to
 Tornado's ``HTTPServer.handle_stream``.
 
+On a listener marked for the PROXY protocol (``fdserver --proxy-protocol``)
+each connection's header is read first (:mod:`fdserver.proxyproto`), off the
+event loop's critical path and under a deadline, and the address it carries
+is the one the app sees; a connection with a bad header is closed.
+
 Either way the worker reports its open connections (``load``), coalesced to
 at most one report per *report_interval*.
 
@@ -58,6 +63,7 @@ from . import _tornado
 from .accept import OUT_OF_DESCRIPTORS, accepted
 from .drain import DrainingHTTPServer
 from .protocol import LoadMessage
+from .proxyproto import DEFAULT_TIMEOUT, ProxyProtocolError, read_header
 from .tls import LISTENER_ATTRIBUTE
 
 log = logging.getLogger("fdapp")
@@ -71,6 +77,9 @@ REPORT_INTERVAL = 0.02      # at most 50 load reports a second
 SLACK = 1                   # connections over the share before yielding
 CPUS = len(os.sched_getaffinity(0))
 TCPI_UNACKED = 24           # struct tcp_info: a listener's accept queue length
+MAX_PROXY_PENDING = 1024    # connections waiting for their PROXY header at once
+PROXY_LOG_BURST = 10        # bad PROXY headers logged per PROXY_LOG_WINDOW
+PROXY_LOG_WINDOW = 10.0
 
 
 class Excess(enum.IntEnum):
@@ -130,8 +139,15 @@ class Acceptor:
     """Feeds connections to a DrainingHTTPServer and reports the load."""
 
     def __init__(self, server: DrainingHTTPServer, report: Callable[[LoadMessage], None], *,
-                 balance: bool = True, fast: bool | None = None) -> None:
+                 balance: bool = True, fast: bool | None = None,
+                 proxied: frozenset[str] = frozenset(),
+                 proxy_timeout: float = DEFAULT_TIMEOUT) -> None:
         self.server = server
+        # Names of the listeners whose connections start with a PROXY header.
+        self.proxied = proxied
+        self.proxy_timeout = proxy_timeout
+        self._proxy_pending: set[asyncio.Task[None]] = set()
+        self._proxy_log = (0.0, 0, 0)      # window start, logged in it, suppressed
         self.balance = balance
         # fdapp's own IOStream and accept, unless this Tornado changed what
         # they rely on (see fdserver._tornado).
@@ -285,6 +301,51 @@ class Acceptor:
     # -- both ----------------------------------------------------------------
 
     def _serve(self, conn: socket.socket, address: Any, name: str = "") -> None:
+        if name in self.proxied:
+            if len(self._proxy_pending) >= MAX_PROXY_PENDING:
+                self._proxy_failed(address, f"{MAX_PROXY_PENDING} connections already wait "
+                                            "for their PROXY header")
+                conn.close()
+                return
+            task = asyncio.ensure_future(self._serve_proxied(conn, address, name))
+            self._proxy_pending.add(task)
+            task.add_done_callback(self._proxy_pending.discard)
+            return
+        self._serve_stream(conn, address, name)
+
+    async def _serve_proxied(self, conn: socket.socket, address: Any, name: str) -> None:
+        conn.setblocking(False)
+        try:
+            header = await read_header(conn, self.proxy_timeout)
+        except ProxyProtocolError as exc:
+            self._proxy_failed(address, str(exc))
+            conn.close()
+            return
+        except BaseException:
+            conn.close()
+            raise
+        self._serve_stream(conn, header.source or address, name)
+
+    def _proxy_failed(self, address: Any, why: str) -> None:
+        """Log a refused connection, at most PROXY_LOG_BURST lines a window."""
+        now = self._loop.time()
+        start, logged, suppressed = self._proxy_log
+        if now - start >= PROXY_LOG_WINDOW:
+            if suppressed:
+                log.warning("closed %d more connections with a bad PROXY header in the "
+                            "last %gs", suppressed, round(now - start, 1))
+            start, logged, suppressed = now, 0, 0
+        if logged < PROXY_LOG_BURST:
+            peer = address[0] if isinstance(address, tuple) and address else "?"
+            log.warning("closed a connection from %s: %s", peer, why)
+            logged += 1
+        else:
+            suppressed += 1
+        self._proxy_log = (start, logged, suppressed)
+
+    def _serve_stream(self, conn: socket.socket, address: Any, name: str) -> None:
+        """The hand-off point: *conn* carries the client's own bytes from here
+        (after any PROXY header, before TLS), and *address* is the client's."""
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:

@@ -169,6 +169,28 @@ def fdserver_parser() -> argparse.ArgumentParser:
     tls.add_argument("--ciphers", metavar="LIST",
                      help="OpenSSL cipher list for TLS 1.2 (default: Python's, forward-secret "
                           "AEAD suites only)")
+    p.add_argument("--proxy-protocol", action="append", default=[], metavar="NAME",
+                   help="connections on the listener NAME start with a PROXY protocol "
+                        "header (v1 or v2, HAProxy's send-proxy / send-proxy-v2): the app "
+                        "sees the address it carries; a connection without one is closed. "
+                        "Repeatable. Only for listeners that nothing but the balancer can "
+                        "reach")
+    agent = p.add_argument_group(
+        "HAProxy agent-check", "answer HAProxy's agent-check with this host's ready "
+        "capacity (docs/fleet.md)")
+    agent.add_argument("--agent", metavar="HOST:PORT",
+                       help="address to answer agent-checks on: 'up ready N%%' (N: ready "
+                            "workers over --agent-capacity), 'down' with no ready worker, "
+                            "'drain' after fdctl drain or while fdserver stops")
+    agent.add_argument("--agent-capacity", type=_count, metavar="N",
+                       help="workers that make the host whole (default: the most that were "
+                            "ready at once in the last --agent-window)")
+    agent.add_argument("--agent-window", type=_positive, default=600.0, metavar="SECONDS",
+                       help="how long a peak of ready workers counts as the capacity "
+                            "(default %(default)s)")
+    agent.add_argument("--agent-linger", type=_positive, default=2.0, metavar="SECONDS",
+                       help="on SIGTERM, answer 'drain' this long before stopping: set it "
+                            "above HAProxy's agent-inter (default %(default)s)")
     _logging_flags(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -182,12 +204,28 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
 
         # Everything used after the privilege drop is imported here, first.
         from . import logconfig, privileges, systemd
-        from .listeners import bind_all, parse_bind
+        from .agent import Capacity
+        from .hostdrain import DrainState
+        from .listeners import bind, bind_all, parse_bind
         from .recovery import Recovery
         from .server import Server
         from .socketfile import SocketFile
 
         specs = [parse_bind(spec) for spec in args.bind]
+        agent_spec = None
+        if args.agent:
+            if "=" in args.agent:
+                raise UsageError(f"--agent {args.agent}: expected HOST:PORT")
+            try:
+                agent_spec = parse_bind(args.agent)
+            except FdserverError as exc:
+                raise UsageError(str(exc).replace("--bind", "--agent", 1)) from None
+        for name in args.proxy_protocol:
+            if specs and name not in {spec.name for spec in specs}:
+                raise UsageError(f"--proxy-protocol {name}: no --bind listener is called "
+                                 f"{name} (--bind {name}=HOST:PORT names one)")
+        if args.agent_capacity == 0:
+            raise UsageError("--agent-capacity 0: at least 1")
         if args.max_connections < 16:
             raise UsageError(f"--max-connections {args.max_connections}: at least 16")
         if args.group and not args.user:
@@ -222,6 +260,11 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
             if args.metrics is not None:
                 metrics_socket = exposition.bind_metrics(args.metrics)
             recovery = None
+            agent = None
+            if agent_spec:
+                agent = (bind(agent_spec, 128).sock,
+                         Capacity(args.agent_capacity, args.agent_window),
+                         DrainState(socket_file.path))
             if listeners is None:
                 listeners, in_use = bind_all(specs, args.backlog,
                                              defer_in_use=args.recover_timeout > 0)
@@ -242,7 +285,8 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
                max_peers=args.max_connections,
                allow=allow, notifier=notifier, recovery=recovery, dispatch=args.dispatch,
                unavailable_timeout=args.unavailable_timeout, tls=material,
-               metrics_socket=metrics_socket).run()
+               metrics_socket=metrics_socket, agent=agent, agent_linger=args.agent_linger,
+               proxy_listeners=frozenset(args.proxy_protocol)).run()
         return 0
 
     return _run("fdserver", body)
@@ -325,7 +369,13 @@ def fdapp_parser() -> argparse.ArgumentParser:
                         "json: one JSON object a line (default %(default)s)")
     _logging_flags(p)
     p.add_argument("--xheaders", action="store_true",
-                   help="trust X-Real-Ip/X-Forwarded-For (only behind a proxy)")
+                   help="take the client's address and scheme from X-Real-Ip/X-Forwarded-For "
+                        "and X-Scheme/X-Forwarded-Proto, from the peers in "
+                        "--forwarded-allow-ips only")
+    p.add_argument("--forwarded-allow-ips", metavar="LIST",
+                   help="comma-separated IPs and networks of the proxies whose X-Forwarded-For "
+                        "is believed (implies --xheaders); * for any peer (default with "
+                        "--xheaders: 127.0.0.1,::1)")
     p.add_argument("--timeout", type=_positive, metavar="SECONDS",
                    help="if the event loop has not run for this long (a handler blocks it), "
                         "write every thread's stack to the log and exit 1, so that the "
@@ -371,6 +421,10 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         # Until the worker's loop takes the signals over, a stop request just
         # ends the process cleanly: nothing has been served yet.
         signal.signal(signal.SIGTERM, _stopped_during_start_up)
+        from .forwarded import DEFAULT, TrustedProxies
+
+        xheaders = args.xheaders or args.forwarded_allow_ips is not None
+        trusted = TrustedProxies.parse(args.forwarded_allow_ips or DEFAULT) if xheaders else None
 
         from . import logconfig
         from .client import Registration, register, trusted_server_uids
@@ -405,7 +459,8 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
             setproctitle.setproctitle(f"{title} [{state}]")
             notifier.notify(sd_states[state], f"STATUS={state}")
 
-        options = {"xheaders": args.xheaders, "decompress_request": args.decompress_request,
+        options = {"xheaders": xheaders, "forwarded_allow_ips": trusted,
+                   "decompress_request": args.decompress_request,
                    **{name: value for name in ("max_body_size", "max_buffer_size",
                                                "idle_connection_timeout", "body_timeout")
                       if (value := getattr(args, name)) is not None}}
@@ -434,6 +489,15 @@ def fdctl_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = sub.add_parser("status", help="listeners and workers, with their states")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    drain = sub.add_parser(
+        "drain", help="take this host out of the balancer's rotation: fdserver's agent "
+                      "answers 'drain' (open connections carry on) until undrain, across "
+                      "fdserver restarts")
+    drain.add_argument("--wait", type=_positive, metavar="SECONDS",
+                       help="return once every balancer that asked the agent in the last "
+                            "minute has been told (it then sends no new request), or fail "
+                            "after SECONDS")
+    sub.add_parser("undrain", help="put this host back into the balancer's rotation")
     rolling = sub.add_parser(
         "rolling-restart",
         help="restart app processes one at a time through supervisord, each only "
@@ -464,6 +528,8 @@ def fdctl_main(argv: Sequence[str] | None = None) -> int:
                 status = control.status()
             print(json.dumps(status, indent=2) if args.json else format_status(status))
             return 0
+        if args.command in ("drain", "undrain"):
+            return _drain(args)
         if args.command == "rolling-restart":
             return _rolling_restart(args)
         if args.command == "reload":
@@ -476,6 +542,32 @@ def fdctl_main(argv: Sequence[str] | None = None) -> int:
         raise AssertionError(args.command)
 
     return _run("fdctl", body)
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from .ctl import Control
+
+    wait = getattr(args, "wait", None)
+    with Control(args.socket, timeout=10.0 + (wait or 0)) as control:
+        answer = control.drain(args.command == "drain", wait)
+    if not answer.get("persisted", True):
+        print("fdctl: warning: fdserver could not record the state: it holds until "
+              "fdserver restarts (see fdserver's log)", file=sys.stderr)
+    if args.command == "undrain":
+        print("undrained: the agent answers with the host's ready capacity again")
+        return 0
+    told = answer.get("told") or []
+    waiting = answer.get("waiting") or []
+    if wait is None:
+        print("drained: the agent answers 'drain' until fdctl undrain")
+        return 0
+    if waiting:
+        print(f"fdctl: error: after {wait:g}s, not told yet: {', '.join(waiting)} "
+              f"(told: {', '.join(told) or 'none'})", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"drained; told {', '.join(told)}" if told else
+          "drained; no balancer asked the agent in the last minute")
+    return 0
 
 
 def _rolling_restart(args: argparse.Namespace) -> int:

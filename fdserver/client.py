@@ -51,6 +51,7 @@ class ReceivedListener:
     address: str
     sock: socket.socket
     tls: bool = False           # serve it with TLS (Registration.ssl_context())
+    proxy: bool = False         # its connections start with a PROXY protocol header
 
 
 @dataclass
@@ -249,7 +250,8 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                                        f"{meta.get('name')!r}: {exc}") from None
                 listeners.append(ReceivedListener(str(meta.get("name")), str(meta.get("family")),
                                                   str(meta.get("address")), sock,
-                                                  meta.get("tls") is True))
+                                                  meta.get("tls") is True,
+                                                  meta.get("proxy") is True))
         if welcome.get("tls"):
             tls, fds = expect(channel, "tls", path)
             close_fds(fds)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .client import connect, expect
-from .protocol import ReloadedMessage, WaitedMessage, WorkerState
+from .protocol import DrainMessage, ReloadedMessage, WaitedMessage, WorkerState
 
 # fdserver answers a reload once every worker took the new certificate (or
 # at its own timeout, 5 s): allow for that.
@@ -50,6 +50,19 @@ class Control:
             self.channel.sock.settimeout(old)
         return message["ok"], message["message"]
 
+    def drain(self, drained: bool, wait: float | None = None) -> dict[str, Any]:
+        """Drain the host (or undrain it); with *wait*, once the balancers know."""
+        if drained:
+            request: DrainMessage = {"type": "drain"}
+            if wait:
+                request["wait"] = wait
+            self.channel.send(request)
+        else:
+            self.channel.send({"type": "undrain"})
+        answer: dict[str, Any]
+        answer, _ = expect(self.channel, "drained", self.path)
+        return answer
+
     def wait(self, pid: int, state: WorkerState, timeout: float) -> tuple[bool, str]:
         """Wait until worker *pid* is in *state* (``gone`` included).
 
@@ -73,7 +86,12 @@ def format_status(status: dict[str, Any], now: datetime | None = None) -> str:
     server = status["server"]
     lines = [f"fdserver pid {server['pid']} (uid {server['uid']}), version {server['version']}, "
              f"{server.get('mode', 'shared')} mode, up {_age(server['started_at'], now)}",
-             f"socket   {server['socket']}", ""]
+             f"socket   {server['socket']}"]
+    if "agent" in server:
+        lines.append(f"agent    {server['agent']}, capacity {server.get('capacity', '?')}, "
+                     + ("DRAINED (fdctl undrain puts it back)" if server.get("drained")
+                        else "in rotation"))
+    lines.append("")
     rows: list[tuple[str, ...]] = [("LISTENER", "FAMILY", "ADDRESS", "TLS")]
     rows += [(listener["name"], listener["family"], listener["address"], _tls(listener))
              for listener in status["listeners"]]

@@ -63,8 +63,11 @@ DETACHED_CHECK_DRAINING = 0.05
 class DrainingHTTPServer(HTTPServer):
     """An HTTPServer that knows which of its connections are idle."""
 
-    def initialize(self, *args: Any, **kwargs: Any) -> None:
+    def initialize(self, *args: Any, forwarded_allow_ips: Any = None, **kwargs: Any) -> None:
+        # With xheaders: the peers (fdserver.forwarded.TrustedProxies) whose
+        # X-Forwarded-For is believed; None believes anyone (Tornado's way).
         super().initialize(*args, **kwargs)
+        self._forwarded_allow_ips = forwarded_allow_ips
         # connection -> (its current request, monotonic time that request
         # began waiting for its headers, the app's delegate for it)
         self._requests: dict[HTTP1ServerConnection, tuple[Any, float, Any]] = {}
@@ -102,7 +105,21 @@ class DrainingHTTPServer(HTTPServer):
         previous = self._requests.get(conn)
         if previous is not None and headers_arrived(previous[0]):
             self.requests += 1
-        delegate = super().start_request(server_conn, request_conn)
+        if self.xheaders and self._forwarded_allow_ips is not None:
+            # HTTPServer reads xheaders right here, for this request only.
+            peer = getattr(request_conn, "context", None)
+            address = getattr(peer, "address", None)
+            trusted = isinstance(address, tuple) and address[0] in self._forwarded_allow_ips
+            if trusted and peer is not None:
+                # Tornado skips these in X-Forwarded-For; it only tests `in`.
+                peer.trusted_downstream = self._forwarded_allow_ips
+            self.xheaders = trusted
+            try:
+                delegate = super().start_request(server_conn, request_conn)
+            finally:
+                self.xheaders = True
+        else:
+            delegate = super().start_request(server_conn, request_conn)
         self._requests[conn] = (request_conn, now, delegate)
         if self._draining:
             self._check_idle_later(conn, request_conn, now)

@@ -59,6 +59,7 @@ class Peer:
         default_factory=lambda: collections.deque(maxlen=RATE_BEATS + 1))
     timer: asyncio.TimerHandle | None = None
     waits: list[Wait] = field(default_factory=list)
+    waits_drain: bool = False        # an fdctl drain --wait, until the balancers know
 
     def report(self, wanted: str) -> Reported | None:
         """Move to the state the worker reports; None if it is in it already.

@@ -72,6 +72,12 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
     server -> waited     {"pid": int, "state": str | null, "ok": bool}
     ctl    -> reload     {}
     server -> reloaded   {"ok": bool, "message": str, "certificate": {...}, "workers": n}
+    ctl    -> drain      {"wait": seconds}   (optional: answer once every balancer
+                                              that asked the agent lately was told)
+    ctl    -> undrain    {}
+    server -> drained    {"drained": bool, "persisted": bool,
+                          "told": [host, ...], "waiting": [host, ...]}
+                         (only with --agent; else an error)
   any time:
     server -> error      {"message": str}       then the server closes
 
@@ -288,6 +294,23 @@ class MetricsMessage(TypedDict):
     durations: list[Any]                    # [[listener, [n per bucket], seconds], ...]
 
 
+class DrainMessage(TypedDict):
+    type: Literal["drain"]
+    wait: NotRequired[object]               # seconds: answer once the balancers know
+
+
+class UndrainMessage(TypedDict):
+    type: Literal["undrain"]
+
+
+class DrainedMessage(TypedDict):
+    type: Literal["drained"]
+    drained: bool
+    persisted: NotRequired[object]
+    told: NotRequired[object]               # balancers the agent told "drain"
+    waiting: NotRequired[object]            # balancers not told yet (at the wait's end)
+
+
 class ErrorMessage(TypedDict):
     type: Literal["error"]
     message: str
@@ -296,7 +319,8 @@ class ErrorMessage(TypedDict):
 Message = (HelloMessage | WelcomeMessage | ListenersMessage | StateMessage | HandbackMessage
            | LoadMessage | ShareMessage | ConnectionsMessage | ReleasedMessage | StatusMessage
            | WaitMessage | WaitedMessage | HeartbeatMessage | RecycleMessage | TLSMessage
-           | ReloadMessage | ReloadedMessage | MetricsMessage | ErrorMessage)
+           | ReloadMessage | ReloadedMessage | MetricsMessage | DrainMessage | UndrainMessage
+           | DrainedMessage | ErrorMessage)
 
 
 def _json_type(hint: Any) -> type | tuple[type, ...]:

@@ -46,7 +46,7 @@ DEFAULT_KEEPALIVE_GRACE = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 RECONNECT_MAX_DELAY = 1.0
 # What fdapp reads from its channel (see fdserver.client.register).
-FEATURES = ("share", "dispatch", "heartbeat", "recycle", "tls", "metrics")
+FEATURES = ("share", "dispatch", "heartbeat", "recycle", "tls", "metrics", "proxy")
 
 
 class Worker:
@@ -128,7 +128,10 @@ class Worker:
         self.registration = await _in_daemon_thread(self.register)
         self.channel = LoopChannel(self.registration.channel, loop,
                                    self._on_message, self._on_server_gone)
-        self.acceptor = Acceptor(self.server, self._send, balance=self.balance)
+        proxied = frozenset(listener.name for listener in self.registration.listeners
+                            if listener.proxy)
+        self.acceptor = Acceptor(self.server, self._send, balance=self.balance,
+                                 proxied=proxied)
         self._set_contexts(self.registration.ssl_context())
         if self.access_log_format:
             self._log_requests()

@@ -22,8 +22,10 @@ from typing import Any
 from . import __version__
 from .accept import accepted
 from .admission import Admission
+from .agent import Agent, Capacity, reply
 from .certificates import Material
 from .errors import ProtocolError
+from .hostdrain import DrainState
 from .listeners import Listener
 from .metrics import HostMetrics
 from .peer import Peer, iso_time
@@ -35,6 +37,8 @@ from .protocol import (
     PROTOCOL_VERSION,
     REPORTED_STATES,
     ROLES,
+    DrainedMessage,
+    DrainMessage,
     HandbackMessage,
     HeartbeatMessage,
     HelloMessage,
@@ -96,6 +100,9 @@ class Server:
         unavailable_timeout: float = 10.0,
         tls: Material | None = None,
         metrics_socket: socket.socket | None = None,
+        agent: tuple[socket.socket, Capacity, DrainState] | None = None,
+        agent_linger: float = 2.0,
+        proxy_listeners: frozenset[str] = frozenset(),
     ) -> None:
         self.listeners = listeners
         self.socket_file = socket_file
@@ -122,6 +129,15 @@ class Server:
             spec.name for spec in (self.recovery.specs if self.recovery else [])}
         self.metrics_socket = metrics_socket
         self._endpoint: Any = None
+        # HAProxy's agent-check (see fdserver.agent): its socket until it runs.
+        self._agent_setup = agent
+        self.agent: Agent | None = None
+        self.agent_linger = agent_linger
+        self.stopping = False
+        self._drain_waits: list[tuple[Peer, float, set[str], asyncio.TimerHandle,
+                                      bool]] = []
+        # Listeners whose connections start with a PROXY protocol header.
+        self.proxy_listeners = proxy_listeners
         self.started_at = time.time()
         self._waits = Waits(self._state_of, lambda asker: self._arm(
             asker, self.ctl_idle_timeout, "idle for too long"))
@@ -143,6 +159,8 @@ class Server:
             ("ctl", "status"): self._on_status,
             ("ctl", "wait"): self._on_wait,
             ("ctl", "reload"): self._on_reload,
+            ("ctl", "drain"): self._on_drain,
+            ("ctl", "undrain"): self._on_drain,
         }
 
     _loop: asyncio.AbstractEventLoop        # the running loop, from _main() on
@@ -181,6 +199,11 @@ class Server:
             await self._endpoint.start()
             log.info("metrics on http://%s/metrics, health on /health",
                      self._endpoint.address)
+        if self._agent_setup:
+            sock, self.capacity, self.drain_state = self._agent_setup
+            self.agent = Agent(sock, loop, self._agent_answer)
+            self.agent.on_answer = self._check_drain_waits
+            log.info("answering HAProxy's agent-check on %s", self.agent.address)
         if self.recovery:
             log.info("cannot bind %s: address in use; waiting up to %gs for a worker to "
                      "hand it back; socket %s", self.recovery.describe(),
@@ -196,6 +219,13 @@ class Server:
             self._serving()
         try:
             signum = await stop
+            if self.agent and self.agent_linger:
+                # Tell the balancers first; a second signal cuts this short.
+                self.stopping = True
+                log.info("%s: the agent answers 'drain' for %gs, then fdserver stops",
+                         signal.Signals(signum).name, self.agent_linger)
+                stop = loop.create_future()
+                await asyncio.wait([stop], timeout=self.agent_linger)
             log.info("%s: shutting down; workers keep serving", signal.Signals(signum).name)
         finally:
             self._shut_down()
@@ -219,6 +249,9 @@ class Server:
         self._loop.remove_reader(self.socket_file.sock.fileno())
         if self._endpoint is not None:
             self._endpoint.close()
+        if self.agent:
+            self.agent.close()
+            self.drain_state.close()
         placement, self._placement = self._placement, None
         if placement:
             placement.close()
@@ -282,6 +315,9 @@ class Server:
         if peer.timer:
             peer.timer.cancel()
         self._waits.drop(peer)
+        for entry in [e for e in self._drain_waits if e[0] is peer]:
+            self._drain_waits.remove(entry)
+            entry[3].cancel()
         if peer.role == "worker":
             if self.renewal:
                 self.renewal.gone(peer)
@@ -309,7 +345,8 @@ class Server:
             handler(peer, message, fds)
         except ProtocolError as exc:
             self._refuse(peer, str(exc))
-        if peer.role == "ctl" and not peer.waits and not peer.channel.closed:
+        if (peer.role == "ctl" and not peer.waits and not peer.waits_drain
+                and not peer.channel.closed):
             self._arm(peer, self.ctl_idle_timeout, "idle for too long")
 
     def _refuse(self, peer: Peer, reason: str) -> None:
@@ -362,6 +399,10 @@ class Server:
             self._recycler.hold(RECYCLE_HOLD_AFTER_RESTART)
             self._worker_changed(peer)
         elif peer.role == "worker":
+            if self.proxy_listeners and "proxy" not in peer.features:
+                raise ProtocolError("this worker does not read the PROXY protocol header "
+                                    f"listener {sorted(self.proxy_listeners)[0]} needs "
+                                    "(fdserver --proxy-protocol): upgrade the app's fdserver")
             peer.state = "starting"
             if self.recovery:
                 self._deferred.append(peer)      # listeners follow once recovered
@@ -378,7 +419,8 @@ class Server:
         frames = batches(self.listeners) or [[]]
         for n, batch in enumerate(frames, 1):
             peer.channel.send(
-                {"type": "listeners", "listeners": [listener.describe() for listener in batch],
+                {"type": "listeners", "listeners": [self._describe(listener)
+                                                    for listener in batch],
                  "fds": len(batch), "more": n < len(frames)},
                 [listener.sock.fileno() for listener in batch])
         if self.renewal:
@@ -486,6 +528,8 @@ class Server:
         self._waits.changed(peer)
         self.metrics.worker_changed(peer)
         self._recycler.changed()
+        if self.agent:
+            self.capacity.observe(self._ready_count())
         self._notify()
         if self._placement:
             self._placement.worker_changed()
@@ -513,16 +557,81 @@ class Server:
             "server": {"pid": os.getpid(), "uid": os.getuid(), "version": __version__,
                        "mode": self.mode,
                        "protocol": PROTOCOL_VERSION, "socket": self.socket_file.path,
-                       "started_at": iso_time(self.started_at)},
+                       "started_at": iso_time(self.started_at),
+                       **({"agent": self.agent.address, "drained": self.drain_state.drained,
+                           "capacity": self.capacity.value()} if self.agent else {})},
             "listeners": [self._status_of(listener) for listener in self.listeners],
             "workers": [p.describe() for p in self.workers()],
         }
 
+    def _describe(self, listener: Listener) -> dict[str, Any]:
+        described: dict[str, Any] = dict(listener.describe())
+        if listener.name in self.proxy_listeners:
+            described["proxy"] = True
+        return described
+
     def _status_of(self, listener: Listener) -> dict[str, Any]:
-        described = listener.describe()
+        described = self._describe(listener)
         if listener.tls and self.renewal:
             described["tls"] = self.renewal.describe()
         return described
+
+    # -- HAProxy's agent and the host's drain --------------------------------
+
+    def _ready_count(self) -> int:
+        return sum(1 for p in self._unsorted_workers() if p.state == "ready")
+
+    def _agent_answer(self) -> str:
+        ready = self._ready_count()
+        self.capacity.observe(ready)
+        return reply(ready, self.capacity.value(), self.stopping or self.drain_state.drained)
+
+    def _on_drain(self, peer: Peer, message: DrainMessage, fds: list[int]) -> None:
+        if not self.agent:
+            raise ProtocolError("fdserver runs without --agent: no balancer to drain from")
+        drained = message["type"] == "drain"
+        persisted = self.drain_state.set(drained)
+        log.info("host %s by fdctl (pid %d uid %d)", "drained" if drained else "undrained",
+                 peer.pid, peer.uid)
+        wait = message.get("wait")
+        since = time.monotonic()
+        askers = set(self.agent.recent_askers(0.0))
+        if drained and isinstance(wait, (int, float)) and wait > 0 and askers:
+            timer = self._loop.call_later(min(float(wait), 3600.0), self._end_drain_wait, peer)
+            self._drain_waits.append((peer, since, askers, timer, persisted))
+            peer.waits_drain = True
+            if peer.timer:
+                peer.timer.cancel()
+            return
+        peer.channel.send(self._drained(persisted, askers if drained else set(), set()))
+
+    def _drained(self, persisted: bool, told: set[str], waiting: set[str]) -> DrainedMessage:
+        return {"type": "drained", "drained": self.drain_state.drained, "persisted": persisted,
+                "told": sorted(told), "waiting": sorted(waiting)}
+
+    def _check_drain_waits(self) -> None:
+        if not self._drain_waits or not self.agent:
+            return
+        for entry in list(self._drain_waits):
+            peer, since, askers, _, _ = entry
+            told = {host for host, said in self.agent.recent_askers(since).items()
+                    if said == "drain"}
+            if askers <= told:
+                self._end_drain_wait(peer)
+
+    def _end_drain_wait(self, peer: Peer) -> None:
+        for entry in list(self._drain_waits):
+            if entry[0] is peer:
+                self._drain_waits.remove(entry)
+                entry[3].cancel()
+                assert self.agent
+                told = {host for host, said in self.agent.recent_askers(entry[1]).items()
+                        if said == "drain"}
+                peer.waits_drain = False
+                if not peer.channel.closed:
+                    peer.channel.send(self._drained(entry[4], told & entry[2],
+                                                    entry[2] - told))
+                    self._arm(peer, self.ctl_idle_timeout, "idle for too long")
 
     def _on_status(self, peer: Peer, message: StatusMessage, fds: list[int]) -> None:
         peer.channel.send(self.status())

@@ -209,8 +209,11 @@ class Stats:
     connections: int = 0
     pids: collections.Counter = field(default_factory=collections.Counter)
     latencies: list[float] = field(default_factory=list)
+    failure_window: tuple[float, ...] | None = None
 
     def fail(self, kind: str, message: str) -> None:
+        at = round(time.monotonic() - self.started_at, 3)
+        self.failure_window = (self.failure_window or (at, at))[:1] + (at,)
         self.requests += 1
         self.failures[kind] += 1
         if len(self.examples[kind]) < EXAMPLES_PER_KIND:
@@ -232,6 +235,8 @@ class Stats:
             "failed": sum(self.failures.values()),
             "failures": {kind: {"count": n, "examples": self.examples[kind]}
                          for kind, n in sorted(self.failures.items())},
+            # seconds since the start: the first and the last failed request
+            "failure_window": list(self.failure_window) if self.failure_window else None,
             "connections": self.connections,
             "reconnects": dict(self.reconnects),
             "pids": {str(pid): n for pid, n in self.pids.most_common()},

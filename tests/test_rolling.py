@@ -21,12 +21,13 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0,
 class Supervised:
     """supervisord -c deploy/supervisord.conf, as docs/deployment.md runs it."""
 
-    def __init__(self, procs, run_dir, config=PROJECT / "deploy" / "supervisord.conf"):
+    def __init__(self, procs, run_dir, config=PROJECT / "deploy" / "supervisord.conf",
+                 env: dict | None = None):
         self.run_dir = run_dir
         self.socket = str(run_dir / "fdserver.sock")
         self.url = f"unix://{run_dir}/supervisor.sock"
         env = dict(os.environ, FDSERVER_BIND="127.0.0.1:0", FDSERVER_RUN_DIR=str(run_dir),
-                   PATH=f"{BIN}:{os.environ['PATH']}")
+                   PATH=f"{BIN}:{os.environ['PATH']}", **(env or {}))
         self.proc: Proc = procs.start([script("supervisord"), "-n", "-c", str(config)], env=env)
         self.workers = wait_until(lambda: self._ready(4), timeout=60, what="4 ready workers")
         self.address = self.status()["listeners"][0]["address"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from loadclient import LoadClient
-from support import APP_USER, GROUP, http_get, replace_by_hand, run, script
+from support import APP_USER, GROUP, PROJECT, http_get, replace_by_hand, run, script
 
 TLS_GROUP = "fdtest-tls"        # may read the key; the app's user is not in it
 
@@ -405,3 +405,110 @@ def test_an_apps_own_ssl_options_are_honoured(certs, tmp_path, start_fdserver, s
     worker = start_fdapp(server, app="own:main", cwd=tmp_path)
     assert fetch(server.address, certs.ca) == (certs.first.subject,
                                                f"Hello from {worker.pid}\n", None)
+
+
+def https_config(path: Path) -> Path:
+    """deploy/supervisord.conf with its commented HTTPS command in place of the plain one."""
+    lines = (PROJECT / "deploy" / "supervisord.conf").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("command=fdserver"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith(" "))
+    https = next(i for i, line in enumerate(lines) if line.startswith(";command=fdserver"))
+    stop = next(i for i in range(https + 1, len(lines)) if not lines[i].startswith(";    "))
+    command = [line[1:] for line in lines[https:stop]]
+    lines = lines[:start] + command + lines[end:https] + lines[stop:]
+    # Written elsewhere: the app's directory= is relative to the file's folder.
+    path.write_text("\n".join(lines).replace("%(here)s/..", str(PROJECT)) + "\n")
+    return path
+
+
+@needs_root
+def test_the_shipped_https_deployment_and_certbot_hook(certs, procs, public_dir, deploy_user,
+                                                       tmp_path):
+    from test_rolling import Supervised
+
+    # As docs/deployment.md sets it up: the key root:ssl-cert 0640, in a 0750 folder.
+    try:
+        ssl_cert = grp.getgrnam("ssl-cert").gr_gid
+        made_group = False
+    except KeyError:
+        subprocess.run(["groupadd", "--system", "ssl-cert"], check=True)
+        ssl_cert, made_group = grp.getgrnam("ssl-cert").gr_gid, True
+    tls_dir = public_dir / "tls"
+    tls_dir.mkdir()
+    os.chown(tls_dir, 0, ssl_cert)
+    os.chmod(tls_dir, 0o750)
+    for source, name in ((certs.first.cert, "fullchain.pem"), (certs.first.key, "privkey.pem")):
+        shutil.copyfile(source, tls_dir / name)
+        os.chown(tls_dir / name, 0, ssl_cert)
+        os.chmod(tls_dir / name, 0o640)
+    config = https_config(tmp_path / "supervisord.conf")
+    deployment = Supervised(procs, public_dir, config=config, env={
+        "FDSERVER_TLS_BIND": "127.0.0.1:0", "FDSERVER_TLS_DIR": str(tls_dir)})
+    try:
+        https = tls_address(deployment)
+        subject, body, _ = fetch(https, certs.ca)
+        assert subject == certs.first.subject
+        assert int(body.split()[-1]) in deployment.workers
+        with LoadClient(https, clients=4, mode="keepalive", tls_ca=certs.ca) as load:
+            load.wait_started()
+            result = deployment.rolling_restart()
+            assert result.returncode == 0, result.stdout + result.stderr
+            # certbot renewed: its deploy hook installs the files and reloads.
+            renewed = tmp_path / "live"
+            renewed.mkdir()
+            shutil.copyfile(certs.renewed.cert, renewed / "fullchain.pem")
+            shutil.copyfile(certs.renewed.key, renewed / "privkey.pem")
+            hook = run([str(PROJECT / "deploy" / "certbot" / "fdserver-reload")], env=dict(
+                os.environ, RENEWED_LINEAGE=str(renewed), FDSERVER_TLS_DIR=str(tls_dir),
+                FDSERVER_SOCKET=deployment.socket, FDCTL=script("fdctl")))
+            assert hook.returncode == 0, hook.stderr
+            assert re.fullmatch(r"loaded CN=renewed\.test, expires \S+ into 4 worker\(s\)\n",
+                                hook.stdout), hook.stdout
+            report = load.stop()
+        assert report["failed"] == 0, report["failures"]
+        assert fetch(https, certs.ca)[0] == certs.renewed.subject
+        key = os.stat(tls_dir / "privkey.pem")
+        assert (key.st_uid, key.st_gid, key.st_mode & 0o777) == (0, ssl_cert, 0o640)
+    finally:
+        deployment.shutdown()
+        if made_group:
+            subprocess.run(["groupdel", "ssl-cert"], check=False)
+
+
+def test_tls_under_systemd_socket_activation(certs, live, procs, sockdir):
+    import threading
+
+    from test_systemd import ACTIVATE, free_port
+
+    path, port = str(sockdir / "fd.sock"), free_port()
+    activator = procs.start([ACTIVATE, "-l", f"127.0.0.1:{port}", "--fdname=https",
+                             script("fdserver"), "--socket", path,
+                             "--certfile", str(live / "live.crt"),
+                             "--keyfile", str(live / "live.key")])
+    activator.wait_for_line(rf"Listening on 127.0.0.1:{port}")
+    answers = []
+    # Like systemd, it starts fdserver on the first connection, which waits meanwhile.
+    first = threading.Thread(target=lambda: answers.append(fetch(f"127.0.0.1:{port}", certs.ca)))
+    first.start()
+    activator.wait_for_line(rf"serving https on 127.0.0.1:{port};")
+    worker = procs.start([script("fdapp"), "app:make_app", "--socket", path])
+    worker.wait_for_line(r"ready: serving https on")
+    first.join(timeout=20)
+    assert answers == [(certs.first.subject, f"Hello from {worker.pid}\n", "http/1.1")]
+
+
+def test_proxy_protocol_is_read_before_tls(certs, live, start_fdserver, start_fdapp):
+    server = start_fdserver("--certfile", str(live / "live.crt"),
+                            "--keyfile", str(live / "live.key"), "--proxy-protocol", "https",
+                            binds=("https=127.0.0.1:0",))
+    start_fdapp(server)
+    host, port = tls_address(server).rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(f"PROXY TCP4 203.0.113.7 {host} 40000 {port}\r\n".encode())
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(b"GET /ip HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+    assert data.endswith(b"\r\n\r\n203.0.113.7 https\n"), data

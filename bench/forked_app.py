@@ -32,7 +32,17 @@ from app import make_app  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--certfile", help="serve HTTPS with this certificate (and --keyfile)")
+    p.add_argument("--keyfile")
     args = p.parse_args(argv)
+    ssl_options = None
+    if args.certfile:
+        # The very context fdapp builds from fdserver's material: same protocol
+        # versions, ciphers and ALPN, so the comparison is of the servers only.
+        from fdserver.tls import server_context
+
+        with open(args.certfile) as chain, open(args.keyfile) as key:
+            ssl_options = server_context({"chain": chain.read(), "key": key.read()})
     # As fdapp does without --access-log.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
     sockets = bind_sockets(0, "127.0.0.1")
@@ -41,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     fork_processes(args.processes, max_restarts=0)    # returns only in the children
 
     async def serve() -> None:
-        server = HTTPServer(make_app())
+        server = HTTPServer(make_app(), ssl_options=ssl_options)
         server.add_sockets(sockets)
         # One write(2), so that the children's lines never interleave.
         os.write(sys.stdout.fileno(), f"pid {os.getpid()} ready\n".encode())

@@ -87,6 +87,7 @@ WAVE_SECONDS = 1.0
 THROUGHPUT_WORKERS = 2
 FAIR_WORKERS = 8
 TARGETS = {"shared": 1.0, "dispatch": 0.8}               # throughput ratio to fork_processes
+TLS_TARGETS = {"shared": 1.0}                            # HTTPS, ratio to fork_processes
 METRICS_TARGET = 0.97                                    # metrics on / off
 METRICS_PATTERNS = PATTERNS
 FAIR_TARGETS = {"balanced": 0.95, "dispatch": 0.99}      # Jain's index
@@ -157,7 +158,8 @@ def load(stack, pattern: str, *, connections: int, duration: float,
     try:
         new_connection, threads = LOADS[pattern]
         result = run_wrk(stack.address, connections=connections, threads=threads,
-                         duration=duration, new_connection=new_connection)
+                         duration=duration, new_connection=new_connection,
+                         scheme=getattr(stack, "scheme", "http"))
     finally:
         sampler.cancel()
         sampler.join()
@@ -339,10 +341,33 @@ def run_round(r: int, plan: Plan, args: argparse.Namespace,
             guarded("metrics", name, makers[name],
                     loads("metrics", name, args.connections, args.duration,
                           rotate(METRICS_PATTERNS, r)))
+    if "tls" in args.sections:
+        tls = args.tls_files
+        makers = {"fork": lambda: ForkedStack(THROUGHPUT_WORKERS, tls=tls),
+                  "shared": lambda: FdStack(plan.workdir, "tls-shared", THROUGHPUT_WORKERS,
+                                            tls=tls),
+                  "dispatch": (lambda: FdStack(plan.workdir, "tls-dispatch", THROUGHPUT_WORKERS,
+                                               ("--dispatch",), tls=tls))
+                  if plan.modes["dispatch"] else None}
+        for name in rotate(list(makers), r):
+            guarded("tls", name, makers[name],
+                    loads("tls", name, args.connections, args.duration, rotate(PATTERNS, r)))
     if "startup" in args.sections:
         for name in rotate(["shared", "dispatch"], r):
             guarded("startup", name, plan.fd(name, 0), starts(name))
     return runs
+
+
+def make_certificate(folder: Path) -> tuple[str, str]:
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1, made with openssl."""
+    cert, key = folder / "bench.crt", folder / "bench.key"
+    done = run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(cert),
+                "-days", "2", "-subj", "/CN=127.0.0.1", "-addext",
+                "subjectAltName=IP:127.0.0.1"])
+    if done.returncode != 0:
+        raise RuntimeError(f"openssl could not make the bench's certificate: {done.stderr}")
+    return str(cert), str(key)
 
 
 # -- figures and tables -----------------------------------------------------
@@ -427,6 +452,23 @@ def throughput_table(runs: list[dict], plan: Plan) -> str:
             mine = select(runs, "throughput", name, pattern)
             ratios = [x["rps"] / base[x["round"]] for x in mine if base.get(x["round"])]
             target = TARGETS.get(name)
+            rows.append((pattern, label, spread([x["rps"] for x in mine], kilo),
+                         "1 (baseline)" if name == "fork" else spread(ratios, num(2)),
+                         f">= {target:g}" if target else "",
+                         verdict(ratios, target, num(2)) if target else ""))
+    return table(rows)
+
+
+def tls_table(runs: list[dict]) -> str:
+    rows = [("pattern", "stack", "req/s", "ratio to fork", "target", "")]
+    labels = {"fork": "tornado fork_processes(2), same ssl_options",
+              "shared": "fdserver shared, --certfile", "dispatch": "fdserver dispatch, --certfile"}
+    for pattern in PATTERNS:
+        base = {x["round"]: x["rps"] for x in select(runs, "tls", "fork", pattern)}
+        for name, label in labels.items():
+            mine = select(runs, "tls", name, pattern)
+            ratios = [x["rps"] / base[x["round"]] for x in mine if base.get(x["round"])]
+            target = TLS_TARGETS.get(name)
             rows.append((pattern, label, spread([x["rps"] for x in mine], kilo),
                          "1 (baseline)" if name == "fork" else spread(ratios, num(2)),
                          f">= {target:g}" if target else "",
@@ -565,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fair-connections", type=int, default=64, help="wrk -c for fairness")
     p.add_argument("--starts", type=int, default=15, help="fdapp starts timed in all, per mode")
     p.add_argument("--handouts", type=int, default=200, help="register() calls timed in all")
-    p.add_argument("--sections", default="throughput,fairness,metrics,startup",
+    p.add_argument("--sections", default="throughput,fairness,metrics,tls,startup",
                    help="comma-separated subset of %(default)s (CPU comes with throughput)")
     p.add_argument("--json-out", metavar="PATH", help="also write every run's result here")
     p.add_argument("--plot", metavar="PATH", default=str(PROJECT / "bench/results/fairness.png"),
@@ -575,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     args.sections = set(args.sections.split(","))
-    unknown = args.sections - {"throughput", "fairness", "metrics", "startup"}
+    unknown = args.sections - {"throughput", "fairness", "metrics", "tls", "startup"}
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}")
     args.starts_per_round = max(1, math.ceil(args.starts / args.rounds))
@@ -589,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="perf-") as tmp:
         plan = Plan(detect_modes(), Path(tmp))
+        args.tls_files = make_certificate(Path(tmp)) if "tls" in args.sections else None
         runs = []
         for r in range(args.rounds):
             runs += run_round(r, plan, args, log)
@@ -620,7 +663,13 @@ def main(argv: list[str] | None = None) -> int:
               f"on against off in the same round, wrk -t 2 -c {args.connections} "
               f"-d {args.duration:g}s")
         print(metrics_table(runs))
-    print("\n5. Worker start-up and listener handout, ms: median of all samples (lowest-highest "
+    if "tls" in args.sections:
+        print(f"\n5. HTTPS: {THROUGHPUT_WORKERS} workers, an ECDSA P-256 certificate, wrk -t 2 "
+              f"-c {args.connections} -d {args.duration:g}s (new conn: a full TLS handshake per "
+              f"request); ratio to tornado fork_processes({THROUGHPUT_WORKERS}) with the same "
+              "SSLContext, in the same round")
+        print(tls_table(runs))
+    print("\n6. Worker start-up and listener handout, ms: median of all samples (lowest-highest "
           "round median)")
     print(startup_table(runs))
     failed = [x for x in runs if "failed" in x]

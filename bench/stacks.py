@@ -38,7 +38,12 @@ class FdStack:
     """fdserver and *workers* fdapps on one 127.0.0.1 port chosen by the kernel."""
 
     def __init__(self, workdir: Path, name: str, workers: int,
-                 server_flags: tuple[str, ...] = (), app_flags: tuple[str, ...] = ()) -> None:
+                 server_flags: tuple[str, ...] = (), app_flags: tuple[str, ...] = (),
+                 tls: tuple[str, str] | None = None) -> None:
+        """*tls*: (certfile, keyfile) to serve HTTPS with, on a listener named https."""
+        self.scheme = "https" if tls else "http"
+        if tls:
+            server_flags += ("--certfile", tls[0], "--keyfile", tls[1])
         self.socket = str(workdir / f"{name}.sock")
         self.workers_wanted = workers
         self.server_flags, self.app_flags = server_flags, app_flags
@@ -55,9 +60,10 @@ class FdStack:
         return [w.pid for w in self.workers]
 
     def start(self) -> FdStack:
-        self.server = Proc([script("fdserver"), "--bind", "127.0.0.1:0", "--socket", self.socket,
-                            *self.server_flags], watchdog=PROC_WATCHDOG)
-        match = self.server.wait_for_line(r"\bhttp on (127\.0\.0\.1:\d+)", STEP_TIMEOUT)
+        self.server = Proc([script("fdserver"), "--bind", f"{self.scheme}=127.0.0.1:0",
+                            "--socket", self.socket, *self.server_flags], watchdog=PROC_WATCHDOG)
+        match = self.server.wait_for_line(rf"\b{self.scheme} on (127\.0\.0\.1:\d+)",
+                                          STEP_TIMEOUT)
         self.address = match.group(1)
         starting = [self.spawn() for _ in range(self.workers_wanted)]
         for worker in starting:
@@ -80,15 +86,18 @@ class FdStack:
 class ForkedStack:
     """bench/forked_app.py with *workers* processes, in a process group of its own."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, tls: tuple[str, str] | None = None) -> None:
         self.workers_wanted = workers
+        self.tls = tls
+        self.scheme = "https" if tls else "http"
         self.parent: Proc | None = None
         self.worker_pids: list[int] = []
         self.address = ""
 
     def start(self) -> ForkedStack:
+        tls = ["--certfile", self.tls[0], "--keyfile", self.tls[1]] if self.tls else []
         self.parent = Proc([sys.executable, str(BENCH / "forked_app.py"),
-                            "--processes", str(self.workers_wanted)],
+                            "--processes", str(self.workers_wanted), *tls],
                            watchdog=PROC_WATCHDOG, start_new_session=True)
         self.address = self.parent.wait_for_line(r"listening on (\S+)", STEP_TIMEOUT).group(1)
         ready = re.compile(r"^pid (\d+) ready$")

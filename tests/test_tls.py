@@ -512,3 +512,25 @@ def test_proxy_protocol_is_read_before_tls(certs, live, start_fdserver, start_fd
             while chunk := tls.recv(65536):
                 data += chunk
     assert data.endswith(b"\r\n\r\n203.0.113.7 https\n"), data
+
+
+def test_ipv6_tls_1_2_at_least_and_alpn(certs, live, start_fdserver, start_fdapp):
+    server = start_fdserver("--certfile", str(live / "live.crt"),
+                            "--keyfile", str(live / "live.key"), binds=("https=[::1]:0",))
+    worker = start_fdapp(server)
+    https = tls_address(server)
+    assert https.startswith("[::1]:")
+    assert fetch(https, certs.ca) == (certs.first.subject, f"Hello from {worker.pid}\n",
+                                      "http/1.1")
+    port = https.rsplit(":", 1)[1]
+
+    def s_client(*flags: str) -> str:
+        return subprocess.run(["openssl", "s_client", "-connect", f"[::1]:{port}", *flags],
+                              input="", capture_output=True, text=True, timeout=30).stdout
+
+    # A client that offers TLS 1.1 (allowed on its side) is refused by the server.
+    old = subprocess.run(["openssl", "s_client", "-connect", f"[::1]:{port}", "-tls1_1",
+                          "-cipher", "DEFAULT@SECLEVEL=0"], input="", capture_output=True,
+                         text=True, timeout=30)
+    assert "alert protocol version" in old.stderr, old.stdout + old.stderr
+    assert "Protocol  : TLSv1.2" in s_client("-tls1_2")

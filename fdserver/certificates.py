@@ -10,7 +10,9 @@ in service.  The worker's half is :mod:`fdserver.tls`.
 
 from __future__ import annotations
 
+import os
 import ssl
+import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -56,7 +58,7 @@ class Material:
 
     def message(self, serial: int) -> TLSMessage:
         message: TLSMessage = {"type": "tls", "serial": serial, "chain": self.chain,
-                               "key": self.key}
+                               "key": self.key, "listeners": sorted(self.files.listeners)}
         if self.ca:
             message["ca"] = self.ca
         if self.files.ciphers:
@@ -68,6 +70,7 @@ def read(files: TLSFiles, now: datetime | None = None) -> Material:
     """Read and check *files*; TLSError names the file and the cause."""
     # Imported here: only fdserver with --certfile needs it, never a worker.
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     now = now or datetime.now(UTC)
@@ -84,12 +87,18 @@ def read(files: TLSFiles, now: datetime | None = None) -> Material:
         raise TLSError(f"--keyfile {files.keyfile}: the key is encrypted; fdserver needs it "
                        "unencrypted (keep the file readable by root and fdserver's group "
                        "only)") from None
-    except (ValueError, x509.UnsupportedGeneralNameType) as exc:
-        raise TLSError(f"--keyfile {files.keyfile}: not a PEM private key "
-                       f"({str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise TLSError(f"--keyfile {files.keyfile}: not a usable PEM private key "
+                       f"({_first_line(exc)})") from None
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
-    if key.public_key().public_bytes(der, spki) != leaf.public_key().public_bytes(der, spki):
+    try:
+        same = (key.public_key().public_bytes(der, spki)
+                == leaf.public_key().public_bytes(der, spki))
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise TLSError(f"--certfile {files.certfile}: the certificate's key type is not "
+                       f"supported ({_first_line(exc)})") from None
+    if not same:
         raise TLSError(f"--keyfile {files.keyfile} does not belong to the certificate in "
                        f"--certfile {files.certfile} (their public keys differ)")
     if leaf.not_valid_after_utc <= now:
@@ -105,8 +114,14 @@ def read(files: TLSFiles, now: datetime | None = None) -> Material:
             x509.load_pem_x509_certificates(ca_pem.encode())
         except ValueError:
             raise TLSError(f"--ca-certs {files.ca_certs}: no PEM certificate in it") from None
-    material = Material(files, chain_pem, key_pem, ca_pem, leaf.subject.rfc4514_string(),
-                        leaf.not_valid_after_utc)
+    # Sent as parsed, not as read: nothing else the files hold (another key,
+    # a key in the certificate file) travels to the workers.
+    pem = serialization.Encoding.PEM
+    material = Material(
+        files, "".join(cert.public_bytes(pem).decode("ascii") for cert in chain),
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption()).decode("ascii"),
+        ca_pem, leaf.subject.rfc4514_string(), leaf.not_valid_after_utc)
     # What the workers will do with it, done once here: OpenSSL must take it.
     try:
         server_context(material.message(0))
@@ -117,11 +132,20 @@ def read(files: TLSFiles, now: datetime | None = None) -> Material:
 
 def _read_pem(path: str, flag: str) -> str:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_PEM + 1)
+        # Non-blocking: a FIFO put in the file's place must not hang fdserver.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise TLSError(f"{flag} {path}: cannot read it: "
                        f"{(exc.strerror or str(exc)).lower()}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TLSError(f"{flag} {path}: not a regular file")
+        data = os.read(fd, MAX_PEM + 1)
+    except OSError as exc:
+        raise TLSError(f"{flag} {path}: cannot read it: "
+                       f"{(exc.strerror or str(exc)).lower()}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_PEM:
         raise TLSError(f"{flag} {path}: larger than {MAX_PEM // 1024} KB; not a PEM file")
     try:
@@ -129,6 +153,11 @@ def _read_pem(path: str, flag: str) -> str:
     except UnicodeDecodeError:
         raise TLSError(f"{flag} {path}: not a PEM file (binary content; DER is not "
                        "supported)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _when(moment: datetime) -> str:

@@ -418,6 +418,12 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         import os
         import signal
 
+        from .tls import not_dumpable
+
+        # First of all: a worker may be sent the TLS key, and a process of its
+        # user that opened /proc/PID/mem before this would keep reading it.
+        not_dumpable()
+
         # Until the worker's loop takes the signals over, a stop request just
         # ends the process cleanly: nothing has been served yet.
         signal.signal(signal.SIGTERM, _stopped_during_start_up)

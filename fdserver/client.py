@@ -19,7 +19,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypedDict, Unpack
 
 from .errors import ConnectError, ProtocolError, RefusedError, TransportError, UntrustedServerError
@@ -67,7 +67,7 @@ class Registration:
     # who may serve *path*: checked again on every reconnect
     server_uids: frozenset[int] = frozenset({0})
     # the certificate material for the TLS listeners (feature "tls"), if any
-    tls: TLSMessage | None = None
+    tls: TLSMessage | None = field(default=None, repr=False)     # holds the key
     # fdserver asks for metrics reports (feature "metrics", fdserver --metrics)
     metrics: bool = False
 
@@ -224,6 +224,10 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     """
     if server_uids is None:
         server_uids = trusted_server_uids()
+    if "tls" in features:
+        # Before the key can arrive: a process of this user that opened
+        # /proc/PID/mem (or attached) while it was dumpable would keep access.
+        not_dumpable()
     channel, welcome = connect(path, "worker", connect_timeout, server_uids,
                                features=list(features))
     if welcome.get("tls"):

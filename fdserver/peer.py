@@ -54,6 +54,7 @@ class Peer:
     shown: set[tuple[int, int]] = field(default_factory=set)   # sockets it handed back
     beat_at: float = 0.0             # monotonic time of its last heartbeat (feature)
     lag: float = 0.0                 # how late its loop ran, as it last said
+    tls_given: bool = False          # was sent TLS material: it is sent every renewal
     # (monotonic time, requests served) of its last heartbeats: its rate
     served_at: collections.deque[tuple[float, int]] = field(
         default_factory=lambda: collections.deque(maxlen=RATE_BEATS + 1))

@@ -34,8 +34,9 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
   worker, first registration (no "resume"):
     server -> listeners  {"listeners": [{"name", "family", "address", "tls"}, ...],
                           "fds": n, "more": bool}        (repeated while more)
-    server -> tls        {"serial": n, "chain": PEM, "key": PEM, "ca": PEM,
-                          "ciphers": str}   (if a listener is TLS; "ca", "ciphers" optional)
+    server -> tls        {"serial": n, "chain": PEM, "key": PEM, "listeners": [name, ...],
+                          "ca": PEM, "ciphers": str}   (if a listener is TLS; "ca" and
+                                                        "ciphers" optional)
   worker re-registering after an fdserver restart ("resume"; keeps its sockets):
     worker -> handback   {"listeners": [{"name", "family", "address"}, ...],
                           "fds": n, "token": the welcome's,
@@ -270,6 +271,7 @@ class TLSMessage(TypedDict):
     key: NotRequired[object]                # PEM: the private key
     ca: NotRequired[object]                 # PEM: CAs for client certificates
     ciphers: NotRequired[object]            # an OpenSSL cipher list
+    listeners: NotRequired[object]          # the names of the listeners that serve TLS
     ok: NotRequired[object]
     error: NotRequired[object]
 

@@ -36,7 +36,7 @@ from .errors import FdserverError
 from .loader import load
 from .protocol import HEARTBEAT_INTERVAL, Message, MetricsMessage, Mode, Reported, TLSMessage
 from .requestlog import Reporter, RequestLog
-from .tls import server_context
+from .tls import quiet_handshake_errors, server_context
 from .transport import LoopChannel
 
 log = logging.getLogger("fdapp")
@@ -63,6 +63,10 @@ class Worker:
     acceptor: Acceptor
     _exit: asyncio.Future[int]
     _released: asyncio.Future[None]
+    # TLS: the app's own context, fdserver's, and the listeners fdserver's is for.
+    _app_context: ssl.SSLContext | None
+    _fdserver_context: ssl.SSLContext | None
+    _tls_names: frozenset[str]
 
     registration: Registration
 
@@ -132,7 +136,16 @@ class Worker:
                             if listener.proxy)
         self.acceptor = Acceptor(self.server, self._send, balance=self.balance,
                                  proxied=proxied)
-        self._set_contexts(self.registration.ssl_context())
+        # The app's own ssl_options (its main()'s HTTPServer), once; fdserver's
+        # TLS material, and which listeners it is for, as fdserver sends them.
+        own = self.server.ssl_options
+        self._app_context = (ssl_options_to_context(own, server_side=True)
+                             if own is not None else None)
+        self._fdserver_context = self.registration.ssl_context()
+        self._tls_names = frozenset(one.name for one in self.registration.listeners if one.tls)
+        self._set_contexts()
+        if self.acceptor.contexts:
+            quiet_handshake_errors()
         if self.access_log_format:
             self._log_requests()
         self._follow_metrics(self.registration.metrics)
@@ -169,25 +182,25 @@ class Worker:
         self.acceptor.start(self.registration.sockets(),
                             [listener.name for listener in self.registration.listeners])
 
-    def _set_contexts(self, fdservers: ssl.SSLContext | None) -> None:
+    def _set_contexts(self) -> None:
         """TLS for fdserver's TLS listeners; the app's own ssl_options for the rest."""
-        own = self.server.ssl_options
-        apps = ssl_options_to_context(own, server_side=True) if own is not None else None
         contexts = {}
         for listener in self.registration.listeners:
-            context = fdservers if listener.tls else apps
+            context = (self._fdserver_context if listener.name in self._tls_names
+                       else self._app_context)
             if context is not None:
                 contexts[listener.name] = context
-        if apps is not None and not self.acceptor.contexts:
+        if self._app_context is not None and not self.acceptor.contexts:
             log.info("the app's HTTPServer has ssl_options: serving TLS with them on %s",
-                     ", ".join(name for name, context in contexts.items() if context is apps))
+                     ", ".join(name for name, context in contexts.items()
+                               if context is self._app_context))
         self.acceptor.contexts = contexts
 
     def _renew(self, message: TLSMessage) -> None:
-        """New certificate material from fdserver: new handshakes use it."""
+        """TLS material from fdserver (a renewal, or a new fdserver's): new
+        handshakes use it; it also says which listeners serve TLS now."""
         if message.get("chain") is None:
             return
-        self.registration.tls = message
         try:
             context = server_context(message)
         except FdserverError as exc:
@@ -195,8 +208,15 @@ class Worker:
             self._send({"type": "tls", "serial": message["serial"], "ok": False,
                         "error": str(exc)})
             return
-        self._set_contexts(context)
-        log.info("renewed certificate in service for new connections")
+        names = message.get("listeners")
+        if isinstance(names, list):
+            self._tls_names = frozenset(name for name in names if isinstance(name, str))
+        self.registration.tls = message
+        self._fdserver_context = context
+        self._set_contexts()
+        quiet_handshake_errors()
+        log.info("certificate in service for new connections on %s",
+                 ", ".join(sorted(self._tls_names)) or "no listener")
         self._send({"type": "tls", "serial": message["serial"], "ok": True})
 
     def _log_requests(self) -> RequestLog | None:
@@ -405,6 +425,13 @@ class Worker:
                     self._adopt_mode(mode)
                     self.acceptor.restart_counts()     # the new fdserver counts from zero
                 self.channel = LoopChannel(channel, loop, self._on_message, self._on_server_gone)
+                if not welcome.get("tls") and self._tls_names:
+                    # The new fdserver serves no TLS: neither do we, then.
+                    log.warning("fdserver now serves no TLS; serving %s as plain HTTP",
+                                ", ".join(sorted(self._tls_names)))
+                    self._tls_names = frozenset()
+                    self._fdserver_context = None
+                    self._set_contexts()
                 self._follow_metrics(welcome.get("metrics") is True)
                 log.info("re-registered with fdserver at %s (%s mode)", path,
                          self.registration.mode)

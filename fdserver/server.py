@@ -393,7 +393,7 @@ class Server:
             peer.resumed = one_of(resume.get("state"), REPORTED_STATES)
             peer.state = "starting"
             if self.renewal:
-                peer.channel.send(self.renewal.message())    # perhaps renewed meanwhile
+                self.renewal.send(peer)      # perhaps renewed meanwhile
             log.info("worker pid %d uid %d re-registering", peer.pid, peer.uid)
             # A restart: a worker that was recycling may still drain, unseen.
             self._recycler.hold(RECYCLE_HOLD_AFTER_RESTART)
@@ -424,7 +424,7 @@ class Server:
                  "fds": len(batch), "more": n < len(frames)},
                 [listener.sock.fileno() for listener in batch])
         if self.renewal:
-            peer.channel.send(self.renewal.message())
+            self.renewal.send(peer)
 
     def _mark_tls(self, listeners: list[Listener]) -> None:
         if self._tls_material:
@@ -587,6 +587,7 @@ class Server:
         return reply(ready, self.capacity.value(), self.stopping or self.drain_state.drained)
 
     def _on_drain(self, peer: Peer, message: DrainMessage, fds: list[int]) -> None:
+        self._operator_only(peer, message["type"])
         if not self.agent:
             raise ProtocolError("fdserver runs without --agent: no balancer to drain from")
         drained = message["type"] == "drain"
@@ -642,7 +643,17 @@ class Server:
     # -- TLS renewal -------------------------------------------------------
 
     def _on_reload(self, asker: Peer, message: ReloadMessage, fds: list[int]) -> None:
+        self._operator_only(asker, "reload")
         self._reload(asker.channel.send)
+
+    def _operator_only(self, asker: Peer, what: str) -> None:
+        """What changes the host is for root and fdserver's own user; any peer of
+        the socket may only look (status, waits)."""
+        if asker.uid not in (0, os.getuid()):
+            self._warn.warning(asker.uid, "refused %s from pid %d uid %d: not root or "
+                               "fdserver's user", what, asker.pid, asker.uid)
+            raise ProtocolError(f"{what} is for root and fdserver's own user; uid {asker.uid} "
+                                f"may ask for status only")
 
     def _reload_on_signal(self) -> None:
         log.info("SIGHUP: reloading the certificate")
@@ -654,7 +665,7 @@ class Server:
             log.warning("reload: %s", why)
             answer({"type": "reloaded", "ok": False, "message": why})
             return
-        self.renewal.reload(self._unsorted_workers(), answer)
+        self.renewal.reload(self._unsorted_workers, answer)
 
     def _on_tls(self, peer: Peer, message: TLSMessage, fds: list[int]) -> None:
         if self.renewal:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import ssl
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,6 +65,45 @@ def not_dumpable() -> None:
         libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     except (OSError, AttributeError):
         pass                # not Linux: nothing more to do here
+
+
+class HandshakeErrors(logging.Filter):
+    """Tornado logs a warning for every client whose TLS handshake fails (a
+    scanner, plain HTTP on port 443): at most BURST a WINDOW here, then a count."""
+
+    BURST = 10
+    WINDOW = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start = 0.0
+        self._logged = 0
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith("SSL Error on")):
+            return True
+        now = time.monotonic()
+        if now - self._start >= self.WINDOW:
+            if self._dropped:
+                record.msg = (f"{self._dropped} more failed TLS handshakes in the last "
+                              f"{now - self._start:.0f}s; the next: {record.msg}")
+            self._start, self._logged, self._dropped = now, 0, 0
+        if self._logged < self.BURST:
+            self._logged += 1
+            return True
+        self._dropped += 1
+        return False
+
+
+_handshake_errors = HandshakeErrors()
+
+
+def quiet_handshake_errors() -> None:
+    """Rate-limit Tornado's warnings about failed TLS handshakes (once per process)."""
+    logger = logging.getLogger("tornado.general")
+    if _handshake_errors not in logger.filters:
+        logger.addFilter(_handshake_errors)
 
 
 def listener_of(request: Any) -> str | None:

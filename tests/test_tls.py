@@ -20,7 +20,17 @@ from pathlib import Path
 import pytest
 
 from loadclient import LoadClient
-from support import APP_USER, GROUP, PROJECT, http_get, replace_by_hand, run, script
+from support import (
+    APP_USER,
+    GROUP,
+    OTHER_USER,
+    PROJECT,
+    http_get,
+    replace_by_hand,
+    run,
+    script,
+    wait_until,
+)
 
 TLS_GROUP = "fdtest-tls"        # may read the key; the app's user is not in it
 
@@ -198,6 +208,13 @@ def test_workers_serve_https_with_a_key_their_user_cannot_read(
                      r"until \d{4}-\d\d-\d\d\)", status.stdout), status.stdout
     assert re.search(r"http +AF_INET +127\.0\.0\.1:\d+ +-", status.stdout), status.stdout
 
+    # A peer of the socket who is not root or fdserver's user may look, not reload.
+    other = run(["setpriv", f"--reuid={OTHER_USER}", f"--regid={GROUP}", "--clear-groups",
+                 script("fdctl"), "--socket", server.socket, "reload"])
+    assert (other.returncode, other.stderr) == (1, (
+        f"fdctl: error: fdserver at {server.socket} refused: reload is for root and "
+        f"fdserver's own user; uid {users[OTHER_USER]} may ask for status only\n"))
+
     # Renewal, read by fdserver as its own user after the drop.
     certs.live(certs.renewed, live)
     result = reload(server)
@@ -328,6 +345,7 @@ def test_a_worker_that_cannot_do_tls_is_refused(certs, live, start_fdserver):
     try:
         assert [(li.name, li.tls) for li in registration.listeners] == [
             ("https", True), ("http", False)]
+        assert "PRIVATE KEY" not in repr(registration)
         context = registration.ssl_context()
         assert context is not None and context.minimum_version == ssl.TLSVersion.TLSv1_2
     finally:
@@ -338,6 +356,10 @@ def test_a_worker_that_cannot_do_tls_is_refused(certs, live, start_fdserver):
 
 def test_bad_tls_settings_are_one_line_errors(certs, sockdir, tmp_path):
     first, key = str(certs.first.cert), str(certs.first.key)
+    sm2 = tmp_path / "sm2.key"            # a key type cryptography does not load
+    openssl("genpkey", "-algorithm", "SM2", "-out", str(sm2))
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)
     encrypted = tmp_path / "encrypted.key"
     openssl("pkey", "-in", key, "-aes256", "-passout", "pass:secret", "-out", str(encrypted))
     cases = [
@@ -358,9 +380,13 @@ def test_bad_tls_settings_are_one_line_errors(certs, sockdir, tmp_path):
         (["--bind", "https=127.0.0.1:0", "--certfile", key, "--keyfile", key],
          "no PEM certificate in it"),
         (["--bind", "https=127.0.0.1:0", "--certfile", first, "--keyfile", first],
-         "not a PEM private key"),
+         "not a usable PEM private key"),
         (["--bind", "https=127.0.0.1:0", "--certfile", first, "--keyfile", str(encrypted)],
          "the key is encrypted"),
+        (["--bind", "https=127.0.0.1:0", "--certfile", first, "--keyfile", str(sm2)],
+         "not a usable PEM private key"),
+        (["--bind", "https=127.0.0.1:0", "--certfile", str(fifo), "--keyfile", key],
+         f"--certfile {fifo}: not a regular file"),
         (["--bind", "https=127.0.0.1:0", "--certfile", first, "--keyfile", key,
           "--ciphers", "NO-SUCH-CIPHER"], "--ciphers NO-SUCH-CIPHER: OpenSSL knows no cipher"),
     ]
@@ -534,3 +560,42 @@ def test_ipv6_tls_1_2_at_least_and_alpn(certs, live, start_fdserver, start_fdapp
                          text=True, timeout=30)
     assert "alert protocol version" in old.stderr, old.stdout + old.stderr
     assert "Protocol  : TLSv1.2" in s_client("-tls1_2")
+
+
+@needs_root
+def test_fdapp_is_not_dumpable_before_it_can_receive_a_key(users, procs, sockdir):
+    # Waiting for an fdserver that is not there yet: no key, but already closed to
+    # others of its user, who would otherwise keep a /proc/PID/mem opened now.
+    worker = procs.start(["setpriv", f"--reuid={APP_USER}", f"--regid={GROUP}", "--clear-groups",
+                          "--", script("fdapp"), "app:make_app", "--socket",
+                          str(sockdir / "later.sock"), "--connect-timeout", "60"])
+    wait_until(lambda: os.path.exists(f"/proc/{worker.pid}/mem")
+               and os.stat(f"/proc/{worker.pid}/mem").st_uid == 0,
+               what="fdapp non-dumpable")
+    assert os.stat(f"/proc/{worker.pid}/status").st_uid == 0
+
+
+def test_a_resumed_worker_follows_the_new_fdservers_tls_listeners(certs, live, start_fdserver,
+                                                                  start_fdapp):
+    from test_recovery import free_port
+
+    port = free_port()
+    plain = start_fdserver(binds=(f"web=127.0.0.1:{port}",))
+    worker = start_fdapp(plain)
+    assert http_get(f"127.0.0.1:{port}") == (200, f"Hello from {worker.pid}\n")
+    plain.signal(signal.SIGTERM)
+    assert plain.wait() == 0
+    # The same listener, now TLS: the worker hands it back and serves it with TLS.
+    tls = start_fdserver("--tls-listener", "web", "--certfile", str(live / "live.crt"),
+                         "--keyfile", str(live / "live.key"), binds=(f"web=127.0.0.1:{port}",))
+    tls.wait_state(worker.pid, "ready")
+    worker.wait_for_line(r"certificate in service for new connections on web")
+    assert fetch(f"127.0.0.1:{port}", certs.ca) == (certs.first.subject,
+                                                     f"Hello from {worker.pid}\n", "http/1.1")
+    # And back: an fdserver without TLS.
+    tls.signal(signal.SIGTERM)
+    assert tls.wait() == 0
+    again = start_fdserver(binds=(f"web=127.0.0.1:{port}",))
+    again.wait_state(worker.pid, "ready")
+    worker.wait_for_line(r"fdserver now serves no TLS; serving web as plain HTTP")
+    assert http_get(f"127.0.0.1:{port}") == (200, f"Hello from {worker.pid}\n")

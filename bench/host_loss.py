@@ -9,10 +9,11 @@ processes are all SIGKILLed at once.  Prints, per run, the failed requests
 each load saw (by kind), the window between the first and the last failure,
 how long HAProxy took to mark the host DOWN, and HAProxy's own counters.
 
-    ./dev bench-host-loss            # or: .venv/bin/python bench/host_loss.py --runs 3
+    .venv/bin/python bench/host_loss.py --runs 3
 
-Needs root (the deployment switches users) and haproxy.  A measurement, not
-a test: nothing is asserted; docs/fleet.md quotes its output.
+Needs root (the deployment switches users) and haproxy (./dev test installs
+it), so ./dev bench does not run it.  A measurement, not a test: nothing is
+asserted; docs/fleet.md quotes its output.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import math
 import socket
@@ -36,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .accept import accepted
+from .errors import BindError
+from .listeners import BindSpec
 
 log = logging.getLogger("fdserver")
 
@@ -55,6 +58,27 @@ def reply(ready: int, capacity: int, drained: bool) -> str:
     # At least 1%: 0% would mean "drain" to HAProxy.
     percent = max(1, min(100, math.floor(100 * ready / max(capacity, 1) + 0.5)))
     return f"up ready {percent}%"
+
+
+def bind_agent(given: str, spec: BindSpec) -> socket.socket:
+    """The agent's listening socket for ``--agent HOST:PORT`` (before a privilege drop)."""
+    sock = socket.socket(spec.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if spec.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((spec.host, spec.port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        why = (exc.strerror or str(exc)).lower()
+        if exc.errno == errno.EADDRINUSE:
+            why += " (another fdserver's agent, or another program, on it?)"
+        elif exc.errno == errno.EACCES and spec.port < 1024:
+            why += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        raise BindError(f"--agent {given}: cannot bind: {why}") from None
+    sock.set_inheritable(False)
+    return sock
 
 
 class Capacity:

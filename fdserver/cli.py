@@ -23,6 +23,8 @@ from . import __version__
 from .errors import FdserverError, ReloadError, UsageError
 
 EXIT_ERROR = 1
+# fdctl drain --wait: fdserver waits at most this long (fdserver.server).
+MAX_DRAIN_WAIT = 3600.0
 
 
 def _logging_flags(p: argparse.ArgumentParser) -> None:
@@ -76,6 +78,20 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds")
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _above_zero(text: str) -> float:
+    value = _positive(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
+def _wait_seconds(text: str) -> float:
+    value = _above_zero(text)
+    if value > MAX_DRAIN_WAIT:
+        raise argparse.ArgumentTypeError(f"{text} is more than {MAX_DRAIN_WAIT:g} (an hour)")
     return value
 
 
@@ -185,12 +201,17 @@ def fdserver_parser() -> argparse.ArgumentParser:
     agent.add_argument("--agent-capacity", type=_count, metavar="N",
                        help="workers that make the host whole (default: the most that were "
                             "ready at once in the last --agent-window)")
-    agent.add_argument("--agent-window", type=_positive, default=600.0, metavar="SECONDS",
+    agent.add_argument("--agent-window", type=_above_zero, default=600.0, metavar="SECONDS",
                        help="how long a peak of ready workers counts as the capacity "
                             "(default %(default)s)")
     agent.add_argument("--agent-linger", type=_positive, default=2.0, metavar="SECONDS",
                        help="on SIGTERM, answer 'drain' this long before stopping: set it "
                             "above HAProxy's agent-inter (default %(default)s)")
+    agent.add_argument("--drain-file", metavar="PATH",
+                       help="where fdctl drain is recorded, to last until fdctl undrain "
+                            "across restarts: put it on persistent storage, e.g. "
+                            "/var/lib/fdserver/drained (default: the --socket path "
+                            "followed by .drained)")
     _logging_flags(p)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -204,9 +225,9 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
 
         # Everything used after the privilege drop is imported here, first.
         from . import logconfig, privileges, systemd
-        from .agent import Capacity
+        from .agent import Capacity, bind_agent
         from .hostdrain import DrainState
-        from .listeners import bind, bind_all, parse_bind
+        from .listeners import bind_all, parse_bind
         from .recovery import Recovery
         from .server import Server
         from .socketfile import SocketFile
@@ -220,10 +241,9 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
                 agent_spec = parse_bind(args.agent)
             except FdserverError as exc:
                 raise UsageError(str(exc).replace("--bind", "--agent", 1)) from None
-        for name in args.proxy_protocol:
-            if specs and name not in {spec.name for spec in specs}:
-                raise UsageError(f"--proxy-protocol {name}: no --bind listener is called "
-                                 f"{name} (--bind {name}=HOST:PORT names one)")
+        if args.drain_file is not None and not args.agent:
+            raise UsageError(f"--drain-file {args.drain_file} needs --agent: the drain is "
+                             "what the agent tells the balancer")
         if args.agent_capacity == 0:
             raise UsageError("--agent-capacity 0: at least 1")
         if args.max_connections < 16:
@@ -250,8 +270,10 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
                 "--bind given, but systemd passed listening sockets (LISTEN_FDS); use one")
         if listeners is None and not specs:
             raise UsageError("nothing to serve: give --bind HOST:PORT")
-        material = _tls_material(args, [listener.name for listener in listeners]
-                                 if listeners is not None else [spec.name for spec in specs])
+        names = ([listener.name for listener in listeners] if listeners is not None
+                 else [spec.name for spec in specs])
+        _check_proxy_names(args.proxy_protocol, names, activated=listeners is not None)
+        material = _tls_material(args, names)
         notifier = systemd.Notifier(os.environ)
         socket_file = SocketFile(args.socket, mode=args.socket_mode, group=socket_gid,
                                  owners=(uid,))
@@ -262,9 +284,10 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
             recovery = None
             agent = None
             if agent_spec:
-                agent = (bind(agent_spec, 128).sock,
+                agent = (bind_agent(args.agent, agent_spec),
                          Capacity(args.agent_capacity, args.agent_window),
-                         DrainState(socket_file.path))
+                         DrainState(args.drain_file or socket_file.path + ".drained",
+                                    owners=(uid,)))
             if listeners is None:
                 listeners, in_use = bind_all(specs, args.backlog,
                                              defer_in_use=args.recover_timeout > 0)
@@ -290,6 +313,15 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return _run("fdserver", body)
+
+
+def _check_proxy_names(wanted: list[str], names: list[str], *, activated: bool) -> None:
+    for name in wanted:
+        if name not in names:
+            how = (f"systemd passed {', '.join(names)}; FileDescriptorName={name} in the "
+                   "socket unit names one" if activated
+                   else f"--bind {name}=HOST:PORT names one")
+            raise UsageError(f"--proxy-protocol {name}: no listener is called {name} ({how})")
 
 
 def _tls_material(args: argparse.Namespace, names: list[str]) -> Material | None:
@@ -499,10 +531,10 @@ def fdctl_parser() -> argparse.ArgumentParser:
         "drain", help="take this host out of the balancer's rotation: fdserver's agent "
                       "answers 'drain' (open connections carry on) until undrain, across "
                       "fdserver restarts")
-    drain.add_argument("--wait", type=_positive, metavar="SECONDS",
+    drain.add_argument("--wait", type=_wait_seconds, metavar="SECONDS",
                        help="return once every balancer that asked the agent in the last "
                             "minute has been told (it then sends no new request), or fail "
-                            "after SECONDS")
+                            "after SECONDS (at most 3600)")
     sub.add_parser("undrain", help="put this host back into the balancer's rotation")
     rolling = sub.add_parser(
         "rolling-restart",

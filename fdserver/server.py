@@ -579,7 +579,9 @@ class Server:
     # -- HAProxy's agent and the host's drain --------------------------------
 
     def _ready_count(self) -> int:
-        return sum(1 for p in self._unsorted_workers() if p.state == "ready")
+        # A stuck worker serves nothing: it counts as missing capacity.
+        return sum(1 for p in self._unsorted_workers()
+                   if p.state == "ready" and not p.unresponsive)
 
     def _agent_answer(self) -> str:
         ready = self._ready_count()

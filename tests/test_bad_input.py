@@ -154,3 +154,17 @@ def test_a_bad_number_of_seconds_names_the_flag(sockdir, program, flag, value, f
     # argparse prints the usage, then the one line that says what is wrong.
     assert result.stderr.strip().splitlines()[-1] == \
         f"{program}: error: argument {flag}: {fragment}", result.stderr
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["fdctl", "--socket", "/nonexistent", "drain", "--wait", "1e12"],
+     "fdctl drain: error: argument --wait: 1e12 is more than 3600 (an hour)"),
+    (["fdctl", "--socket", "/nonexistent", "drain", "--wait", "0"],
+     "fdctl drain: error: argument --wait: 0 is not above 0"),
+    (["fdserver", "--socket", "/nonexistent", "--agent", "127.0.0.1:0", "--agent-window", "0"],
+     "fdserver: error: argument --agent-window: 0 is not above 0"),
+])
+def test_out_of_range_seconds(argv, line):
+    result = run([script(argv[0]), *argv[1:]])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == line, result.stderr

@@ -3,6 +3,8 @@ agent-check and the host's drain, each against real processes and sockets."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -227,13 +229,15 @@ def test_bad_forwarded_allow_ips(argv, message):
 
 @pytest.mark.parametrize("argv, message", [
     (["--bind", "127.0.0.1:0", "--proxy-protocol", "nope"],
-     "fdserver: error: --proxy-protocol nope: no --bind listener is called nope"),
+     "fdserver: error: --proxy-protocol nope: no listener is called nope (--bind nope="),
     (["--bind", "127.0.0.1:0", "--agent", "localhost:1"],
      "fdserver: error: --agent localhost:1: 'localhost' is not a numeric IP address"),
     (["--bind", "127.0.0.1:0", "--agent", "x=127.0.0.1:1"],
      "fdserver: error: --agent x=127.0.0.1:1: expected HOST:PORT"),
     (["--bind", "127.0.0.1:0", "--agent", "127.0.0.1:0", "--agent-capacity", "0"],
      "fdserver: error: --agent-capacity 0: at least 1"),
+    (["--bind", "127.0.0.1:0", "--drain-file", "/tmp/d"],
+     "fdserver: error: --drain-file /tmp/d needs --agent"),
 ])
 def test_bad_fleet_flags(sockdir, argv, message):
     result = run([script("fdserver"), "--socket", str(sockdir / "s"), *argv])
@@ -390,3 +394,90 @@ def test_hostile_agent_clients_cost_nothing(start_fdserver, start_fdapp):
         for sock in idle:
             sock.close()
     assert "Traceback" not in server.output
+
+
+def free_agent_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_a_stuck_worker_is_missing_capacity(start_fdserver, start_fdapp):
+    agent = free_agent_address()
+    server = start_fdserver("--agent", agent)
+    workers = [start_fdapp(server, wait=False) for _ in range(4)]
+    for worker in workers:
+        server.wait_state(worker.pid, "ready")
+    assert agent_says(agent) == "up ready 100%"
+    workers[0].signal(signal.SIGSTOP)
+    try:
+        # Once its heartbeats are late (3 s), the agent counts it out.
+        wait_until(lambda: agent_says(agent) == "up ready 75%", what="75% with one stuck")
+        assert [w["state"] for w in server.status()["workers"]].count("unresponsive") == 1
+        assert server.status()["server"]["capacity"] == 4
+    finally:
+        workers[0].signal(signal.SIGCONT)
+    wait_until(lambda: agent_says(agent) == "up ready 100%", what="100% once it runs again")
+
+
+def test_the_drain_lasts_in_the_drain_file(start_fdserver, tmp_path_factory):
+    agent = free_agent_address()
+    state = tmp_path_factory.mktemp("state")
+    flags = ("--agent", agent, "--agent-linger", "0", "--drain-file", str(state / "drained"))
+    server = start_fdserver(*flags)
+    assert run([script("fdctl"), "--socket", server.socket, "drain"]).returncode == 0
+    assert (state / "drained").read_text() == "drained\n"
+    assert not os.path.exists(server.socket + ".drained")
+    # systemctl stop, or a reboot: the socket's folder is gone, the state is not.
+    server.signal(15)
+    assert server.wait() == 0
+    server = start_fdserver(*flags, dir=tmp_path_factory.mktemp("run"))
+    assert agent_says(agent) == "drain"
+    assert run([script("fdctl"), "--socket", server.socket, "undrain"]).returncode == 0
+    assert (state / "drained").read_text() == ""
+    assert agent_says(agent) == "down"          # no worker here
+
+
+def test_an_unsafe_drain_file_is_refused(sockdir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("d")
+    precious = folder / "precious"
+    precious.write_text("keep\n")
+    mode = os.stat(precious).st_mode
+    os.symlink(precious, folder / "link")
+    os.link(precious, folder / "hardlink")
+    os.mkfifo(folder / "fifo")
+    (folder / "theirs").write_text("")
+    os.chown(folder / "theirs", 65534, 65534)
+    (folder / "open").mkdir()
+    os.chmod(folder / "open", 0o777)
+    cases = {
+        "link": "is a symbolic link; refusing to follow it",
+        "hardlink": "has other names (hard links); refusing to use it",
+        "fifo": "is not a regular file; refusing to use it",
+        "theirs": "belongs to uid 65534, neither root nor fdserver's user; refusing",
+        "missing/drained": f"folder {folder}/missing: no such file or directory",
+        "open/drained": f"folder {folder}/open is writable by others (mode 0777)",
+    }
+    for name, why in cases.items():
+        path = folder / name
+        result = run([script("fdserver"), "--socket", str(sockdir / "s"), "--bind",
+                      "127.0.0.1:0", "--agent", "127.0.0.1:0", "--drain-file", str(path)])
+        assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+            f"fdserver: error: --drain-file {path}: {result.stderr.split(': ', 3)[-1].strip()}"
+        ], (name, result.stderr)
+        assert why in result.stderr, (name, result.stderr)
+        assert not (sockdir / "s").exists()
+    assert precious.read_text() == "keep\n" and os.stat(precious).st_mode == mode
+    assert os.stat(folder / "theirs").st_uid == 65534 and not os.listdir(folder / "open")
+
+
+def test_agent_address_in_use_is_one_line(sockdir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        agent = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = run([script("fdserver"), "--socket", str(sockdir / "s"), "--bind",
+                      "127.0.0.1:0", "--agent", agent])
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"fdserver: error: --agent {agent}: cannot bind: address already in use (another "
+        "fdserver's agent, or another program, on it?)"], result.stderr

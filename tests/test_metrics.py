@@ -49,6 +49,14 @@ def total(samples: dict, name: str, **labels: str) -> float:
                and all((k, v) in have for k, v in labels.items()))
 
 
+def sample(samples: dict, name: str, **labels: str) -> float:
+    """Like total(), but the sample must be there: a missing metric is a failure, not 0."""
+    found = [value for (have_name, have), value in samples.items() if have_name == name
+             and all((k, v) in have for k, v in labels.items())]
+    assert found, f"no sample {name}{labels or ''} in {sorted({n for n, _ in samples})}"
+    return sum(found)
+
+
 def test_every_response_counted_once_across_a_rolling_restart(start_fdserver, start_fdapp):
     server = start_with_metrics(start_fdserver)
     workers = [start_fdapp(server) for _ in range(3)]
@@ -110,10 +118,10 @@ def test_health_families_and_status(start_fdserver, start_fdapp):
     assert sorted(bounds) == list(DURATION_BUCKETS)
     assert total(samples, "fdserver_workers", state="ready") == 1
     assert total(samples, "fdserver_workers", state="starting") == 0
-    assert total(samples, "fdserver_open_connections") == 0
-    assert total(samples, "fdserver_listen_queue_length", listener="http",
-                 address=server.address) == 0
-    assert total(samples, "fdserver_listen_queue_limit", listener="http") == 1024
+    assert sample(samples, "fdserver_open_connections") == 0
+    assert sample(samples, "fdserver_listen_queue_length", listener="http",
+                  address=server.address) == 0
+    assert sample(samples, "fdserver_listen_queue_limit", listener="http") == 1024
     assert total(samples, "fdserver_worker_starts_total") == 1
     assert total(samples, "fdserver_registrations_refused_total") == 0
     # fdctl status: the request rate (once two heartbeats came) and the lag.
@@ -149,6 +157,36 @@ def test_health_families_and_status(start_fdserver, start_fdapp):
 def tuple_of(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host, int(port)
+
+
+def test_queue_connections_and_a_killed_worker(start_fdserver, start_fdapp):
+    server = start_with_metrics(start_fdserver, "--unavailable-timeout", "60")
+    # No worker: connections wait in the kernel's accept queue.
+    clients = [socket.create_connection(tuple_of(server.address), timeout=10)
+               for _ in range(5)]
+    try:
+        wait_until(lambda: sample(scrape(server), "fdserver_listen_queue_length",
+                                  listener="http") == 5, what="5 queued")
+        assert sample(scrape(server), "fdserver_open_connections") == 0
+        worker = start_fdapp(server)
+        # It takes them; each serves a request and stays open (keep-alive).
+        for client in clients:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.recv(4096).startswith(b"HTTP/1.1 200 ")
+        samples = wait_until(lambda: (s := scrape(server)) and sample(
+            s, "fdserver_open_connections") == 5 and s, what="5 open connections")
+        assert sample(samples, "fdserver_listen_queue_length", listener="http") == 0
+        assert sample(samples, "fdserver_worker_lag_seconds_max") >= 0
+        assert sample(samples, "fdserver_worker_exits_total", state="ready") == 0
+    finally:
+        for client in clients:
+            client.close()
+    worker.signal(9)
+    server.wait_state(worker.pid, "gone")
+    samples = scrape(server)
+    assert sample(samples, "fdserver_worker_exits_total", state="ready") == 1
+    assert sample(samples, "fdserver_worker_exits_total", state="draining") == 0
+    assert sample(samples, "fdserver_open_connections") == 0
 
 
 def test_dispatch_waits_counted(start_fdserver, start_fdapp):
@@ -274,6 +312,13 @@ def test_log_config_and_level_on_both(procs, sockdir, tmp_path):
                       "[logger_root]\nlevel=INFO\nhandlers=h\n"
                       "[handler_h]\nclass=StreamHandler\nformatter=f\nargs=(sys.stderr,)\n"
                       "[formatter_f]\nformat=INICFG %(name)s %(message)s\n")
+    as_yaml = tmp_path / "log.yaml"
+    as_yaml.write_text("version: 1\nformatters:\n  f: {format: 'YAMLCFG %(name)s %(message)s'}\n"
+                       "handlers:\n  h: {class: logging.StreamHandler, formatter: f, "
+                       "stream: 'ext://sys.stderr'}\nroot: {handlers: [h], level: INFO}\n")
+    from_yaml = procs.start([script("fdserver"), "--socket", str(sockdir / "yaml.sock"),
+                             "--bind", "127.0.0.1:0", "--log-config", str(as_yaml)])
+    from_yaml.wait_for_line(r"^YAMLCFG fdserver serving http on ")
     path = str(sockdir / "fd.sock")
     server = procs.start([script("fdserver"), "--socket", path, "--bind", "127.0.0.1:0",
                           "--log-config", str(as_json)])

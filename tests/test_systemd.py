@@ -98,6 +98,19 @@ def test_bind_and_activation_together_are_refused(procs, sockdir):
                             r"sockets \(LISTEN_FDS\); use one")
 
 
+def test_proxy_protocol_names_an_activated_listener(procs, sockdir):
+    port = free_port()
+    activator = procs.start([ACTIVATE, "-l", f"127.0.0.1:{port}", "--fdname=web",
+                             script("fdserver"), "--socket", str(sockdir / "fd.sock"),
+                             "--proxy-protocol", "http"])
+    activator.wait_for_line(rf"Listening on 127.0.0.1:{port}")
+    socket.create_connection(("127.0.0.1", port), timeout=20).close()
+    activator.wait_for_line(r"^fdserver: error: --proxy-protocol http: no listener is called "
+                            r"http \(systemd passed web; FileDescriptorName=http in the socket "
+                            r"unit names one\)$")
+    assert activator.wait() != 0 and "Traceback" not in activator.output
+
+
 def test_notify_ready_status_and_stopping(start_fdserver, start_fdapp, sockdir, monkeypatch):
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(sockdir / "notify"))

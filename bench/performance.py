@@ -442,33 +442,29 @@ def select(runs: list[dict], section: str, stack: str, pattern: str | None = Non
 
 
 def throughput_table(runs: list[dict], plan: Plan) -> str:
-    rows = [("pattern", "stack", "req/s", "ratio to fork", "target", "")]
-    labels = {"fork": "tornado fork_processes(2)",
-              "shared": "fdserver shared" + ("" if plan.modes["balance"] else " (unbalanced)"),
-              "dispatch": "fdserver dispatch"}
-    for pattern in THROUGHPUT_PATTERNS:
-        base = {x["round"]: x["rps"] for x in select(runs, "throughput", "fork", pattern)}
-        for name, label in labels.items():
-            mine = select(runs, "throughput", name, pattern)
-            ratios = [x["rps"] / base[x["round"]] for x in mine if base.get(x["round"])]
-            target = TARGETS.get(name)
-            rows.append((pattern, label, spread([x["rps"] for x in mine], kilo),
-                         "1 (baseline)" if name == "fork" else spread(ratios, num(2)),
-                         f">= {target:g}" if target else "",
-                         verdict(ratios, target, num(2)) if target else ""))
-    return table(rows)
+    return ratio_table(runs, "throughput", THROUGHPUT_PATTERNS, {
+        "fork": "tornado fork_processes(2)",
+        "shared": "fdserver shared" + ("" if plan.modes["balance"] else " (unbalanced)"),
+        "dispatch": "fdserver dispatch"}, TARGETS)
 
 
 def tls_table(runs: list[dict]) -> str:
+    return ratio_table(runs, "tls", PATTERNS, {
+        "fork": "tornado fork_processes(2), same ssl_options",
+        "shared": "fdserver shared, --certfile",
+        "dispatch": "fdserver dispatch, --certfile"}, TLS_TARGETS)
+
+
+def ratio_table(runs: list[dict], section: str, patterns: list[str], labels: dict[str, str],
+                targets: dict[str, float]) -> str:
+    """req/s of each stack of *section*, and its ratio to fork's in the same round."""
     rows = [("pattern", "stack", "req/s", "ratio to fork", "target", "")]
-    labels = {"fork": "tornado fork_processes(2), same ssl_options",
-              "shared": "fdserver shared, --certfile", "dispatch": "fdserver dispatch, --certfile"}
-    for pattern in PATTERNS:
-        base = {x["round"]: x["rps"] for x in select(runs, "tls", "fork", pattern)}
+    for pattern in patterns:
+        base = {x["round"]: x["rps"] for x in select(runs, section, "fork", pattern)}
         for name, label in labels.items():
-            mine = select(runs, "tls", name, pattern)
+            mine = select(runs, section, name, pattern)
             ratios = [x["rps"] / base[x["round"]] for x in mine if base.get(x["round"])]
-            target = TLS_TARGETS.get(name)
+            target = targets.get(name)
             rows.append((pattern, label, spread([x["rps"] for x in mine], kilo),
                          "1 (baseline)" if name == "fork" else spread(ratios, num(2)),
                          f">= {target:g}" if target else "",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import logging
 import math
 import socket
@@ -37,8 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .accept import accepted
-from .errors import BindError
-from .listeners import BindSpec
+from .listeners import BindSpec, bind_own
 
 log = logging.getLogger("fdserver")
 
@@ -62,23 +60,7 @@ def reply(ready: int, capacity: int, drained: bool) -> str:
 
 def bind_agent(given: str, spec: BindSpec) -> socket.socket:
     """The agent's listening socket for ``--agent HOST:PORT`` (before a privilege drop)."""
-    sock = socket.socket(spec.family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if spec.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((spec.host, spec.port))
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        why = (exc.strerror or str(exc)).lower()
-        if exc.errno == errno.EADDRINUSE:
-            why += " (another fdserver's agent, or another program, on it?)"
-        elif exc.errno == errno.EACCES and spec.port < 1024:
-            why += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-        raise BindError(f"--agent {given}: cannot bind: {why}") from None
-    sock.set_inheritable(False)
-    return sock
+    return bind_own("--agent", given, spec)
 
 
 class Capacity:

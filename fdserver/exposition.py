@@ -34,7 +34,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .errors import BindError
-from .listeners import Listener, parse_bind
+from .listeners import Listener, bind_own, parse_bind
 from .metrics import Histogram, HostMetrics, states
 from .peer import Peer, estimate
 
@@ -59,19 +59,7 @@ def bind_metrics(spec: str) -> socket.socket:
         parsed = parse_bind(spec)
     except BindError as exc:
         raise BindError(str(exc).replace("--bind", "--metrics", 1)) from None
-    sock = socket.socket(parsed.family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if parsed.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((parsed.host, parsed.port))
-        sock.listen(64)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise BindError(f"--metrics {spec}: cannot bind: {exc.strerror or exc}") from None
-    sock.set_inheritable(False)
-    return sock
+    return bind_own("--metrics", spec, parsed, backlog=64)
 
 
 def address_of(sock: socket.socket) -> str:

@@ -78,6 +78,29 @@ def parse_bind(spec: str) -> BindSpec:
 
 def bind(spec: BindSpec, backlog: int = DEFAULT_BACKLOG) -> Listener:
     """Bind and listen, non-blocking, with SO_REUSEADDR (as tornado's netutil)."""
+    try:
+        sock = _listening(spec, backlog)
+    except OSError as exc:
+        error = AddressInUseError if exc.errno == errno.EADDRINUSE else BindError
+        raise error(f"cannot bind {spec.address}: {_why(exc, spec.port)}") from None
+    return Listener(spec.name, sock)
+
+
+def bind_own(flag: str, given: str, spec: BindSpec, backlog: int = 128) -> socket.socket:
+    """A listening socket fdserver serves itself (``--metrics``, ``--agent``): never
+    handed to a worker; errors name *flag* and the address as *given*."""
+    try:
+        return _listening(spec, backlog)
+    except OSError as exc:
+        why = (exc.strerror or str(exc)).lower()
+        if exc.errno == errno.EADDRINUSE:
+            why += f" (another fdserver's {flag}, or another program, on it?)"
+        elif exc.errno == errno.EACCES and spec.port < 1024:
+            why += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        raise BindError(f"{flag} {given}: cannot bind: {why}") from None
+
+
+def _listening(spec: BindSpec, backlog: int) -> socket.socket:
     sock = socket.socket(spec.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -89,11 +112,10 @@ def bind(spec: BindSpec, backlog: int = DEFAULT_BACKLOG) -> Listener:
         # O_NONBLOCK lives on the open file description that every holder
         # shares; Tornado's accept loop needs it.
         sock.setblocking(False)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        error = AddressInUseError if exc.errno == errno.EADDRINUSE else BindError
-        raise error(f"cannot bind {spec.address}: {_why(exc, spec.port)}") from None
-    return Listener(spec.name, sock)
+        raise
+    return sock
 
 
 def bind_all(specs: list[BindSpec], backlog: int = DEFAULT_BACKLOG, *,

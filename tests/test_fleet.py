@@ -480,4 +480,4 @@ def test_agent_address_in_use_is_one_line(sockdir):
                       "127.0.0.1:0", "--agent", agent])
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         f"fdserver: error: --agent {agent}: cannot bind: address already in use (another "
-        "fdserver's agent, or another program, on it?)"], result.stderr
+        "fdserver's --agent, or another program, on it?)"], result.stderr

@@ -378,7 +378,8 @@ def test_bad_metrics_address(start_fdserver, sockdir):
     for spec, says in (("nope", "expected HOST:PORT"), ("127.0.0.1:99999", "expected HOST:PORT"),
                        ("name=127.0.0.1:1", "expected HOST:PORT"),
                        ("localhost:9100", "is not a numeric IP"),
-                       (busy.metrics, "cannot bind: Address already in use")):
+                       (busy.metrics, "cannot bind: address already in use (another "
+                                     "fdserver's --metrics, or another program, on it?)")):
         result = run([script("fdserver"), "--socket", str(sockdir / "bad.sock"),
                       "--bind", "127.0.0.1:0", "--metrics", spec])
         assert result.returncode == 1, result.stderr

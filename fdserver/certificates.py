@@ -87,9 +87,10 @@ def read(files: TLSFiles, now: datetime | None = None) -> Material:
         raise TLSError(f"--keyfile {files.keyfile}: the key is encrypted; fdserver needs it "
                        "unencrypted (keep the file readable by root and fdserver's group "
                        "only)") from None
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise TLSError(f"--keyfile {files.keyfile}: not a usable PEM private key "
-                       f"({_first_line(exc)})") from None
+    except (ValueError, UnsupportedAlgorithm):
+        # cryptography's own words vary by version and are long: ours say enough.
+        raise TLSError(f"--keyfile {files.keyfile}: not a usable PEM private key (no key in "
+                       "it, or of a type OpenSSL cannot load)") from None
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     try:

@@ -32,7 +32,7 @@ from . import lifecycle
 from .acceptor import Acceptor
 from .client import Registration, mode_of, resume, retry_delays
 from .drain import DrainingHTTPServer
-from .errors import FdserverError
+from .errors import AppError, FdserverError
 from .loader import load
 from .protocol import HEARTBEAT_INTERVAL, Message, MetricsMessage, Mode, Reported, TLSMessage
 from .requestlog import Reporter, RequestLog
@@ -127,6 +127,8 @@ class Worker:
             self._watch_loop(self.timeout)
         self._main_task = loaded.main
         self.server = loaded.server or DrainingHTTPServer(loaded.app, **self.server_options)
+        # The app's own ssl_options (its main()'s HTTPServer), checked before registering.
+        self._app_context = _app_context(self.spec, self.server.ssl_options)
         # Warm: now register (it may wait for fdserver) and take connections.
         # In a daemon thread: a SIGTERM meanwhile must not wait for it.
         self.registration = await _in_daemon_thread(self.register)
@@ -136,11 +138,7 @@ class Worker:
                             if listener.proxy)
         self.acceptor = Acceptor(self.server, self._send, balance=self.balance,
                                  proxied=proxied)
-        # The app's own ssl_options (its main()'s HTTPServer), once; fdserver's
-        # TLS material, and which listeners it is for, as fdserver sends them.
-        own = self.server.ssl_options
-        self._app_context = (ssl_options_to_context(own, server_side=True)
-                             if own is not None else None)
+        # fdserver's TLS material, and which listeners it is for, as fdserver sends them.
         self._fdserver_context = self.registration.ssl_context()
         self._tls_names = frozenset(one.name for one in self.registration.listeners if one.tls)
         self._set_contexts()
@@ -445,6 +443,17 @@ class Worker:
             finally:
                 self._resuming = False
             await asyncio.sleep(next(delays))
+
+
+def _app_context(spec: str, ssl_options: Any) -> ssl.SSLContext | None:
+    """The context of the app's own ssl_options (its main()'s HTTPServer), if any."""
+    if ssl_options is None:
+        return None
+    try:
+        return ssl_options_to_context(ssl_options, server_side=True)
+    except (OSError, ssl.SSLError, ValueError, TypeError) as exc:
+        raise AppError(f"{spec}: the app's ssl_options do not load: "
+                       f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
 async def _in_daemon_thread(work: Callable[[], Registration]) -> Registration:

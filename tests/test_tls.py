@@ -599,3 +599,15 @@ def test_a_resumed_worker_follows_the_new_fdservers_tls_listeners(certs, live, s
     again.wait_state(worker.pid, "ready")
     worker.wait_for_line(r"fdserver now serves no TLS; serving web as plain HTTP")
     assert http_get(f"127.0.0.1:{port}") == (200, f"Hello from {worker.pid}\n")
+
+
+def test_an_app_whose_own_ssl_options_do_not_load_is_told_so(certs, tmp_path, start_fdserver):
+    # Files Tornado finds (it checks that much itself), but a key of another certificate.
+    (tmp_path / "own.py").write_text(MAIN_WITH_SSL_OPTIONS.format(
+        cert=str(certs.first.cert), key=str(certs.renewed.key)))
+    server = start_fdserver()
+    result = run([script("fdapp"), "own:main", "--socket", server.socket], cwd=tmp_path)
+    assert result.returncode == 1
+    assert re.fullmatch(r"fdapp: error: own:main: the app's ssl_options do not load: .*"
+                        r"key values mismatch.*", result.stderr.splitlines()[-1]), result.stderr
+    assert "Traceback" not in result.stderr

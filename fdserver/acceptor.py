@@ -162,6 +162,10 @@ class Acceptor:
         self._paused = False
         self._valve = False               # one accept allowed right after a pause
         self._waiting = 0                 # in the accept queue, as this wakeup began
+        self._accepting: int | None = None  # the listener of this wakeup
+        # listener -> its queue length when this worker last stepped aside
+        self._queue_at_pause: dict[int, int] = {}
+        self._stepped_aside = 0           # times in a row, with connections waiting
         self._share: tuple[int, int] | None = None
         # Open connections when the accept queue was last short: what the
         # worker takes of a burst is what it holds above that.
@@ -217,8 +221,10 @@ class Acceptor:
     def excess(self, waiting: int = 0) -> Excess:
         """How far over its share of the open connections this process is.
 
-        DOUBLE also when it took its part of a burst of *waiting* connections:
-        stepping aside for a moment gives the others the CPU to accept.
+        *waiting*: the connections in the kernel's accept queue (read only
+        when bursts matter): they count in the share, so that a burst is
+        split over the workers.  DOUBLE also when it took its part of a
+        burst: stepping aside for a moment gives the others the CPU to accept.
         """
         if not self.balance or self._share is None:
             return _NONE
@@ -229,11 +235,17 @@ class Acceptor:
         taken = max(0, own - self._burst_base)
         if waiting >= workers and taken >= math.ceil((taken + waiting) / workers) + SLACK:
             return _DOUBLE
-        # The others' part of the total, as fdserver last saw it, plus ours now.
-        share = math.ceil((max(0, total - self._reported) + own) / workers)
+        # The others' part of the total, as fdserver last saw it, plus ours
+        # now, plus what waits to be taken.
+        share = math.ceil((max(0, total - self._reported) + own + waiting) / workers)
         if own >= 2 * share + SLACK:
             return _DOUBLE
-        return _OVER if own >= share + SLACK else _NONE
+        if own >= share + SLACK:
+            # With more workers than CPUs, taking one connection per loop
+            # pass while over the share hands a burst to the few that run:
+            # step aside, the others need the CPU to take theirs.
+            return _DOUBLE if waiting and workers > CPUS else _OVER
+        return _NONE
 
     def _bursts_matter(self) -> bool:
         return self.balance and self._share is not None and self._share[1] > CPUS
@@ -242,8 +254,17 @@ class Acceptor:
                 family: socket.AddressFamily, name: str) -> None:
         waiting = _accept_queue_length(sock) if self._bursts_matter() else 0
         in_burst = waiting > 0 and self._share is not None and waiting >= self._share[1]
+        if self._valve and self._stepped_aside and self._share is not None:
+            # Back from stepping aside.  The one connection taken then is for
+            # when the others are stuck, not merely waiting for a CPU: not if
+            # the queue shrank meanwhile (they are taking their part), nor
+            # before they all could have run once (a round of the CPUs).
+            before = self._queue_at_pause.pop(sock.fileno(), 0)
+            if waiting < before or self._stepped_aside < math.ceil(self._share[1] / CPUS):
+                self._valve = False
         self._burst_base = min(self._burst_base, self.server.connection_count)
         self._waiting = waiting
+        self._accepting = sock.fileno()
         # *accept* is the socket's raw accept (what socket.accept() calls):
         # wrapping the descriptor here with the family known saves the enum
         # conversions socket.accept() does for every connection.
@@ -259,10 +280,16 @@ class Acceptor:
         """The balancing, before each accept: take, or hold back (see above)."""
         if self._valve:
             self._valve = False
+            self._stepped_aside = 0
             return True
         excess = self.excess(self._waiting)
         if excess is _DOUBLE:
+            if self._accepting is not None and self._bursts_matter():
+                self._queue_at_pause[self._accepting] = self._waiting
+                self._stepped_aside += 1
             self._pause(PAUSE)
+        elif not excess:
+            self._stepped_aside = 0
         elif excess:
             # Let the events already due run first; the listener is
             # level-triggered, so the loop comes back here at once.

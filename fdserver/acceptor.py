@@ -74,6 +74,9 @@ ACCEPT_BATCH = 8            # Tornado takes up to 128 per wakeup
 # the others accept a keep-alive burst.
 PAUSE = 0.001
 REPORT_INTERVAL = 0.02      # at most 50 load reports a second
+# Beyond this many workers each reports less often (shared mode; see changed()).
+REPORT_WORKERS = 8
+MAX_REPORT_INTERVAL = 0.5
 SLACK = 1                   # connections over the share before yielding
 CPUS = len(os.sched_getaffinity(0))
 TCPI_UNACKED = 24           # struct tcp_info: a listener's accept queue length
@@ -394,10 +397,19 @@ class Acceptor:
         self.server.handle_stream(stream, address)
 
     def changed(self) -> None:
-        """Open connections changed: report soon (coalesced)."""
+        """Open connections changed: report soon (coalesced).
+
+        In shared mode the interval grows with the workers (the share says
+        how many): together they send fdserver about as many reports as
+        REPORT_WORKERS workers would, whatever their number.
+        """
         if not self._report_pending:
             self._report_pending = True
-            self._loop.call_later(REPORT_INTERVAL, self._send_report)
+            interval = REPORT_INTERVAL
+            if self._share is not None and self._share[1] > REPORT_WORKERS:
+                interval = min(REPORT_INTERVAL * self._share[1] / REPORT_WORKERS,
+                               MAX_REPORT_INTERVAL)
+            self._loop.call_later(interval, self._send_report)
 
     def _send_report(self) -> None:
         self._report_pending = False

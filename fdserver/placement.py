@@ -72,6 +72,7 @@ class SharePublisher:
         self._workers = workers
         self._scheduled = False
         self._last: tuple[int, int] | None = None
+        self._sent: dict[Peer, tuple[int, int]] = {}   # ready worker -> its last share
         self._no_worker = (NoWorkerAnswer(loop, listeners, unavailable_timeout)
                            if listeners is not None else None)
         self._count_ready()
@@ -105,14 +106,24 @@ class SharePublisher:
         self._publish()
 
     def _publish(self, force: bool = False) -> None:
+        # Only when what a worker does with it changes: the ready workers, or
+        # the total by half a connection per worker or more.  Every load
+        # report would otherwise send every worker a share: with N workers,
+        # N² messages.
         ready = [p for p in self._workers() if p.state == "ready"]
         share = (sum(p.connections for p in ready), len(ready))
-        if share == self._last and not force:
+        last = self._last
+        if not force and last is not None and last[1] == share[1] and (
+                abs(share[0] - last[0]) < max(1, share[1] // 2)):
             return
         self._last = share
+        message: Message = {"type": "share", "connections": share[0], "workers": share[1]}
+        sent, self._sent = self._sent, {}
         for peer in ready:
             if "share" in peer.features:
-                peer.channel.send({"type": "share", "connections": share[0], "workers": share[1]})
+                if sent.get(peer) != share:     # one that has it needs it not again
+                    peer.channel.send(message)
+                self._sent[peer] = share
 
 
 class NoWorkerAnswer:

@@ -11,12 +11,12 @@ connection ``503 Service Unavailable`` (:class:`NoWorkerAnswer`) until a
 worker is ready again.
 
 Dispatch mode (``fdserver --dispatch``): fdserver accepts every connection
-and passes it to a ready worker: first one that has read everything sent to
-it (the kernel says so: SIOCOUTQ on its channel), then the one with the
-fewest open connections (its last report, plus what was sent since).  The
-first rule ("join the idle queue") keeps a worker that waits for the CPU
-from being handed more while another sits idle; the second spreads
-long-lived connections evenly.  A connection that no worker can take
+and passes it to a ready worker: the one with the fewest open connections
+(its last report, plus what was sent since), and among those first one that
+has read everything sent to it (the kernel says so: SIOCOUTQ on its
+channel).  The first rule keeps long-lived connections even; the second
+("join the idle queue") keeps a worker that waits for the CPU from being
+handed more while an equally loaded one sits idle.  A connection that no worker can take
 waits in fdserver at most *wait_timeout* seconds, then gets a
 ``503 Service Unavailable`` with ``Connection: close``; past *max_waiting*
 connections fdserver stops accepting and the kernel's backlog holds the rest.
@@ -357,11 +357,12 @@ class Dispatcher:
 
     @staticmethod
     def _choose(ready: list[Peer], busy: set[Peer]) -> Peer | None:
-        # Idle first, then the fewest open connections, then the one served
-        # longest ago.  A send that failed closes a worker between _ready()
-        # and here: it no longer counts.
+        # The fewest open connections (keep-alive ones stay where they are
+        # placed, so the counts must stay even), then idle first, then the
+        # one served longest ago.  A send that failed closes a worker between
+        # _ready() and here: it no longer counts.
         return min((p for p in ready if p.channel.usable),
-                   key=lambda p: (p in busy, estimate(p), p.last_dispatch), default=None)
+                   key=lambda p: (estimate(p), p in busy, p.last_dispatch), default=None)
 
     def _assign(self, worker: Peer, busy: set[Peer]) -> None:
         worker.dispatched += 1

@@ -75,8 +75,8 @@ ACCEPT_BATCH = 8            # Tornado takes up to 128 per wakeup
 PAUSE = 0.001
 REPORT_INTERVAL = 0.02      # at most 50 load reports a second
 # Beyond this many workers each reports less often (shared mode; see changed()).
-REPORT_WORKERS = 8
-MAX_REPORT_INTERVAL = 0.5
+REPORT_WORKERS = 2
+MAX_REPORT_INTERVAL = 1.0
 SLACK = 1                   # connections over the share before yielding
 CPUS = len(os.sched_getaffinity(0))
 TCPI_UNACKED = 24           # struct tcp_info: a listener's accept queue length

@@ -86,7 +86,7 @@ class SharePublisher:
             self._no_worker.ready_workers(sum(p.state == "ready" for p in self._workers()))
 
     def changed(self) -> None:
-        """The load changed: publish soon, coalesced."""
+        """The load changed: publish soon, coalesced (if it changed enough: _publish)."""
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_later(SHARE_DELAY, self._coalesced)
@@ -107,14 +107,15 @@ class SharePublisher:
 
     def _publish(self, force: bool = False) -> None:
         # Only when what a worker does with it changes: the ready workers, or
-        # the total by half a connection per worker or more.  Every load
+        # the total by half a connection per worker or an eighth, whichever
+        # is more.  Every load
         # report would otherwise send every worker a share: with N workers,
         # N² messages.
         ready = [p for p in self._workers() if p.state == "ready"]
         share = (sum(p.connections for p in ready), len(ready))
         last = self._last
         if not force and last is not None and last[1] == share[1] and (
-                abs(share[0] - last[0]) < max(1, share[1] // 2)):
+                abs(share[0] - last[0]) < max(1, share[1] // 2, last[0] // 8)):
             return
         self._last = share
         message: Message = {"type": "share", "connections": share[0], "workers": share[1]}

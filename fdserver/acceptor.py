@@ -11,17 +11,24 @@ worker: a process just over its share lets its other events run first (no
 idle CPU, which matters when connections are short-lived); one at twice its
 share sleeps for PAUSE so that the others get the CPU to accept (which
 matters for a burst of keep-alive connections on few cores).  After holding
-back one connection is always taken, so a worker never starves its clients
-when the others are stuck.
+back one connection is taken, so a worker never starves its clients when
+the others are stuck.
 
-The share is up to ~30 ms old: right after a wave of short connections it
-still counts them, and is too generous for a burst that follows.  So while
-more workers are ready than there are CPUs (they cannot all run at once to
-take their part), a worker also looks at the burst itself: with more
-connections waiting in the kernel's queue than there are workers, one that
-took its part of them (what it took plus those waiting, over the workers;
-not counting the connections it held when the queue was last short) steps
-aside.  With no more workers than CPUs that would only leave a core idle.
+With more ready workers than CPUs they cannot all run at once, so taking
+one connection per loop pass while over the share hands a burst to the few
+that run.  There a worker also reads the kernel's accept queue length at
+each wakeup and counts it in the share (a burst is split in proportion),
+steps aside for PAUSE whenever it is over the share and connections wait,
+and takes the one connection after stepping aside only when the others
+seem stuck: the queue did not shrink meanwhile, and it stepped aside once
+per round of the CPUs already.  The share lags (reports, and fdserver
+publishing only changes that matter): right after a wave of short
+connections it still counts them, and is too generous for a burst that
+follows.  So with more connections waiting than workers, one that took its
+part of them (what it took plus those waiting, over the workers; not
+counting the connections it held when the queue was last short) steps
+aside too.  With no more workers than CPUs all that would only leave a core
+idle.
 
 fdapp's own IOStream (fewer system calls per request) is
 :class:`fdserver._tornado.FastStream`.
@@ -36,7 +43,8 @@ event loop's critical path and under a deadline, and the address it carries
 is the one the app sees; a connection with a bad header is closed.
 
 Either way the worker reports its open connections (``load``), coalesced to
-at most one report per *report_interval*.
+at most one report per REPORT_INTERVAL; in shared mode beyond REPORT_WORKERS
+workers less often (see :meth:`Acceptor.changed`).
 
 TLS.  A connection on a listener with a context in ``contexts`` (fdserver's
 TLS listeners, or all of them if the app's own HTTPServer has

@@ -81,6 +81,11 @@ ACCEPT_BATCH = 8            # Tornado takes up to 128 per wakeup
 # connections (8 workers: 4k req/s in some runs against 7k); 1 ms still lets
 # the others accept a keep-alive burst.
 PAUSE = 0.001
+# With more workers than CPUs, the pauses in a row after which a worker over
+# its share takes a connection anyway if the queue did not shrink (the others
+# may be stuck): together about a millisecond per worker per CPU, a round of
+# the CPUs (see Acceptor._pause_length).
+VALVE_PAUSES = 8
 REPORT_INTERVAL = 0.02      # at most 50 load reports a second
 # Beyond this many workers each reports less often (shared mode; see changed()).
 REPORT_WORKERS = 2
@@ -249,21 +254,33 @@ class Acceptor:
         # The others' part of the total, as fdserver last saw it, plus ours
         # now, plus what waits to be taken.
         share = math.ceil((max(0, total - self._reported) + own + waiting) / workers)
+        if waiting and workers > CPUS:
+            # Taking one connection per loop pass while over the share hands
+            # a burst to the few workers that run: at its share (no slack:
+            # with as many connections as workers, a slack of one would
+            # leave half of them without) a worker steps aside, the others
+            # need the CPU to take theirs.
+            return _DOUBLE if own >= share else _NONE
         if own >= 2 * share + SLACK:
             return _DOUBLE
-        if own >= share + SLACK:
-            # With more workers than CPUs, taking one connection per loop
-            # pass while over the share hands a burst to the few that run:
-            # step aside, the others need the CPU to take theirs.
-            return _DOUBLE if waiting and workers > CPUS else _OVER
-        return _NONE
+        return _OVER if own >= share + SLACK else _NONE
+
+    def _pause_length(self) -> float:
+        """PAUSE; with many workers per CPU, longer: a worker stepping aside
+        wakes up at each end of it, and hundreds of them waking every
+        millisecond would keep the others from the CPU they are waiting for."""
+        if self._share is None:
+            return PAUSE
+        return PAUSE * max(1.0, self._share[1] / (CPUS * VALVE_PAUSES))
 
     def _bursts_matter(self) -> bool:
         return self.balance and self._share is not None and self._share[1] > CPUS
 
     def _accept(self, sock: socket.socket, accept: Callable[[], tuple[int, Any]],
                 family: socket.AddressFamily, name: str) -> None:
-        waiting = _accept_queue_length(sock) if self._bursts_matter() else 0
+        # At least the one that woke us: with hundreds of workers woken by
+        # one connection, the queue read empty a moment ago may not be now.
+        waiting = max(1, _accept_queue_length(sock)) if self._bursts_matter() else 0
         in_burst = waiting > 0 and self._share is not None and waiting >= self._share[1]
         if self._valve and self._stepped_aside and self._share is not None:
             # Back from stepping aside.  The one connection taken then is for
@@ -271,7 +288,7 @@ class Acceptor:
             # the queue shrank meanwhile (they are taking their part), nor
             # before they all could have run once (a round of the CPUs).
             before = self._queue_at_pause.pop(sock.fileno(), 0)
-            if waiting < before or self._stepped_aside < math.ceil(self._share[1] / CPUS):
+            if waiting < before or self._stepped_aside < VALVE_PAUSES:
                 self._valve = False
         self._burst_base = min(self._burst_base, self.server.connection_count)
         self._waiting = waiting
@@ -281,7 +298,7 @@ class Acceptor:
         # conversions socket.accept() does for every connection.
         for fd, address in accepted(accept, ACCEPT_BATCH, self._accept_failed,
                                     self._may_take if self.balance else None):
-            if self._waiting:
+            if self._waiting > 1:       # never below 1 when bursts matter (see above)
                 self._waiting -= 1
             self._serve(_Connection(family, fileno=fd), address, name)
         if not in_burst:            # what it holds now is the share's business
@@ -298,7 +315,7 @@ class Acceptor:
             if self._accepting is not None and self._bursts_matter():
                 self._queue_at_pause[self._accepting] = self._waiting
                 self._stepped_aside += 1
-            self._pause(PAUSE)
+            self._pause(self._pause_length())
         elif not excess:
             self._stepped_aside = 0
         elif excess:

@@ -18,7 +18,8 @@ With more ready workers than CPUs they cannot all run at once, so taking
 one connection per loop pass while over the share hands a burst to the few
 that run.  There a worker also reads the kernel's accept queue length at
 each wakeup and counts it in the share (a burst is split in proportion),
-steps aside for PAUSE whenever it is over the share and connections wait,
+steps aside (PAUSE, longer with many workers per CPU) as soon as it holds
+its share, no slack, while connections wait,
 and takes the one connection after stepping aside only when the others
 seem stuck: the queue did not shrink meanwhile, and it stepped aside once
 per round of the CPUs already.  The share lags (reports, and fdserver

@@ -8,8 +8,9 @@ Sections (``--sections``, comma-separated; all by default):
 
 * ``balance``: shared mode with 8, 64 and 256 workers (``--workers``), one
   stack per count, kept over the rounds.  Each round: ``wrk -t 2 -c 256
-  -d 2s`` keep-alive (the 256 connections open at once) and ``wrk -t 2 -c 64``
-  with a new connection per request for workers / 32 s (at least 3 s).
+  -d 2s`` keep-alive (the 256 connections open at once; workers / 64 s with
+  more than 128 workers) and ``wrk -t 2 -c 64`` with a new connection per
+  request for workers / 32 s (at least 3 s).
   Jain's index of the requests per worker (target >= 0.95) and fdserver's
   CPU during the new-connection load, as % of one core (target <= 2).
   Workers that do not fit in memory (~40 MB each, at most 60% of
@@ -159,7 +160,8 @@ def balance(workdir: Path, counts: list[int], rounds: int, notes: list[str]) -> 
                     new = pattern == "new conn"
                     # Long enough for about as many requests per worker at any count.
                     got = wrk_load(stack, connections=NEW_CONNECTIONS if new else BURST,
-                                   duration=max(3.0, n / 32) if new else 2.0, new_connection=new,
+                                   duration=max(3.0, n / 32) if new else max(2.0, n / 64),
+                                   new_connection=new,
                                    server_pid=stack.server_pid)
                     runs.append({"section": "balance", "workers": n, "pattern": pattern,
                                  "round": r + 1, **got})
@@ -366,12 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}")
     if runs.get("balance"):
-        print(f"\n1. Shared mode with many workers: keep-alive = wrk -t 2 -c {BURST} -d 2s (the "
+        print(f"\n1. Shared mode with many workers: keep-alive = wrk -t 2 -c {BURST} (the "
               f"connections open at once), new conn = wrk -t 2 -c {NEW_CONNECTIONS}")
         print(balance_table(runs["balance"]))
         print("if random: Jain's index expected if every request went to a worker at random, "
               "m / (m + 1) for m requests per worker:\nthe noise floor of few requests per worker "
-              "(new conn lasts workers / 32 s, at least 3 s).")
+              "(keep-alive lasts workers / 64 s, at least 2 s;\nnew conn workers / 32 s, at "
+              "least 3 s).")
     if runs.get("dispatch"):
         print("\n2. Dispatch mode, 8 workers, wrk -t 2 -c 64 -d 2s keep-alive")
         print(dispatch_table(runs["dispatch"]))

@@ -19,13 +19,12 @@ one connection per loop pass while over the share hands a burst to the few
 that run.  There a worker also reads the kernel's accept queue length at
 each wakeup and counts it in the share (a burst is split in proportion),
 steps aside (PAUSE, longer with many workers per CPU) as soon as it holds
-its share, no slack, while connections wait,
-and takes the one connection after stepping aside only when the others
-seem stuck: the queue did not shrink meanwhile, and it stepped aside once
-per round of the CPUs already.  The share lags (reports, and fdserver
-publishing only changes that matter): right after a wave of short
-connections it still counts them, and is too generous for a burst that
-follows.  So with more connections waiting than workers, one that took its
+its share, no slack, while connections wait, and takes the one connection
+after stepping aside only when the others seem stuck: the queue did not
+shrink meanwhile, and it stepped aside VALVE_PAUSES times in a row.  The
+share lags (reports, and fdserver publishing only changes that matter):
+right after a wave of short connections it still counts them, and is too
+generous for a burst that follows.  So with more connections waiting than workers, one that took its
 part of them (what it took plus those waiting, over the workers; not
 counting the connections it held when the queue was last short) steps
 aside too.  With no more workers than CPUs all that would only leave a core
@@ -319,7 +318,7 @@ class Acceptor:
             self._pause(self._pause_length())
         elif not excess:
             self._stepped_aside = 0
-        elif excess:
+        else:
             # Let the events already due run first; the listener is
             # level-triggered, so the loop comes back here at once.
             self._valve = True

@@ -16,8 +16,8 @@ and passes it to a ready worker: the one with the fewest open connections
 has read everything sent to it (the kernel says so: SIOCOUTQ on its
 channel).  The first rule keeps long-lived connections even; the second
 ("join the idle queue") keeps a worker that waits for the CPU from being
-handed more while an equally loaded one sits idle.  A connection that no worker can take
-waits in fdserver at most *wait_timeout* seconds, then gets a
+handed more while an equally loaded one sits idle.  A connection that no
+worker can take waits in fdserver at most *wait_timeout* seconds, then gets a
 ``503 Service Unavailable`` with ``Connection: close``; past *max_waiting*
 connections fdserver stops accepting and the kernel's backlog holds the rest.
 In this mode fdserver runs as SCHED_BATCH (``cli._schedule_as_batch``), so
@@ -108,9 +108,8 @@ class SharePublisher:
     def _publish(self, force: bool = False) -> None:
         # Only when what a worker does with it changes: the ready workers, or
         # the total by half a connection per worker or an eighth, whichever
-        # is more.  Every load
-        # report would otherwise send every worker a share: with N workers,
-        # N² messages.
+        # is more.  Every load report would otherwise send every worker a
+        # share: with N workers, N² messages.
         ready = [p for p in self._workers() if p.state == "ready"]
         share = (sum(p.connections for p in ready), len(ready))
         last = self._last

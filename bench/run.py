@@ -1,12 +1,15 @@
 """Every bench, one after the other: what ``./dev bench`` runs.
 
-    .venv/bin/python bench/run.py [--rounds N] [--no-install]
+    .venv/bin/python bench/run.py [--rounds N] [--no-install] [--only NAMES]
 
 1. bench/rolling_restart.py: failed requests and p99 latency during a
    rolling restart of 4 workers (ours, naive, gunicorn).
 2. bench/performance.py: throughput against tornado's fork_processes,
    fdserver's CPU, fairness over 8 workers, start-up and handout times.
    Needs wrk (``./dev bench`` installs the Debian package).
+3. bench/scale.py: balance and fdserver's CPU with 8, 64 and 256 workers,
+   dispatch's keep-alive fairness, fdapp --loop uvloop against fork_processes,
+   memory per worker, p99 latency during a rolling restart against steady.
 
 The Python packages that only the benches use, gunicorn (the rolling-restart
 comparison) and matplotlib (the fairness plot, bench/results/fairness.png),
@@ -14,7 +17,7 @@ are pip-installed into this interpreter's environment first unless
 --no-install; without them the rolling-restart bench leaves gunicorn out and
 the plot is skipped.  Tables go to stdout, progress to stderr.  A bench that
 fails does not stop the next; the exit status is then 1.  The default rounds
-take about 6 minutes on 2 cores.
+take about 12 minutes on 2 cores (--only scale: about 6).
 """
 
 from __future__ import annotations
@@ -66,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="rounds for every bench (default: each its own)")
     p.add_argument("--no-install", action="store_true",
                    help="do not pip-install the bench-only packages (gunicorn, matplotlib)")
+    p.add_argument("--only", default="rolling,performance,scale",
+                   help="comma-separated subset of %(default)s")
     args = p.parse_args(argv)
+    only = set(args.only.split(","))
+    if only - {"rolling", "performance", "scale"}:
+        p.error(f"--only: a subset of rolling,performance,scale, not {args.only}")
     rounds = ["--rounds", str(args.rounds)] if args.rounds else []
     missing = missing_extras()
     if missing and not args.no_install:
@@ -77,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
               "ours and naive only", file=sys.stderr, flush=True)
         rolling += ["--stacks", "ours,naive"]
     began = time.monotonic()
-    codes = [run_bench("rolling_restart.py", rolling), run_bench("performance.py", rounds)]
+    benches = {"rolling": ("rolling_restart.py", rolling),
+               "performance": ("performance.py", rounds), "scale": ("scale.py", rounds)}
+    codes = [run_bench(*benches[name]) for name in benches if name in only]
     print(f"\nall benches: {time.monotonic() - began:.0f}s", flush=True)
     return 0 if not any(codes) else 1
 

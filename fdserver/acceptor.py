@@ -11,17 +11,24 @@ worker: a process just over its share lets its other events run first (no
 idle CPU, which matters when connections are short-lived); one at twice its
 share sleeps for PAUSE so that the others get the CPU to accept (which
 matters for a burst of keep-alive connections on few cores).  After holding
-back one connection is always taken, so a worker never starves its clients
-when the others are stuck.
+back one connection is taken, so a worker never starves its clients when
+the others are stuck.
 
-The share is up to ~30 ms old: right after a wave of short connections it
-still counts them, and is too generous for a burst that follows.  So while
-more workers are ready than there are CPUs (they cannot all run at once to
-take their part), a worker also looks at the burst itself: with more
-connections waiting in the kernel's queue than there are workers, one that
-took its part of them (what it took plus those waiting, over the workers;
-not counting the connections it held when the queue was last short) steps
-aside.  With no more workers than CPUs that would only leave a core idle.
+With more ready workers than CPUs they cannot all run at once, so taking
+one connection per loop pass while over the share hands a burst to the few
+that run.  There a worker also reads the kernel's accept queue length at
+each wakeup and counts it in the share (a burst is split in proportion),
+steps aside (PAUSE, longer with many workers per CPU) as soon as it holds
+its share, no slack, while connections wait, and takes the one connection
+after stepping aside only when the others seem stuck: the queue did not
+shrink meanwhile, and it stepped aside VALVE_PAUSES times in a row.  The
+share lags (reports, and fdserver publishing only changes that matter):
+right after a wave of short connections it still counts them, and is too
+generous for a burst that follows.  So with more connections waiting than workers, one that took its
+part of them (what it took plus those waiting, over the workers; not
+counting the connections it held when the queue was last short) steps
+aside too.  With no more workers than CPUs all that would only leave a core
+idle.
 
 fdapp's own IOStream (fewer system calls per request) is
 :class:`fdserver._tornado.FastStream`.
@@ -36,7 +43,8 @@ event loop's critical path and under a deadline, and the address it carries
 is the one the app sees; a connection with a bad header is closed.
 
 Either way the worker reports its open connections (``load``), coalesced to
-at most one report per *report_interval*.
+at most one report per REPORT_INTERVAL; in shared mode beyond REPORT_WORKERS
+workers less often (see :meth:`Acceptor.changed`).
 
 TLS.  A connection on a listener with a context in ``contexts`` (fdserver's
 TLS listeners, or all of them if the app's own HTTPServer has
@@ -73,7 +81,15 @@ ACCEPT_BATCH = 8            # Tornado takes up to 128 per wakeup
 # connections (8 workers: 4k req/s in some runs against 7k); 1 ms still lets
 # the others accept a keep-alive burst.
 PAUSE = 0.001
+# With more workers than CPUs, the pauses in a row after which a worker over
+# its share takes a connection anyway if the queue did not shrink (the others
+# may be stuck): together about a millisecond per worker per CPU, a round of
+# the CPUs (see Acceptor._pause_length).
+VALVE_PAUSES = 8
 REPORT_INTERVAL = 0.02      # at most 50 load reports a second
+# Beyond this many workers each reports less often (shared mode; see changed()).
+REPORT_WORKERS = 2
+MAX_REPORT_INTERVAL = 1.0
 SLACK = 1                   # connections over the share before yielding
 CPUS = len(os.sched_getaffinity(0))
 TCPI_UNACKED = 24           # struct tcp_info: a listener's accept queue length
@@ -162,6 +178,10 @@ class Acceptor:
         self._paused = False
         self._valve = False               # one accept allowed right after a pause
         self._waiting = 0                 # in the accept queue, as this wakeup began
+        self._accepting: int | None = None  # the listener of this wakeup
+        # listener -> its queue length when this worker last stepped aside
+        self._queue_at_pause: dict[int, int] = {}
+        self._stepped_aside = 0           # times in a row, with connections waiting
         self._share: tuple[int, int] | None = None
         # Open connections when the accept queue was last short: what the
         # worker takes of a burst is what it holds above that.
@@ -217,8 +237,10 @@ class Acceptor:
     def excess(self, waiting: int = 0) -> Excess:
         """How far over its share of the open connections this process is.
 
-        DOUBLE also when it took its part of a burst of *waiting* connections:
-        stepping aside for a moment gives the others the CPU to accept.
+        *waiting*: the connections in the kernel's accept queue (read only
+        when bursts matter): they count in the share, so that a burst is
+        split over the workers.  DOUBLE also when it took its part of a
+        burst: stepping aside for a moment gives the others the CPU to accept.
         """
         if not self.balance or self._share is None:
             return _NONE
@@ -229,27 +251,54 @@ class Acceptor:
         taken = max(0, own - self._burst_base)
         if waiting >= workers and taken >= math.ceil((taken + waiting) / workers) + SLACK:
             return _DOUBLE
-        # The others' part of the total, as fdserver last saw it, plus ours now.
-        share = math.ceil((max(0, total - self._reported) + own) / workers)
+        # The others' part of the total, as fdserver last saw it, plus ours
+        # now, plus what waits to be taken.
+        share = math.ceil((max(0, total - self._reported) + own + waiting) / workers)
+        if waiting and workers > CPUS:
+            # Taking one connection per loop pass while over the share hands
+            # a burst to the few workers that run: at its share (no slack:
+            # with as many connections as workers, a slack of one would
+            # leave half of them without) a worker steps aside, the others
+            # need the CPU to take theirs.
+            return _DOUBLE if own >= share else _NONE
         if own >= 2 * share + SLACK:
             return _DOUBLE
         return _OVER if own >= share + SLACK else _NONE
+
+    def _pause_length(self) -> float:
+        """PAUSE; with many workers per CPU, longer: a worker stepping aside
+        wakes up at each end of it, and hundreds of them waking every
+        millisecond would keep the others from the CPU they are waiting for."""
+        if self._share is None:
+            return PAUSE
+        return PAUSE * max(1.0, self._share[1] / (CPUS * VALVE_PAUSES))
 
     def _bursts_matter(self) -> bool:
         return self.balance and self._share is not None and self._share[1] > CPUS
 
     def _accept(self, sock: socket.socket, accept: Callable[[], tuple[int, Any]],
                 family: socket.AddressFamily, name: str) -> None:
-        waiting = _accept_queue_length(sock) if self._bursts_matter() else 0
+        # At least the one that woke us: with hundreds of workers woken by
+        # one connection, the queue read empty a moment ago may not be now.
+        waiting = max(1, _accept_queue_length(sock)) if self._bursts_matter() else 0
         in_burst = waiting > 0 and self._share is not None and waiting >= self._share[1]
+        if self._valve and self._stepped_aside and self._share is not None:
+            # Back from stepping aside.  The one connection taken then is for
+            # when the others are stuck, not merely waiting for a CPU: not if
+            # the queue shrank meanwhile (they are taking their part), nor
+            # before they all could have run once (a round of the CPUs).
+            before = self._queue_at_pause.pop(sock.fileno(), 0)
+            if waiting < before or self._stepped_aside < VALVE_PAUSES:
+                self._valve = False
         self._burst_base = min(self._burst_base, self.server.connection_count)
         self._waiting = waiting
+        self._accepting = sock.fileno()
         # *accept* is the socket's raw accept (what socket.accept() calls):
         # wrapping the descriptor here with the family known saves the enum
         # conversions socket.accept() does for every connection.
         for fd, address in accepted(accept, ACCEPT_BATCH, self._accept_failed,
                                     self._may_take if self.balance else None):
-            if self._waiting:
+            if self._waiting > 1:       # never below 1 when bursts matter (see above)
                 self._waiting -= 1
             self._serve(_Connection(family, fileno=fd), address, name)
         if not in_burst:            # what it holds now is the share's business
@@ -259,11 +308,17 @@ class Acceptor:
         """The balancing, before each accept: take, or hold back (see above)."""
         if self._valve:
             self._valve = False
+            self._stepped_aside = 0
             return True
         excess = self.excess(self._waiting)
         if excess is _DOUBLE:
-            self._pause(PAUSE)
-        elif excess:
+            if self._accepting is not None and self._bursts_matter():
+                self._queue_at_pause[self._accepting] = self._waiting
+                self._stepped_aside += 1
+            self._pause(self._pause_length())
+        elif not excess:
+            self._stepped_aside = 0
+        else:
             # Let the events already due run first; the listener is
             # level-triggered, so the loop comes back here at once.
             self._valve = True
@@ -367,10 +422,19 @@ class Acceptor:
         self.server.handle_stream(stream, address)
 
     def changed(self) -> None:
-        """Open connections changed: report soon (coalesced)."""
+        """Open connections changed: report soon (coalesced).
+
+        In shared mode the interval grows with the workers (the share says
+        how many): together they send fdserver about as many reports as
+        REPORT_WORKERS workers would, whatever their number.
+        """
         if not self._report_pending:
             self._report_pending = True
-            self._loop.call_later(REPORT_INTERVAL, self._send_report)
+            interval = REPORT_INTERVAL
+            if self._share is not None and self._share[1] > REPORT_WORKERS:
+                interval = min(REPORT_INTERVAL * self._share[1] / REPORT_WORKERS,
+                               MAX_REPORT_INTERVAL)
+            self._loop.call_later(interval, self._send_report)
 
     def _send_report(self) -> None:
         self._report_pending = False

@@ -393,6 +393,9 @@ def fdapp_parser() -> argparse.ArgumentParser:
                    help="accept like plain Tornado, as many connections as are queued, "
                         "instead of holding back while this process has more than its "
                         "share (shared mode only)")
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                   help="the event loop: asyncio's own, or uvloop (faster; pip install "
+                        "'fdserver[uvloop]') (default %(default)s)")
     p.add_argument("--access-log", action="store_true",
                    help="log every request, one line each, through the logger "
                         "fdserver.access to stderr (off by default: it costs throughput)")
@@ -467,10 +470,12 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         from . import logconfig
         from .client import Registration, register, trusted_server_uids
         from .loader import load_app
+        from .loops import loop_factory
         from .privileges import uid_of
         from .runner import FEATURES, Worker
         from .systemd import Notifier
 
+        loop = loop_factory(args.loop)      # before the app loads: a missing uvloop says so
         server_uids = trusted_server_uids(uid_of(args.server_user) if args.server_user else None)
         # Tornado's own access log: its warnings (4xx) and errors (5xx) only,
         # and nothing with --access-log, whose lines say it all.
@@ -508,7 +513,8 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
                         timeout=args.timeout, shutdown_timeout=args.shutdown_timeout,
                         max_requests=args.max_requests,
                         max_requests_jitter=args.max_requests_jitter,
-                        access_log_format=args.access_log_format if args.access_log else None)
+                        access_log_format=args.access_log_format if args.access_log else None,
+                        loop_factory=loop)
         return worker.run()
 
     return _run("fdapp", body)

@@ -11,13 +11,13 @@ connection ``503 Service Unavailable`` (:class:`NoWorkerAnswer`) until a
 worker is ready again.
 
 Dispatch mode (``fdserver --dispatch``): fdserver accepts every connection
-and passes it to a ready worker: first one that has read everything sent to
-it (the kernel says so: SIOCOUTQ on its channel), then the one with the
-fewest open connections (its last report, plus what was sent since).  The
-first rule ("join the idle queue") keeps a worker that waits for the CPU
-from being handed more while another sits idle; the second spreads
-long-lived connections evenly.  A connection that no worker can take
-waits in fdserver at most *wait_timeout* seconds, then gets a
+and passes it to a ready worker: the one with the fewest open connections
+(its last report, plus what was sent since), and among those first one that
+has read everything sent to it (the kernel says so: SIOCOUTQ on its
+channel).  The first rule keeps long-lived connections even; the second
+("join the idle queue") keeps a worker that waits for the CPU from being
+handed more while an equally loaded one sits idle.  A connection that no
+worker can take waits in fdserver at most *wait_timeout* seconds, then gets a
 ``503 Service Unavailable`` with ``Connection: close``; past *max_waiting*
 connections fdserver stops accepting and the kernel's backlog holds the rest.
 In this mode fdserver runs as SCHED_BATCH (``cli._schedule_as_batch``), so
@@ -72,6 +72,7 @@ class SharePublisher:
         self._workers = workers
         self._scheduled = False
         self._last: tuple[int, int] | None = None
+        self._sent: dict[Peer, tuple[int, int]] = {}   # ready worker -> its last share
         self._no_worker = (NoWorkerAnswer(loop, listeners, unavailable_timeout)
                            if listeners is not None else None)
         self._count_ready()
@@ -85,7 +86,7 @@ class SharePublisher:
             self._no_worker.ready_workers(sum(p.state == "ready" for p in self._workers()))
 
     def changed(self) -> None:
-        """The load changed: publish soon, coalesced."""
+        """The load changed: publish soon, coalesced (if it changed enough: _publish)."""
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_later(SHARE_DELAY, self._coalesced)
@@ -105,14 +106,24 @@ class SharePublisher:
         self._publish()
 
     def _publish(self, force: bool = False) -> None:
+        # Only when what a worker does with it changes: the ready workers, or
+        # the total by half a connection per worker or an eighth, whichever
+        # is more.  Every load report would otherwise send every worker a
+        # share: with N workers, N² messages.
         ready = [p for p in self._workers() if p.state == "ready"]
         share = (sum(p.connections for p in ready), len(ready))
-        if share == self._last and not force:
+        last = self._last
+        if not force and last is not None and last[1] == share[1] and (
+                abs(share[0] - last[0]) < max(1, share[1] // 2, last[0] // 8)):
             return
         self._last = share
+        message: Message = {"type": "share", "connections": share[0], "workers": share[1]}
+        sent, self._sent = self._sent, {}
         for peer in ready:
             if "share" in peer.features:
-                peer.channel.send({"type": "share", "connections": share[0], "workers": share[1]})
+                if sent.get(peer) != share:     # one that has it needs it not again
+                    peer.channel.send(message)
+                self._sent[peer] = share
 
 
 class NoWorkerAnswer:
@@ -346,11 +357,12 @@ class Dispatcher:
 
     @staticmethod
     def _choose(ready: list[Peer], busy: set[Peer]) -> Peer | None:
-        # Idle first, then the fewest open connections, then the one served
-        # longest ago.  A send that failed closes a worker between _ready()
-        # and here: it no longer counts.
+        # The fewest open connections (keep-alive ones stay where they are
+        # placed, so the counts must stay even), then idle first, then the
+        # one served longest ago.  A send that failed closes a worker between
+        # _ready() and here: it no longer counts.
         return min((p for p in ready if p.channel.usable),
-                   key=lambda p: (p in busy, estimate(p), p.last_dispatch), default=None)
+                   key=lambda p: (estimate(p), p in busy, p.last_dispatch), default=None)
 
     def _assign(self, worker: Peer, busy: set[Peer]) -> None:
         worker.dispatched += 1

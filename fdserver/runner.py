@@ -86,7 +86,9 @@ class Worker:
         max_requests: int | None = None,
         max_requests_jitter: int = 0,
         access_log_format: str | None = None,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     ) -> None:
+        self.loop_factory = loop_factory     # None: asyncio's own loop
         # gunicorn's rule: recycle after N + random(0..J) requests, so that
         # workers started together do not all recycle together.
         self.max_requests = (max_requests + random.randint(0, max_requests_jitter)
@@ -115,7 +117,8 @@ class Worker:
 
     def run(self) -> int:
         """Serve until drained; return the process exit status."""
-        return asyncio.run(self._main())
+        with asyncio.Runner(loop_factory=self.loop_factory) as runner:
+            return runner.run(self._main())
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()

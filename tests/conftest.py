@@ -119,13 +119,19 @@ def start_fdserver(procs, sockdir):
     return start
 
 
+# FDAPP_LOOP=uvloop: every worker start_fdapp starts runs on uvloop (./dev test
+# runs the core tests so too).
+LOOP = ("--loop", os.environ["FDAPP_LOOP"]) if os.environ.get("FDAPP_LOOP") else ()
+
+
 @pytest.fixture
 def start_fdapp(procs):
     """start_fdapp(server, *extra) -> Proc, once the worker reports ready."""
 
     def start(server: FdserverProc, *extra: str, app: str = "app:make_app",
               wait: bool = True, cwd: Path = PROJECT) -> Proc:
-        proc = procs.start([script("fdapp"), app, "--socket", server.socket, *extra], cwd=cwd)
+        proc = procs.start([script("fdapp"), app, "--socket", server.socket, *LOOP, *extra],
+                           cwd=cwd)
         if wait:
             proc.wait_for_line(r"ready: serving")
             server.wait_state(proc.pid, "ready")

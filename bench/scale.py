@@ -1,0 +1,400 @@
+"""Performance at scale: balance and fdserver's CPU with many workers, dispatch's
+fairness, uvloop, memory per worker, latency during a rolling restart.
+
+    .venv/bin/python bench/scale.py [--rounds 3] [--workers 8,64,256] [--sections ...]
+
+Needs wrk (``./dev bench`` installs it) and uvloop (the ``uvloop`` extra).
+Sections (``--sections``, comma-separated; all by default):
+
+* ``balance``: shared mode with 8, 64 and 256 workers (``--workers``), one
+  stack per count, kept over the rounds.  Each round: ``wrk -t 2 -c 256
+  -d 2s`` keep-alive (the 256 connections open at once; workers / 64 s with
+  more than 128 workers) and ``wrk -t 2 -c 64`` with a new connection per
+  request for workers / 32 s (at least 3 s).
+  Jain's index of the requests per worker (target >= 0.95) and fdserver's
+  CPU during the new-connection load, as % of one core (target <= 2).
+  Workers that do not fit in memory (~40 MB each, at most 60% of
+  MemAvailable) are left out, and the table says so.
+* ``dispatch``: ``fdserver --dispatch``, 8 workers, ``wrk -c 64 -d 2s``
+  keep-alive, a fresh stack each round: Jain of requests (target >= 0.99) and
+  of the open connections midway.
+* ``uvloop``: 2 workers, shared mode with ``fdapp --loop uvloop`` and with
+  asyncio, against tornado's ``fork_processes(2)`` in the same round, ``wrk -t
+  2 -c 32 -d 3s``.  Target: shared+uvloop keep-alive >= 1.15x fork.  The same
+  stacks give the memory per worker after their loads: RSS, and USS (its
+  private pages, Private_Clean + Private_Dirty of /proc/PID/smaps_rollup),
+  against fork_processes' children, which share their parent's pages.
+* ``restart``: fdserver and 4 workers, tests/loadclient.py with 8 clients,
+  keep-alive and new connection: p99 latency during a rolling restart (each
+  worker SIGTERMed, drained, replaced) against the p99 of 3 s of steady load
+  on the same stack just before it.  Target: restart / steady <= 1.5.
+
+Verdicts as in bench/performance.py: met / NOT met only when the median's
+confidence interval over the rounds clears the target; the balance and
+dispatch rows also say in how many rounds the target held.  The default 3
+rounds take about 6 minutes on 2 cores (most of it starting 256 workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fdserver.ctl import Control  # noqa: E402
+
+from loadgen import run_wrk, wrk_path  # noqa: E402
+from performance import (  # noqa: E402
+    jain,
+    kilo,
+    num,
+    open_connections,
+    rotate,
+    spread,
+    table,
+    verdict,
+    verdict_legend,
+    wait_idle,
+)
+from rolling_restart import FdStack as RestartStack  # noqa: E402
+from rolling_restart import LoadClient  # noqa: E402  (tests/loadclient.py)
+from rolling_restart import measure as measure_restart  # noqa: E402
+from stacks import FdStack, ForkedStack, cpu_ms  # noqa: E402
+from support import PROJECT  # noqa: E402
+
+SECTIONS = ("balance", "dispatch", "uvloop", "restart")
+BURST = 256                  # keep-alive connections opened at once
+NEW_CONNECTIONS = 64
+START_TIMEOUT = 300.0        # 256 fdapps importing at once on 2 cores
+MB_PER_WORKER = 40
+BALANCE_TARGET = 0.95
+CPU_TARGET = 2.0             # % of one core
+DISPATCH_TARGET = 0.99
+UVLOOP_TARGET = 1.15
+RESTART_TARGET = 1.5
+STEADY_SECONDS = 3.0
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def available_mb() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def memory_kb(pid: int) -> tuple[int, int]:
+    """(RSS, USS) of *pid* in kB, from /proc/PID/smaps_rollup."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                fields[name] = int(rest.split()[0])
+    return fields["Rss"], fields["Private_Clean"] + fields["Private_Dirty"]
+
+
+def start_many(stack: FdStack) -> FdStack:
+    """FdStack.start, with every fdapp spawned first and a deadline for all of them."""
+    wanted, stack.workers_wanted = stack.workers_wanted, 0
+    stack.start()
+    starting = [stack.spawn() for _ in range(wanted)]
+    deadline = time.monotonic() + START_TIMEOUT
+    with Control(stack.socket) as control:
+        for worker in starting:
+            ok, state = control.wait(worker.pid, "ready", max(1.0, deadline - time.monotonic()))
+            if not ok:
+                raise RuntimeError(f"fdapp {worker.pid} is {state}, not ready")
+    return stack
+
+
+def wrk_load(stack, *, connections: int, duration: float, new_connection: bool,
+             server_pid: int | None = None) -> dict:
+    wait_idle(stack)
+    sampled: dict[int, int] = {}
+    sampler = threading.Timer(duration / 2, lambda: sampled.update(open_connections(stack)))
+    before = cpu_ms(server_pid) if server_pid else 0.0
+    began = time.perf_counter()
+    sampler.start()
+    try:
+        result = run_wrk(stack.address, connections=connections, threads=2, duration=duration,
+                         new_connection=new_connection)
+    finally:
+        sampler.cancel()
+        sampler.join()
+    wall_ms = (time.perf_counter() - began) * 1000
+    per_worker = [result.per_pid.get(pid, 0) for pid in stack.worker_pids]
+    return {"rps": result.rps, "per_worker": per_worker, "errors": result.error_count,
+            "open": [sampled.get(pid, 0) for pid in stack.worker_pids] if sampled else None,
+            "server_cpu_pct": (100 * (cpu_ms(server_pid) - before) / wall_ms
+                               if server_pid else None)}
+
+
+# -- sections ---------------------------------------------------------------
+
+def balance(workdir: Path, counts: list[int], rounds: int, notes: list[str]) -> list[dict]:
+    runs = []
+    room = int(available_mb() * 0.6 // MB_PER_WORKER)
+    for wanted in counts:
+        n = min(wanted, room)
+        if n < wanted:
+            notes.append(f"balance: {wanted} workers do not fit in memory ({available_mb()} MB "
+                         f"available, ~{MB_PER_WORKER} MB each): measured {n}")
+        stack = FdStack(workdir, f"scale{n}", n)
+        try:
+            began = time.monotonic()
+            start_many(stack)
+            log(f"balance: {n} workers ready in {time.monotonic() - began:.0f}s")
+            for r in range(rounds):
+                for pattern in rotate(["keep-alive", "new conn"], r):
+                    new = pattern == "new conn"
+                    # Long enough for about as many requests per worker at any count.
+                    got = wrk_load(stack, connections=NEW_CONNECTIONS if new else BURST,
+                                   duration=max(3.0, n / 32) if new else max(2.0, n / 64),
+                                   new_connection=new,
+                                   server_pid=stack.server_pid)
+                    runs.append({"section": "balance", "workers": n, "pattern": pattern,
+                                 "round": r + 1, **got})
+                    log(f"round {r + 1} balance {n:3} workers {pattern:10} "
+                        f"{got['rps']:7.0f} req/s  jain {jain(got['per_worker']):.3f}  "
+                        f"idle workers {got['per_worker'].count(0)}  fdserver "
+                        f"{got['server_cpu_pct']:.1f}% CPU  errors {got['errors']}")
+        finally:
+            stack.close()
+    return runs
+
+
+def dispatch(workdir: Path, rounds: int) -> list[dict]:
+    runs = []
+    for r in range(rounds):
+        stack = FdStack(workdir, "dispatch8", 8, ("--dispatch",))
+        try:
+            start_many(stack)
+            got = wrk_load(stack, connections=64, duration=2.0, new_connection=False)
+        finally:
+            stack.close()
+        runs.append({"section": "dispatch", "round": r + 1, **got})
+        log(f"round {r + 1} dispatch 8 workers keep-alive  jain {jain(got['per_worker']):.3f}"
+            f"  open {got['open']}")
+    return runs
+
+
+def uvloop(workdir: Path, rounds: int) -> list[dict]:
+    runs = []
+    makers: dict[str, Callable] = {
+        "fork": lambda: ForkedStack(2),
+        "shared": lambda: FdStack(workdir, "asyncio2", 2),
+        "shared+uvloop": lambda: FdStack(workdir, "uvloop2", 2, (), ("--loop", "uvloop"))}
+    for r in range(rounds):
+        for name in rotate(list(makers), r):
+            stack = makers[name]()
+            try:
+                stack.start()
+                for pattern in rotate(["keep-alive", "new conn"], r):
+                    got = wrk_load(stack, connections=32, duration=3.0,
+                                   new_connection=pattern == "new conn")
+                    runs.append({"section": "uvloop", "stack": name, "pattern": pattern,
+                                 "round": r + 1, **got})
+                    log(f"round {r + 1} uvloop {name:13} {pattern:10} {got['rps']:7.0f} req/s")
+                runs.append({"section": "memory", "stack": name, "round": r + 1,
+                             "kb": [memory_kb(pid) for pid in stack.worker_pids]})
+            finally:
+                stack.close()
+    return runs
+
+
+def restart(workdir: Path, rounds: int) -> list[dict]:
+    runs = []
+    for r in range(rounds):
+        for mode in rotate(["keepalive", "close"], r):
+            stack = RestartStack("restart", signal.SIGTERM, workdir)
+            try:
+                stack.start()
+                with LoadClient(stack.address, clients=8, mode=mode, duration=60.0,
+                                timeout=5.0, workdir=workdir) as steady:
+                    steady.wait_started()
+                    time.sleep(STEADY_SECONDS)      # a load of fixed length, not a wait
+                    calm = steady.stop()
+                during = measure_restart(stack, mode, 8, workdir)
+            finally:
+                stack.close()
+            runs.append({"section": "restart", "round": r + 1, "pattern": mode,
+                         "steady_p99": calm["latency_ms"]["p99"],
+                         "restart_p99": during["latency_ms"]["p99"],
+                         "failed": calm["failed"] + during["failed"]})
+            log(f"round {r + 1} restart {mode:9} p99 steady {calm['latency_ms']['p99']} ms, "
+                f"during restart {during['latency_ms']['p99']} ms, failed {during['failed']}")
+    return runs
+
+
+# -- tables -----------------------------------------------------------------
+
+def held(values: list[float], target: float, above: bool = True) -> str:
+    ok = sum((v >= target) if above else (v <= target) for v in values)
+    return f"{ok} of {len(values)} rounds"
+
+
+def inverted_verdict(values: list[float], target: float, fmt) -> str:
+    """verdict() for a target to stay under."""
+    word = verdict([-v for v in values], -target, lambda v: fmt(-v))
+    name, _, rest = word.partition(" (CI ")
+    low, _, high = rest.rstrip(")").partition("-")
+    return f"{name} (CI {high}-{low})" if rest else word
+
+
+def random_jain(per_worker: list[int]) -> float:
+    """Jain's index expected if each request went to a worker at random (Poisson
+    counts of mean m: m / (m + 1)): with few requests per worker, even a fair
+    spread cannot come out near 1."""
+    mean = sum(per_worker) / len(per_worker)
+    return mean / (mean + 1)
+
+
+def balance_table(runs: list[dict]) -> str:
+    rows = [("workers", "pattern", "Jain of requests", "target", "", "held in",
+             "if random", "idle workers", "fdserver % of a core", "target", "", "req/s")]
+    for n in sorted({x["workers"] for x in runs}):
+        for pattern in ("keep-alive", "new conn"):
+            mine = [x for x in runs if x["workers"] == n and x["pattern"] == pattern]
+            jains = [jain(x["per_worker"]) for x in mine]
+            cpu = [x["server_cpu_pct"] for x in mine]
+            new = pattern == "new conn"
+            rows.append((str(n), pattern, spread(jains, num(3)), f">= {BALANCE_TARGET:g}",
+                         verdict(jains, BALANCE_TARGET, num(3)), held(jains, BALANCE_TARGET),
+                         spread([random_jain(x["per_worker"]) for x in mine], num(3)),
+                         spread([x["per_worker"].count(0) for x in mine], num(0)),
+                         spread(cpu, num(1)) if new else "",
+                         f"<= {CPU_TARGET:g}" if new else "",
+                         inverted_verdict(cpu, CPU_TARGET, num(1)) if new else "",
+                         spread([x["rps"] for x in mine], kilo)))
+    return table(rows)
+
+
+def dispatch_table(runs: list[dict]) -> str:
+    jains = [jain(x["per_worker"]) for x in runs]
+    opens = [jain(x["open"]) for x in runs if x["open"] and any(x["open"])]
+    spreads = [max(x["open"]) - min(x["open"]) for x in runs if x["open"]]
+    return table([("Jain of requests", "target", "", "held in", "Jain of open conns",
+                   "open conns max-min"),
+                  (spread(jains, num(3)), f">= {DISPATCH_TARGET:g}",
+                   verdict(jains, DISPATCH_TARGET, num(3)), held(jains, DISPATCH_TARGET),
+                   spread(opens, num(3)), spread(spreads, num(0)))])
+
+
+def uvloop_table(runs: list[dict]) -> str:
+    rows = [("pattern", "stack", "req/s", "ratio to fork", "target", "")]
+    for pattern in ("keep-alive", "new conn"):
+        mine = [x for x in runs if x["section"] == "uvloop" and x["pattern"] == pattern]
+        base = {x["round"]: x["rps"] for x in mine if x["stack"] == "fork"}
+        for name in ("fork", "shared", "shared+uvloop"):
+            these = [x for x in mine if x["stack"] == name]
+            ratios = [x["rps"] / base[x["round"]] for x in these if base.get(x["round"])]
+            target = UVLOOP_TARGET if name == "shared+uvloop" and pattern == "keep-alive" else None
+            rows.append((pattern, name, spread([x["rps"] for x in these], kilo),
+                         "1 (baseline)" if name == "fork" else spread(ratios, num(2)),
+                         f">= {target:g}" if target else "",
+                         verdict(ratios, target, num(2)) if target else ""))
+    return table(rows)
+
+
+def memory_table(runs: list[dict]) -> str:
+    rows = [("stack", "RSS per worker, MB", "USS per worker, MB")]
+    for name in ("fork", "shared", "shared+uvloop"):
+        kb = [pair for x in runs if x["section"] == "memory" and x["stack"] == name
+              for pair in x["kb"]]
+        rows.append((name, spread([rss / 1024 for rss, _ in kb], num(1)),
+                     spread([uss / 1024 for _, uss in kb], num(1))))
+    return table(rows)
+
+
+def restart_table(runs: list[dict]) -> str:
+    rows = [("pattern", "steady p99 ms", "restart p99 ms", "restart/steady", "target", "",
+             "failed")]
+    for mode, label in (("keepalive", "keep-alive"), ("close", "new conn")):
+        mine = [x for x in runs if x["pattern"] == mode]
+        ratios = [x["restart_p99"] / x["steady_p99"] for x in mine if x["steady_p99"]]
+        rows.append((label, spread([x["steady_p99"] for x in mine], num(2)),
+                     spread([x["restart_p99"] for x in mine], num(2)),
+                     spread(ratios, num(2)), f"<= {RESTART_TARGET:g}",
+                     inverted_verdict(ratios, RESTART_TARGET, num(2)),
+                     str(sum(x["failed"] for x in mine))))
+    return table(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workers", default="8,64,256",
+                   help="worker counts of the balance section (default %(default)s)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help="comma-separated subset of %(default)s")
+    args = p.parse_args(argv)
+    sections = set(args.sections.split(","))
+    if sections - set(SECTIONS) or args.rounds < 1:
+        p.error(f"--sections: a subset of {','.join(SECTIONS)}; --rounds at least 1")
+    counts = [int(n) for n in args.workers.split(",")]
+    wrk_path()
+    os.chdir(PROJECT)
+    began = time.monotonic()
+    notes: list[str] = []
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+        workdir = Path(tmp)
+        steps = {"balance": lambda: balance(workdir, counts, args.rounds, notes),
+                 "dispatch": lambda: dispatch(workdir, args.rounds),
+                 "uvloop": lambda: uvloop(workdir, args.rounds),
+                 "restart": lambda: restart(workdir, args.rounds)}
+        failed = []
+        for name in SECTIONS:
+            if name in sections:
+                try:
+                    runs[name] = steps[name]()
+                except Exception as exc:        # noqa: BLE001 (the next section still runs)
+                    failed.append(f"{name}: {type(exc).__name__}: {exc}")
+                    log(f"section {name} FAILED: {type(exc).__name__}: {exc}")
+    print(f"fdserver at scale; medians of {args.rounds} rounds (lowest-highest in brackets); "
+          f"{os.cpu_count()} cores shared by wrk and the servers")
+    for note in notes:
+        print(f"note: {note}")
+    if runs.get("balance"):
+        print(f"\n1. Shared mode with many workers: keep-alive = wrk -t 2 -c {BURST} (the "
+              f"connections open at once), new conn = wrk -t 2 -c {NEW_CONNECTIONS}")
+        print(balance_table(runs["balance"]))
+        print("if random: Jain's index expected if every request went to a worker at random, "
+              "m / (m + 1) for m requests per worker:\nthe noise floor of few requests per worker "
+              "(keep-alive lasts workers / 64 s, at least 2 s;\nnew conn workers / 32 s, at "
+              "least 3 s).")
+    if runs.get("dispatch"):
+        print("\n2. Dispatch mode, 8 workers, wrk -t 2 -c 64 -d 2s keep-alive")
+        print(dispatch_table(runs["dispatch"]))
+    if runs.get("uvloop"):
+        print("\n3. 2 workers, fdapp --loop uvloop against asyncio and fork_processes(2), "
+              "wrk -t 2 -c 32 -d 3s")
+        print(uvloop_table(runs["uvloop"]))
+        print("\n4. Memory per worker after those loads (/proc/PID/smaps_rollup; USS = "
+              "Private_Clean + Private_Dirty)")
+        print(memory_table(runs["uvloop"]))
+    if runs.get("restart"):
+        print("\n5. p99 latency during a rolling restart of 4 workers against steady load "
+              "(tests/loadclient.py, 8 clients)")
+        print(restart_table(runs["restart"]))
+    print(verdict_legend(args.rounds))
+    for line in failed:
+        print(f"FAILED: {line}")
+    print(f"\n({time.monotonic() - began:.0f}s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

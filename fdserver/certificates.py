@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ._openssl import new_ticket_keys
 from .errors import TLSError
 from .protocol import TLSMessage
 from .tls import server_context
@@ -47,6 +48,8 @@ class Material:
     ca: str | None
     subject: str
     not_after: datetime
+    # Session ticket keys every worker shares: a new one with each reload.
+    tickets: bytes = field(default_factory=new_ticket_keys, repr=False)
 
     def days_left(self, now: datetime | None = None) -> int:
         return (self.not_after - (now or datetime.now(UTC))).days
@@ -58,7 +61,8 @@ class Material:
 
     def message(self, serial: int) -> TLSMessage:
         message: TLSMessage = {"type": "tls", "serial": serial, "chain": self.chain,
-                               "key": self.key, "listeners": sorted(self.files.listeners)}
+                               "key": self.key, "listeners": sorted(self.files.listeners),
+                               "tickets": self.tickets.hex()}
         if self.ca:
             message["ca"] = self.ca
         if self.files.ciphers:

@@ -272,6 +272,7 @@ class TLSMessage(TypedDict):
     ca: NotRequired[object]                 # PEM: CAs for client certificates
     ciphers: NotRequired[object]            # an OpenSSL cipher list
     listeners: NotRequired[object]          # the names of the listeners that serve TLS
+    tickets: NotRequired[object]            # hex: session ticket keys all workers share
     ok: NotRequired[object]
     error: NotRequired[object]
 

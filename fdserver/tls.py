@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from . import _openssl
 from .errors import TLSError
 
 PR_SET_DUMPABLE = 4
@@ -33,8 +34,36 @@ def server_context(material: Any) -> ssl.SSLContext:
 
     TLS 1.2 at least, ALPN ``http/1.1``, Python's default ciphers (forward
     secret AEAD suites) unless fdserver was given ``--ciphers``, and client
-    certificates required if it was given ``--ca-certs``.
+    certificates required if it was given ``--ca-certs``.  With the
+    message's ``tickets``, session tickets any worker issued resume on every
+    other (see :mod:`fdserver._openssl`).
     """
+    ctx = _context(material)
+    tickets = material.get("tickets")
+    if isinstance(tickets, str) and _tickets_shareable(material):
+        try:
+            _openssl.set_ticket_keys(ctx, bytes.fromhex(tickets))
+        except ValueError:
+            pass                # not hex: this worker's own keys, as without
+    return ctx
+
+
+_shareable: bool | None = None
+
+
+def _tickets_shareable(material: Any) -> bool:
+    """Whether this Python lets workers share ticket keys; checked once, warned once."""
+    global _shareable
+    if _shareable is None:
+        _shareable = _openssl.works(lambda: _context(material))
+        if not _shareable:
+            logging.getLogger("fdapp").warning(
+                "this Python's ssl module cannot share TLS session ticket keys between "
+                "workers: a session resumes only on the worker that began it")
+    return _shareable
+
+
+def _context(material: Any) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # Client-initiated renegotiation only costs the server CPU.

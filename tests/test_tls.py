@@ -611,3 +611,54 @@ def test_an_app_whose_own_ssl_options_do_not_load_is_told_so(certs, tmp_path, st
     assert re.fullmatch(r"fdapp: error: own:main: the app's ssl_options do not load: .*"
                         r"key values mismatch.*", result.stderr.splitlines()[-1]), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_session_resumes_on_another_worker(certs, live, start_fdserver, start_fdapp):
+    # Browsers and wrk resume sessions with tickets: fdserver gives every worker the
+    # same ticket keys, as a forked server's processes share theirs.
+    server = start_fdserver("--certfile", str(live / "live.crt"),
+                            "--keyfile", str(live / "live.key"), binds=("https=127.0.0.1:0",))
+    workers = {start_fdapp(server).pid for _ in range(2)}
+    host, port = tls_address(server).rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(certs.ca))
+
+    def get(session):
+        with socket.create_connection((host, int(port)), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname=host, session=session) as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            return int(data.split()[-1]), tls.session, tls.session_reused
+
+    first, session, _ = get(None)
+    served = {}
+    for _ in range(40):                 # until the other worker has answered one
+        pid, _, reused = get(session)
+        served.setdefault(pid, []).append(reused)
+        if len(served) == 2:
+            break
+    assert set(served) == workers, served
+    assert all(all(reused) for reused in served.values()), served
+
+
+def test_shared_ticket_keys_need_the_same_keys():
+    from fdserver import _openssl
+    from fdserver.tls import server_context
+
+    # fdapp's own check: two contexts with the same keys resume each other's sessions...
+    cert, key = _pair()
+    material = {"chain": cert, "key": key}
+    assert _openssl.works(lambda: server_context(material))
+    # ...and without them they do not: the check can fail.
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    session = _openssl._handshake(client, server_context(material), None).session
+    assert not _openssl._handshake(client, server_context(material), session).session_reused
+
+
+def _pair() -> tuple[str, str]:
+    with tempfile.TemporaryDirectory() as folder:
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-keyout", f"{folder}/k", "-out", f"{folder}/c", "-days", "1", "-subj", "/CN=x")
+        return Path(f"{folder}/c").read_text(), Path(f"{folder}/k").read_text()

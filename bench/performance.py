@@ -473,15 +473,26 @@ def ratio_table(runs: list[dict], section: str, patterns: list[str], labels: dic
 
 
 def metrics_table(runs: list[dict]) -> str:
-    rows = [("pattern", "metrics", "req/s", "ratio on/off", "target", "")]
+    """Throughput on/off (the target), and the CPU the whole host (workers and
+    fdserver) spent per request: steadier than throughput on a shared machine."""
+    rows = [("pattern", "metrics", "req/s", "ratio on/off", "target", "",
+             "host CPU us/request", "ratio on/off")]
+
+    def per_request(x: dict) -> float:
+        return 1000 * (x["workers_cpu_ms"] + (x["server_cpu_ms"] or 0)) / max(x["requests"], 1)
+
     for pattern in METRICS_PATTERNS:
-        base = {x["round"]: x["rps"] for x in select(runs, "metrics", "off", pattern)}
+        off = {x["round"]: x for x in select(runs, "metrics", "off", pattern)}
         mine = select(runs, "metrics", "on", pattern)
-        ratios = [x["rps"] / base[x["round"]] for x in mine if base.get(x["round"])]
-        rows.append((pattern, "off", spread(list(base.values()), kilo), "1 (baseline)", "", ""))
+        ratios = [x["rps"] / off[x["round"]]["rps"] for x in mine if x["round"] in off]
+        cpu = [per_request(x) / per_request(off[x["round"]]) for x in mine if x["round"] in off]
+        rows.append((pattern, "off", spread([x["rps"] for x in off.values()], kilo),
+                     "1 (baseline)", "", "", spread([per_request(x) for x in off.values()],
+                                                    num(0)), "1 (baseline)"))
         rows.append((pattern, "on", spread([x["rps"] for x in mine], kilo),
                      spread(ratios, num(3)), f">= {METRICS_TARGET:g}",
-                     verdict(ratios, METRICS_TARGET, num(3))))
+                     verdict(ratios, METRICS_TARGET, num(3)),
+                     spread([per_request(x) for x in mine], num(0)), spread(cpu, num(3))))
     return table(rows)
 
 
@@ -661,9 +672,9 @@ def main(argv: list[str] | None = None) -> int:
         print(metrics_table(runs))
     if "tls" in args.sections:
         print(f"\n5. HTTPS: {THROUGHPUT_WORKERS} workers, an ECDSA P-256 certificate, wrk -t 2 "
-              f"-c {args.connections} -d {args.duration:g}s (new conn: a full TLS handshake per "
-              f"request); ratio to tornado fork_processes({THROUGHPUT_WORKERS}) with the same "
-              "SSLContext, in the same round")
+              f"-c {args.connections} -d {args.duration:g}s (new conn: a TLS handshake per "
+              f"request, resuming the session as wrk does); ratio to tornado "
+              f"fork_processes({THROUGHPUT_WORKERS}) with the same SSLContext, in the same round")
         print(tls_table(runs))
     print("\n6. Worker start-up and listener handout, ms: median of all samples (lowest-highest "
           "round median)")

@@ -20,5 +20,5 @@ def test_client_imports_standalone():
             "print(sorted(m for m in sys.modules if m.startswith(('fdserver', 'tornado'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(sorted([
-        "fdserver", "fdserver.client", "fdserver.errors", "fdserver.lifecycle",
+        "fdserver", "fdserver._openssl", "fdserver.client", "fdserver.errors", "fdserver.lifecycle",
         "fdserver.protocol", "fdserver.tls", "fdserver.transport"]))

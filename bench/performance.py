@@ -445,18 +445,18 @@ def throughput_table(runs: list[dict], plan: Plan) -> str:
     return ratio_table(runs, "throughput", THROUGHPUT_PATTERNS, {
         "fork": "tornado fork_processes(2)",
         "shared": "fdserver shared" + ("" if plan.modes["balance"] else " (unbalanced)"),
-        "dispatch": "fdserver dispatch"}, TARGETS)
+        "dispatch": "fdserver dispatch"}, lambda name, pattern: TARGETS.get(name))
 
 
 def tls_table(runs: list[dict]) -> str:
     return ratio_table(runs, "tls", PATTERNS, {
         "fork": "tornado fork_processes(2), same ssl_options",
         "shared": "fdserver shared, --certfile",
-        "dispatch": "fdserver dispatch, --certfile"}, TLS_TARGETS)
+        "dispatch": "fdserver dispatch, --certfile"}, lambda name, pattern: TLS_TARGETS.get(name))
 
 
 def ratio_table(runs: list[dict], section: str, patterns: list[str], labels: dict[str, str],
-                targets: dict[str, float]) -> str:
+                target_of: Callable[[str, str], float | None]) -> str:
     """req/s of each stack of *section*, and its ratio to fork's in the same round."""
     rows = [("pattern", "stack", "req/s", "ratio to fork", "target", "")]
     for pattern in patterns:
@@ -464,7 +464,7 @@ def ratio_table(runs: list[dict], section: str, patterns: list[str], labels: dic
         for name, label in labels.items():
             mine = select(runs, section, name, pattern)
             ratios = [x["rps"] / base[x["round"]] for x in mine if base.get(x["round"])]
-            target = targets.get(name)
+            target = target_of(name, pattern)
             rows.append((pattern, label, spread([x["rps"] for x in mine], kilo),
                          "1 (baseline)" if name == "fork" else spread(ratios, num(2)),
                          f">= {target:g}" if target else "",

@@ -55,6 +55,7 @@ from performance import (  # noqa: E402
     kilo,
     num,
     open_connections,
+    ratio_table,
     rotate,
     spread,
     table,
@@ -292,19 +293,11 @@ def dispatch_table(runs: list[dict]) -> str:
 
 
 def uvloop_table(runs: list[dict]) -> str:
-    rows = [("pattern", "stack", "req/s", "ratio to fork", "target", "")]
-    for pattern in ("keep-alive", "new conn"):
-        mine = [x for x in runs if x["section"] == "uvloop" and x["pattern"] == pattern]
-        base = {x["round"]: x["rps"] for x in mine if x["stack"] == "fork"}
-        for name in ("fork", "shared", "shared+uvloop"):
-            these = [x for x in mine if x["stack"] == name]
-            ratios = [x["rps"] / base[x["round"]] for x in these if base.get(x["round"])]
-            target = UVLOOP_TARGET if name == "shared+uvloop" and pattern == "keep-alive" else None
-            rows.append((pattern, name, spread([x["rps"] for x in these], kilo),
-                         "1 (baseline)" if name == "fork" else spread(ratios, num(2)),
-                         f">= {target:g}" if target else "",
-                         verdict(ratios, target, num(2)) if target else ""))
-    return table(rows)
+    return ratio_table(
+        runs, "uvloop", ["keep-alive", "new conn"],
+        {name: name for name in ("fork", "shared", "shared+uvloop")},
+        lambda name, pattern: (UVLOOP_TARGET if (name, pattern) == ("shared+uvloop", "keep-alive")
+                               else None))
 
 
 def memory_table(runs: list[dict]) -> str:

@@ -230,8 +230,6 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         not_dumpable()
     channel, welcome = connect(path, "worker", connect_timeout, server_uids,
                                features=list(features))
-    if welcome.get("tls"):
-        not_dumpable()          # the key comes next: keep it from others of this user
     listeners: list[ReceivedListener] = []
     tls: TLSMessage | None = None
     try:
@@ -289,10 +287,10 @@ def resume(path: str, state: Reported, listeners: list[ReceivedListener],
     """
     if server_uids is None:
         server_uids = trusted_server_uids()
+    if "tls" in features:
+        not_dumpable()          # as for register(): before the key can arrive
     channel, welcome = connect(path, "worker", 0, server_uids, resume={"state": state},
                                features=list(features))
-    if welcome.get("tls"):
-        not_dumpable()
     try:
         if welcome.get("handback"):
             token = welcome.get("token")

@@ -32,6 +32,7 @@ class Listener:
     name: str
     sock: socket.socket
     tls: bool = False       # workers wrap its connections in TLS (fdserver.certificates)
+    proxy: bool = False     # its connections start with a PROXY header (fdserver.proxyproto)
 
     @property
     def family(self) -> str:
@@ -46,6 +47,8 @@ class Listener:
                                      "address": self.address}
         if self.tls:
             described["tls"] = True
+        if self.proxy:
+            described["proxy"] = True
         return described
 
 

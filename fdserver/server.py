@@ -118,7 +118,6 @@ class Server:
         self.unavailable_timeout = unavailable_timeout
         self._tls_material = tls
         self.renewal: Renewal | None = None        # made with the loop, from *tls*
-        self._mark_tls(listeners)
         self._placement: Dispatcher | SharePublisher | None = None
         self.peers: set[Peer] = set()
         # What the workers served and fdserver's own events; served over HTTP
@@ -138,6 +137,7 @@ class Server:
                                       bool]] = []
         # Listeners whose connections start with a PROXY protocol header.
         self.proxy_listeners = proxy_listeners
+        self._mark(listeners)
         self.started_at = time.time()
         self._waits = Waits(self._state_of, lambda asker: self._arm(
             asker, self.ctl_idle_timeout, "idle for too long"))
@@ -419,17 +419,19 @@ class Server:
         frames = batches(self.listeners) or [[]]
         for n, batch in enumerate(frames, 1):
             peer.channel.send(
-                {"type": "listeners", "listeners": [self._describe(listener)
+                {"type": "listeners", "listeners": [listener.describe()
                                                     for listener in batch],
                  "fds": len(batch), "more": n < len(frames)},
                 [listener.sock.fileno() for listener in batch])
         if self.renewal:
             self.renewal.send(peer)
 
-    def _mark_tls(self, listeners: list[Listener]) -> None:
-        if self._tls_material:
-            for listener in listeners:
-                listener.tls = listener.name in self._tls_material.files.listeners
+    def _mark(self, listeners: list[Listener]) -> None:
+        """What each listener's connections need from a worker: TLS, a PROXY header."""
+        tls = self._tls_material.files.listeners if self._tls_material else frozenset()
+        for listener in listeners:
+            listener.tls = listener.name in tls
+            listener.proxy = listener.name in self.proxy_listeners
 
     def _on_handback(self, peer: Peer, message: HandbackMessage, fds: list[int]) -> None:
         if peer.token is None or message.get("token") != peer.token:
@@ -470,7 +472,7 @@ class Server:
         for listener in taken:
             log.info("took back %s on %s from worker pid %d", listener.name, listener.address,
                      peer.pid)
-        self._mark_tls(taken)
+        self._mark(taken)
         self.listeners.extend(taken)
         if recovery.done:
             self.recovery = None
@@ -564,14 +566,8 @@ class Server:
             "workers": [p.describe() for p in self.workers()],
         }
 
-    def _describe(self, listener: Listener) -> dict[str, Any]:
-        described: dict[str, Any] = dict(listener.describe())
-        if listener.name in self.proxy_listeners:
-            described["proxy"] = True
-        return described
-
     def _status_of(self, listener: Listener) -> dict[str, Any]:
-        described = self._describe(listener)
+        described = listener.describe()
         if listener.tls and self.renewal:
             described["tls"] = self.renewal.describe()
         return described

@@ -207,6 +207,22 @@ def handler_of(delegate: Any) -> Any:
     return getattr(getattr(delegate, "delegate", None), "handler", None)
 
 
+def trust_forwarded_from(request: Any, proxies: Any) -> bool:
+    """Whether *request*'s peer is one of *proxies*; if so, also have Tornado skip
+    them when it reads the client's address out of X-Forwarded-For.
+
+    The peer is the connection's request context's ``address``; Tornado's
+    ``trusted_downstream`` (an HTTPServer option) is read off that context,
+    per request, with ``in``.
+    """
+    context = getattr(request, "context", None)
+    address = getattr(context, "address", None)
+    trusted = isinstance(address, tuple) and bool(address) and address[0] in proxies
+    if trusted and context is not None:
+        context.trusted_downstream = proxies
+    return trusted
+
+
 def response_started(request: Any) -> bool:
     """Whether the response's headers went out (True if unknown)."""
     return not (isinstance(request, HTTP1Connection)

@@ -50,6 +50,7 @@ from ._tornado import (
     headers_arrived,
     promise_no_keep_alive,
     response_started,
+    trust_forwarded_from,
 )
 
 log = logging.getLogger("fdapp")
@@ -107,13 +108,7 @@ class DrainingHTTPServer(HTTPServer):
             self.requests += 1
         if self.xheaders and self._forwarded_allow_ips is not None:
             # HTTPServer reads xheaders right here, for this request only.
-            peer = getattr(request_conn, "context", None)
-            address = getattr(peer, "address", None)
-            trusted = isinstance(address, tuple) and address[0] in self._forwarded_allow_ips
-            if trusted and peer is not None:
-                # Tornado skips these in X-Forwarded-For; it only tests `in`.
-                peer.trusted_downstream = self._forwarded_allow_ips
-            self.xheaders = trusted
+            self.xheaders = trust_forwarded_from(request_conn, self._forwarded_allow_ips)
             try:
                 delegate = super().start_request(server_conn, request_conn)
             finally:

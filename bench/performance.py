@@ -16,7 +16,10 @@ the lowest and highest round beside it: the machine has 2 cores that wrk
 shares with the servers, so single runs swing widely (a run with 2 workers can
 come out at half the rate of the next, depending on which worker took the
 connections).  Every round starts each stack afresh; the order of the stacks
-and of the patterns rotates from round to round.
+and of the patterns rotates from round to round.  Every server runs in the
+bench's own session: Linux's autogroup scheduling shares the CPU evenly
+between sessions, so a stack in a session of its own would get as much CPU as
+wrk and everything else together.
 
 1. Throughput with 2 workers, ``wrk -t 2 -c 32 -d 3s`` (and ``-t 1`` for
    ``keep-alive -t 1``): fdserver's shared mode and dispatch mode, each divided
@@ -38,7 +41,10 @@ and of the patterns rotates from round to round.
    workers count every response and report once a second) against the same
    stack without it, in the same round, patterns as section 1 (wrk -t 2).
    Target: on/off >= 0.97 (the metrics cost at most 3%).
-5. Worker start-up: from spawning ``fdapp`` to its first served request (a
+5. HTTPS: the patterns of section 4 against ``fork_processes(2)`` given the
+   very SSLContext fdapp builds (an ECDSA P-256 certificate made with
+   openssl), in shared and dispatch mode.  Target: shared >= 1.0.
+6. Worker start-up: from spawning ``fdapp`` to its first served request (a
    request already waiting in the listen queue when it starts) and to
    ``ready`` in fdserver's status; and the handout latency, the time
    ``fdserver.register(path)`` takes to return the listeners, in this process.

@@ -107,7 +107,7 @@ class GunicornStack:
         argv = [script("gunicorn"), "-k", "tornado", "-w", str(WORKERS), "-b", "127.0.0.1:0",
                 "--no-control-socket", "bench.gunicorn_hello:app"]
         # Own process group, so that close() can kill the workers with the master.
-        self.master = Proc(argv, watchdog=PROC_WATCHDOG, start_new_session=True)
+        self.master = Proc(argv, watchdog=PROC_WATCHDOG, process_group=0)
         match = self.master.wait_for_line(r"Listening at: http://(\S+) ", STEP_TIMEOUT)
         self.address = match.group(1)
         self._wait_workers(set())

@@ -98,7 +98,7 @@ class ForkedStack:
         tls = ["--certfile", self.tls[0], "--keyfile", self.tls[1]] if self.tls else []
         self.parent = Proc([sys.executable, str(BENCH / "forked_app.py"),
                             "--processes", str(self.workers_wanted), *tls],
-                           watchdog=PROC_WATCHDOG, start_new_session=True)
+                           watchdog=PROC_WATCHDOG, process_group=0)
         self.address = self.parent.wait_for_line(r"listening on (\S+)", STEP_TIMEOUT).group(1)
         ready = re.compile(r"^pid (\d+) ready$")
 

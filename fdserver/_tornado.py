@@ -1,7 +1,8 @@
 """Every use of Tornado's private internals (and CPython's), in one place.
 
-fdapp saves system calls per request by overriding two private methods of
-``IOStream`` (see :class:`FastStream`), and drains gracefully by reading a
+fdapp saves system calls per request by overriding private methods of
+``IOStream`` and ``SSLIOStream`` (see :class:`FastStream` and
+:class:`FastTLSStream`), and drains gracefully by reading a
 few private attributes of ``HTTP1Connection``; it accepts with the socket's
 private ``_accept`` (as fdserver does in dispatch mode, through
 :func:`fdserver.accept.raw_accept`).  Nothing else in fdserver touches a
@@ -14,7 +15,8 @@ runs the suite on the lowest and the newest Tornado of the supported range
 :class:`FastStream` in place of ``IOStream`` (``tests/tornado_suite.py``).
 
 If a future Tornado changes one of them, fdapp warns once at start-up and
-falls back to stock Tornado: plain ``IOStream``, ``socket.accept``, and a
+falls back to stock Tornado: plain ``IOStream`` (``SSLIOStream`` for TLS,
+still sending close_notify), ``socket.accept``, and a
 drain that closes keep-alive connections only as their requests end or at
 the deadline.  The site keeps serving, only slower.
 """
@@ -25,13 +27,14 @@ import asyncio
 import functools
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, SSLIOStream
 from tornado.log import gen_log
 
 from . import accept
@@ -109,16 +112,79 @@ class FastStream(IOStream):
         super()._maybe_add_error_listener()     # checks again: closed, reading...
 
 
+class TLSStream(SSLIOStream):
+    """Tornado's SSLIOStream, saying goodbye properly.
+
+    Python closes a TLS socket without a close_notify alert, so a client
+    cannot tell a clean close (a drained keep-alive connection, a
+    ``Connection: close`` response) from a cut one.  Here the alert is sent
+    first, as far as the socket takes it without waiting.  (``close_fd`` is
+    public: a stream class's own way to close its descriptor.)
+    """
+
+    def close_fd(self) -> None:
+        sock = self.socket
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.unwrap()       # sends close_notify; the peer's never awaited
+            except (ssl.SSLError, OSError, ValueError):
+                pass                # no handshake yet, the peer gone, or the buffer full
+        super().close_fd()
+
+
+class FastTLSStream(FastStream, TLSStream):
+    """FastStream's savings on a TLS connection, and a server's handshake
+    without Tornado's detours.
+
+    Once the handshake is done, a TLS stream reads and writes as a plain one
+    does, and FastStream's changes apply as they are (OpenSSL reads one
+    record at a time, so what epoll reports is still what waits).  During
+    the handshake Tornado's own rules hold, with two exceptions on the
+    server side:
+
+    * Tornado starts every handshake by waiting for the socket to be
+      writable; a server's starts by reading the client's hello.  Watching
+      for reading from the start saves an epoll_ctl each way and a
+      handshake step that can only fail with "want read".
+    * When the handshake completes on a read, what the client sent with its
+      last handshake message (its request, as a rule) is read at once, not
+      after another turn of the loop.
+    """
+
+    def _add_io_state(self, state: int) -> None:
+        if (state == IOLoop.WRITE and self._state is None and self._ssl_accepting
+                and getattr(self.socket, "server_side", False)):
+            state = IOLoop.READ
+        super()._add_io_state(state)
+
+    def _handle_events(self, fd: Any, events: int) -> None:
+        if self._ssl_accepting:
+            TLSStream._handle_events(self, fd, events)     # Tornado's, handshake and all
+        else:
+            super()._handle_events(fd, events)
+
+    def _handle_read(self) -> None:
+        if self._ssl_accepting:
+            self._do_ssl_handshake()
+            if self._ssl_accepting or self.closed() or not self.reading():
+                return
+        super()._handle_read()
+
+
 # -- the check ------------------------------------------------------------------------
 
 # (what, the private name, what it must be): methods overridden or called,
 # attributes read or written on a fresh instance.
 METHODS = (
     (IOStream, "_handle_events"), (IOStream, "_maybe_add_error_listener"),
-    (IOStream, "_read_to_buffer"), (socket.socket, "_accept"),
-    (HTTP1Connection, "write_headers"),
+    (IOStream, "_read_to_buffer"), (IOStream, "_add_io_state"),
+    (SSLIOStream, "_handle_read"), (SSLIOStream, "_do_ssl_handshake"),
+    (socket.socket, "_accept"), (HTTP1Connection, "write_headers"),
 )
 STREAM_ATTRIBUTES = (("_read_buffer_size", int), ("_state", type(None)))
+# On a stream over a connected socket (SSLIOStream watches it at once).
+TLS_STREAM_ATTRIBUTES = (("_read_buffer_size", int), ("_ssl_accepting", bool),
+                         ("_state", int))
 CONNECTION_ATTRIBUTES = (("_request_start_line", type(None)),
                          ("_response_start_line", type(None)),
                          ("_disconnect_on_finish", bool), ("_request_headers", type(None)))
@@ -132,18 +198,23 @@ def check(methods: tuple[tuple[type, str], ...] = METHODS) -> list[str]:
     problems = [f"{owner.__name__}.{name} is gone" for owner, name in methods
                 if not callable(getattr(owner, name, None))]
     left, right = socket.socketpair()
+    tls_left, tls_right = socket.socketpair()
     try:
         stream = IOStream(left)
+        # Options given: Tornado's default client context would load the CA store.
+        tls_stream = SSLIOStream(tls_left, ssl_options={})
         connection = HTTP1Connection(stream, False, HTTP1ConnectionParameters())
-        for obj, expected in ((stream, STREAM_ATTRIBUTES), (connection, CONNECTION_ATTRIBUTES)):
+        for obj, expected in ((stream, STREAM_ATTRIBUTES), (tls_stream, TLS_STREAM_ATTRIBUTES),
+                              (connection, CONNECTION_ATTRIBUTES)):
             for name, kind in expected:
                 if not isinstance(getattr(obj, name, _MISSING), kind):
                     problems.append(f"{type(obj).__name__}().{name} is not a fresh "
                                     f"{kind.__name__}")
         stream.close()
+        tls_stream.close()
     finally:
-        left.close()
-        right.close()
+        for sock in (left, right, tls_left, tls_right):
+            sock.close()
     return problems
 
 
@@ -162,7 +233,9 @@ def usable() -> bool:
 
 # -- helpers: each private access, named ------------------------------------------------
 
-def stream_class(fast: bool) -> type[IOStream]:
+def stream_class(fast: bool, tls: bool = False) -> type[IOStream]:
+    if tls:
+        return FastTLSStream if fast else TLSStream
     return FastStream if fast else IOStream
 
 

@@ -20,8 +20,8 @@ handed more while an equally loaded one sits idle.  A connection that no
 worker can take waits in fdserver at most *wait_timeout* seconds, then gets a
 ``503 Service Unavailable`` with ``Connection: close``; past *max_waiting*
 connections fdserver stops accepting and the kernel's backlog holds the rest.
-In this mode fdserver runs as SCHED_BATCH (``cli._schedule_as_batch``), so
-that under load it accepts in batches instead of preempting the workers.
+fdserver runs as SCHED_BATCH (``cli._schedule_as_batch``), so that under
+load it accepts in batches instead of preempting the workers.
 """
 
 from __future__ import annotations

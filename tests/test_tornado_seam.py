@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 
 import tornado
 import tornado.web
-from tornado.iostream import IOStream
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream, SSLIOStream
 
 from fdserver import _tornado
 from fdserver.acceptor import Acceptor
 from fdserver.drain import DrainingHTTPServer
 
 from test_acceptor import REQUEST, held_app, held_connection, read_response, wait_for
+from test_tls import certs  # noqa: F401  (the fixture)
 
 
 def test_nothing_relied_on_is_missing():
@@ -105,6 +108,7 @@ def test_stock_tornado_fallback_serves_and_drains():
         server = DrainingHTTPServer(tornado.web.Application([("/", _Hello)]))
         acceptor = Acceptor(server, lambda message: None, fast=False)
         assert acceptor._stream_class is IOStream
+        assert acceptor._tls_stream_class is _tornado.TLSStream
         acceptor.start([listener])
         reader, writer = await asyncio.open_connection(*listener.getsockname())
         for _ in range(3):
@@ -113,6 +117,42 @@ def test_stock_tornado_fallback_serves_and_drains():
         acceptor.close()
         assert await server.drain(timeout=5.0, grace=0.05) == 0
         assert await reader.read() == b""
+    asyncio.run(main())
+
+
+def test_a_tls_server_stream_starts_by_reading_the_clients_hello(certs):  # noqa: F811
+    """Tornado's SSLIOStream waits for writable first; a server has nothing to
+    write before the client's hello.  Either way the connection serves."""
+    async def main():
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certs.first.cert, certs.first.key)
+        for stream_class, watched in ((SSLIOStream, IOLoop.WRITE),
+                                      (_tornado.FastTLSStream, IOLoop.READ)):
+            left, right = socket.socketpair()
+            stream = stream_class(context.wrap_socket(left, server_side=True,
+                                                      do_handshake_on_connect=False))
+            assert stream._state == IOLoop.ERROR | watched, stream_class
+            stream.close()
+            right.close()
+
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        server = DrainingHTTPServer(tornado.web.Application([("/", _Hello)]))
+        acceptor = Acceptor(server, lambda message: None)
+        assert acceptor._tls_stream_class is _tornado.FastTLSStream
+        acceptor.contexts["https"] = context
+        acceptor.start([listener], ["https"])
+        client = ssl.create_default_context(cafile=str(certs.ca))
+        reader, writer = await asyncio.open_connection(*listener.getsockname(), ssl=client,
+                                                       server_hostname="localhost")
+        for _ in range(3):
+            writer.write(REQUEST)
+            assert await read_response(reader) == b"Hello\n"
+        writer.write(REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        assert await read_response(reader) == b"Hello\n"
+        assert await reader.read() == b""
+        writer.close()
+        acceptor.close()
     asyncio.run(main())
 
 

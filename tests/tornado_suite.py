@@ -1,5 +1,5 @@
 """Tornado's own IOStream, HTTP server, web, websocket and TCP server tests,
-run with fdapp's stream class in place of ``IOStream``.
+run with fdapp's stream classes in place of ``IOStream`` and ``SSLIOStream``.
 
 Usage: ``python tests/tornado_suite.py`` (``./dev test`` runs it on both
 Tornado releases it tests).  Exits non-zero if any of Tornado's tests fails.
@@ -11,12 +11,15 @@ import tornado.iostream
 import tornado.tcpclient
 import tornado.tcpserver
 
-from fdserver._tornado import FastStream
+from fdserver._tornado import FastStream, FastTLSStream
 
-# Before Tornado's test modules import the name: servers, clients and the
-# tests' own streams are all fdapp's.
+# Before Tornado's test modules import the names: servers, clients and the
+# tests' own streams are all fdapp's (IOStream.start_tls reads the module's
+# SSLIOStream, TCPServer its own).
 for module in (tornado.iostream, tornado.tcpserver, tornado.tcpclient):
     module.IOStream = FastStream  # type: ignore[misc]
+    if hasattr(module, "SSLIOStream"):
+        module.SSLIOStream = FastTLSStream  # type: ignore[misc]
 
 MODULES = ["tornado.test.iostream_test", "tornado.test.httpserver_test",
            "tornado.test.web_test", "tornado.test.websocket_test",

@@ -30,11 +30,14 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
-   local total, missed = {}, 0
+   local total, missed, by_thread = {}, 0, {}
    for _, thread in ipairs(threads) do
+      local own = {}
       for pid, n in pairs(thread:get("counts") or {}) do
          total[pid] = (total[pid] or 0) + n
+         table.insert(own, string.format('"%s": %d', pid, n))
       end
+      table.insert(by_thread, "{" .. table.concat(own, ", ") .. "}")
       missed = missed + (thread:get("unmatched") or 0)
    end
    local pids = {}
@@ -46,9 +49,9 @@ function done(summary, latency, requests)
       'fdbench-json {"requests": %d, "duration_us": %d, "bytes": %d, ' ..
       '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
       '"unmatched": %d, "latency_us": {"p50": %.0f, "p99": %.0f, "max": %.0f}, ' ..
-      '"per_pid": {%s}}\n',
+      '"per_pid": {%s}, "per_thread": [%s]}\n',
       summary.requests, summary.duration, summary.bytes,
       e.connect, e.read, e.write, e.status, e.timeout, missed,
       latency:percentile(50), latency:percentile(99), latency.max,
-      table.concat(pids, ", ")))
+      table.concat(pids, ", "), table.concat(by_thread, ", ")))
 end

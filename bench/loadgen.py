@@ -29,6 +29,7 @@ class WrkResult:
     requests: int                  # complete responses
     seconds: float                 # wrk's own measure of the run
     per_pid: dict[int, int]        # responses per "Hello from <pid>"
+    per_thread: list[dict[int, int]]   # the same, for each wrk thread
     errors: dict[str, int]         # connect, read, write, status (non-2xx/3xx), timeout
     unmatched: int                 # responses without a pid in the body
     latency_ms: dict[str, float]   # p50, p99, max
@@ -75,5 +76,7 @@ def run_wrk(address: str, *, connections: int, threads: int, duration: float,
     return WrkResult(
         requests=raw["requests"], seconds=raw["duration_us"] / 1e6,
         per_pid={int(pid): n for pid, n in raw["per_pid"].items()},
+        per_thread=[{int(pid): n for pid, n in counts.items()}
+                    for counts in raw.get("per_thread", [])],
         errors=raw["errors"], unmatched=raw["unmatched"],
         latency_ms={k: v / 1000 for k, v in raw["latency_us"].items()})

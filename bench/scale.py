@@ -28,6 +28,10 @@ Sections (``--sections``, comma-separated; all by default):
   keep-alive and new connection: p99 latency during a rolling restart (each
   worker SIGTERMed, drained, replaced) against the p99 of 3 s of steady load
   on the same stack just before it.  Target: restart / steady <= 1.5.
+* ``churn``: 64 workers, 200 graceful restarts in a row, one worker at a
+  time (each SIGTERMed, gone, then replaced and ready), under keep-alive
+  load from tests/loadclient.py; once, whatever --rounds.  Target: no failed
+  request; fdserver's RSS and open descriptors before and after.
 
 Verdicts as in bench/performance.py: met / NOT met only when the median's
 confidence interval over the rounds clears the target; the balance and
@@ -66,10 +70,10 @@ from performance import (  # noqa: E402
 from rolling_restart import FdStack as RestartStack  # noqa: E402
 from rolling_restart import LoadClient  # noqa: E402  (tests/loadclient.py)
 from rolling_restart import measure as measure_restart  # noqa: E402
-from stacks import FdStack, ForkedStack, cpu_ms  # noqa: E402
+from stacks import STEP_TIMEOUT, FdStack, ForkedStack, cpu_ms  # noqa: E402
 from support import PROJECT  # noqa: E402
 
-SECTIONS = ("balance", "dispatch", "uvloop", "restart")
+SECTIONS = ("balance", "dispatch", "uvloop", "restart", "churn")
 BURST = 256                  # keep-alive connections opened at once
 NEW_CONNECTIONS = 64
 START_TIMEOUT = 300.0        # 256 fdapps importing at once on 2 cores
@@ -80,6 +84,8 @@ DISPATCH_TARGET = 0.99
 UVLOOP_TARGET = 1.15
 RESTART_TARGET = 1.5
 STEADY_SECONDS = 3.0
+CHURN_WORKERS = 64
+CHURN_RESTARTS = 200
 
 
 def log(line: str) -> None:
@@ -238,6 +244,59 @@ def restart(workdir: Path, rounds: int) -> list[dict]:
     return runs
 
 
+def server_footprint(pid: int) -> tuple[int, int]:
+    """fdserver's (RSS in kB, open descriptors)."""
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def churn(workdir: Path, workers: int = CHURN_WORKERS,
+          restarts: int = CHURN_RESTARTS) -> list[dict]:
+    """*restarts* graceful restarts in a row, one worker at a time, cycling
+    through *workers* of them, under keep-alive load; once, not per round."""
+    n = min(workers, int(available_mb() * 0.6 // MB_PER_WORKER))
+    stack = FdStack(workdir, "churn", n)
+    try:
+        start_many(stack)
+        server = stack.server_pid
+        with Control(stack.socket) as control:
+            with LoadClient(stack.address, clients=8, mode="keepalive", duration=3600.0,
+                            timeout=5.0, workdir=workdir) as load:
+                load.wait_started()
+                before = server_footprint(server)
+                began = time.monotonic()
+                for i in range(restarts):
+                    old = stack.workers[i % n]
+                    old.signal(signal.SIGTERM)
+                    code = old.wait(STEP_TIMEOUT)
+                    if code != 0:
+                        raise RuntimeError(f"fdapp {old.pid} exited {code} on SIGTERM")
+                    ok, state = control.wait(old.pid, "gone", STEP_TIMEOUT)
+                    if not ok:
+                        raise RuntimeError(f"fdapp {old.pid} is still {state} to fdserver")
+                    old.close()
+                    new = stack.spawn()
+                    stack.workers.remove(new)
+                    stack.workers[i % n] = new
+                    ok, state = control.wait(new.pid, "ready", STEP_TIMEOUT)
+                    if not ok:
+                        raise RuntimeError(f"fdapp {new.pid} is {state}, not ready")
+                    if (i + 1) % 50 == 0:
+                        log(f"churn: {i + 1} restarts, fdserver RSS and fds "
+                            f"{server_footprint(server)}")
+                seconds = time.monotonic() - began
+                after = server_footprint(server)
+                result = load.stop()
+    finally:
+        stack.close()
+    log(f"churn: {restarts} restarts of {n} workers in {seconds:.0f}s, "
+        f"{result['failed']} failed of {result['requests']}")
+    return [{"section": "churn", "workers": n, "restarts": restarts, "seconds": seconds,
+             "failed": result["failed"], "requests": result["requests"],
+             "rss_kb": (before[0], after[0]), "fds": (before[1], after[1])}]
+
+
 # -- tables -----------------------------------------------------------------
 
 def held(values: list[float], target: float, above: bool = True) -> str:
@@ -347,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = {"balance": lambda: balance(workdir, counts, args.rounds, notes),
                  "dispatch": lambda: dispatch(workdir, args.rounds),
                  "uvloop": lambda: uvloop(workdir, args.rounds),
-                 "restart": lambda: restart(workdir, args.rounds)}
+                 "restart": lambda: restart(workdir, args.rounds),
+                 "churn": lambda: churn(workdir)}
         failed = []
         for name in SECTIONS:
             if name in sections:
@@ -382,6 +442,17 @@ def main(argv: list[str] | None = None) -> int:
         print("\n5. p99 latency during a rolling restart of 4 workers against steady load "
               "(tests/loadclient.py, 8 clients)")
         print(restart_table(runs["restart"]))
+    if runs.get("churn"):
+        got = runs["churn"][0]
+        print(f"\n6. {got['restarts']} graceful restarts in a row, one worker at a time, of "
+              f"{got['workers']} workers (each one {got['restarts'] / got['workers']:.1f} "
+              f"times), under keep-alive load (tests/loadclient.py, 8 clients)")
+        print(table([
+            ("restarts", "seconds", "requests", "failed", "target", "fdserver RSS MB",
+             "fdserver fds"),
+            (str(got["restarts"]), f"{got['seconds']:.0f}", str(got["requests"]),
+             str(got["failed"]), "0", f"{got['rss_kb'][0] / 1024:.1f} -> "
+             f"{got['rss_kb'][1] / 1024:.1f}", f"{got['fds'][0]} -> {got['fds'][1]}")]))
     print(verdict_legend(args.rounds))
     for line in failed:
         print(f"FAILED: {line}")

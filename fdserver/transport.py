@@ -49,7 +49,11 @@ CLOSING_GRACE = 2.0
 # deadline, a peer could park descriptors here for good, its own socket
 # among them, so that its connection never even reaches EOF.
 PARTIAL_FRAME_DEADLINE = 5.0
-_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+# Plain ints: socket's flags are IntFlag members, and every & on one goes
+# through enum's Python code, on each message received.
+_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_ANCBUFSIZE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * 4)
 
 Ancdata = list[tuple[int, int, bytes]]
 Recvmsg = Callable[[int, int, int], tuple[bytes, Ancdata, int, Any]]
@@ -133,10 +137,9 @@ class Channel:
         Raises BlockingIOError on a non-blocking socket with nothing to read,
         TransportError or ProtocolError when the connection is unusable.
         """
-        ancbufsize = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * 4)
-        data, ancdata, flags, _ = self._recvmsg(RECV_BYTES, ancbufsize, _CMSG_CLOEXEC)
-        fds = _fds_from(ancdata)
-        if flags & socket.MSG_CTRUNC:
+        data, ancdata, flags, _ = self._recvmsg(RECV_BYTES, _ANCBUFSIZE, _CMSG_CLOEXEC)
+        fds = _fds_from(ancdata) if ancdata else []
+        if flags & _MSG_CTRUNC:
             close_fds(fds)
             raise TransportError(
                 "descriptors were truncated in transit (MSG_CTRUNC); "

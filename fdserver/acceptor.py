@@ -44,7 +44,10 @@ is the one the app sees; a connection with a bad header is closed.
 
 Either way the worker reports its open connections (``load``), coalesced to
 at most one report per REPORT_INTERVAL; in shared mode beyond REPORT_WORKERS
-workers less often (see :meth:`Acceptor.changed`).
+workers less often (see :meth:`Acceptor.changed`).  A heartbeat carries the
+load too, when it changed and fdserver takes it there: with so many workers
+that a report would wait as long as the next heartbeat, the heartbeat is the
+report, and fdserver reads one message a second from each worker, not two.
 
 TLS.  A connection on a listener with a context in ``contexts`` (fdserver's
 TLS listeners, or all of them if the app's own HTTPServer has
@@ -69,7 +72,7 @@ from typing import Any, Final
 from . import _tornado
 from .accept import OUT_OF_DESCRIPTORS, accepted
 from .drain import DrainingHTTPServer
-from .protocol import LoadMessage
+from .protocol import HEARTBEAT_INTERVAL, LoadMessage
 from .proxyproto import DEFAULT_TIMEOUT, ProxyProtocolError, read_header
 from .tls import LISTENER_ATTRIBUTE
 
@@ -171,6 +174,8 @@ class Acceptor:
         self._received = 0                # dispatched connections received so far
         self._reported_received = 0       # ... as of our last report
         self._report_pending = False
+        # fdserver takes the load in heartbeats (its welcome said so)
+        self.load_in_beats = False
         server.on_connections_changed = self.changed
 
     # -- shared mode ---------------------------------------------------------
@@ -410,12 +415,24 @@ class Acceptor:
         REPORT_WORKERS workers would, whatever their number.
         """
         if not self._report_pending:
-            self._report_pending = True
             interval = REPORT_INTERVAL
             if self._share is not None and self._share[1] > REPORT_WORKERS:
                 interval = min(REPORT_INTERVAL * self._share[1] / REPORT_WORKERS,
                                MAX_REPORT_INTERVAL)
+            if self.load_in_beats and interval >= HEARTBEAT_INTERVAL:
+                return              # the next heartbeat comes as soon: it carries it
+            self._report_pending = True
             self._loop.call_later(interval, self._send_report)
+
+    def load_for_beat(self) -> tuple[int, int] | None:
+        """(connections, received) for a heartbeat to carry, if they changed
+        since the last report and fdserver takes them there; else None."""
+        own = self.server.connection_count
+        if not self.load_in_beats or (own, self._received) == (self._reported,
+                                                               self._reported_received):
+            return None
+        self._reported, self._reported_received = own, self._received
+        return own, self._received
 
     def _send_report(self) -> None:
         self._report_pending = False

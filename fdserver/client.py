@@ -70,6 +70,8 @@ class Registration:
     tls: TLSMessage | None = field(default=None, repr=False)     # holds the key
     # fdserver asks for metrics reports (feature "metrics", fdserver --metrics)
     metrics: bool = False
+    # fdserver takes the load in heartbeats (see fdserver.protocol)
+    beat_load: bool = False
 
     def sockets(self, name: str | None = None) -> list[socket.socket]:
         """The listening sockets, all of them or those called *name*."""
@@ -263,7 +265,8 @@ def register(path: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         channel.close()
         raise
     return Registration(path, channel, welcome["server_pid"], listeners, mode_of(welcome),
-                        frozenset(server_uids), tls, welcome.get("metrics") is True)
+                        frozenset(server_uids), tls, welcome.get("metrics") is True,
+                        welcome.get("beat_load") is True)
 
 
 def mode_of(welcome: WelcomeMessage) -> Mode:

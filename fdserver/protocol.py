@@ -48,7 +48,12 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
     worker -> state      {"state": "ready" | "draining"}
     worker -> load       {"connections": open now, "received": dispatched so far}
     worker -> heartbeat  {"lag": seconds,    ("heartbeat": every HEARTBEAT_INTERVAL)
-                          "requests": n}     (optional: served so far, for its rate)
+                          "requests": n,     (optional: served so far, for its rate)
+                          "connections": n, "received": n}
+                         (optional, together: the load, when it changed, in
+                          place of a load message; only if the welcome said
+                          "beat_load": with hundreds of workers, one message
+                          a second each instead of two)
     worker -> metrics    {"requests": [[status, method, listener, n], ...],
                           "durations": [[listener, [n per DURATION_BUCKETS + 1],
                                          seconds], ...]}
@@ -182,6 +187,7 @@ class WelcomeMessage(TypedDict):
     token: NotRequired[object]
     tls: NotRequired[object]
     metrics: NotRequired[object]
+    beat_load: NotRequired[object]
 
 
 class ListenersMessage(TypedDict):
@@ -254,6 +260,8 @@ class HeartbeatMessage(TypedDict):
     type: Literal["heartbeat"]
     lag: float                              # how late the worker's loop ran this beat (s)
     requests: NotRequired[object]           # requests served so far
+    connections: NotRequired[object]        # with "received": the load, as in a load message
+    received: NotRequired[object]
 
 
 class RecycleMessage(TypedDict):

@@ -34,7 +34,15 @@ from .client import Registration, mode_of, resume, retry_delays
 from .drain import DrainingHTTPServer
 from .errors import AppError, FdserverError
 from .loader import load
-from .protocol import HEARTBEAT_INTERVAL, Message, MetricsMessage, Mode, Reported, TLSMessage
+from .protocol import (
+    HEARTBEAT_INTERVAL,
+    HeartbeatMessage,
+    Message,
+    MetricsMessage,
+    Mode,
+    Reported,
+    TLSMessage,
+)
 from .requestlog import Reporter, RequestLog
 from .tls import quiet_handshake_errors, server_context
 from .transport import LoopChannel
@@ -141,6 +149,7 @@ class Worker:
                             if listener.proxy)
         self.acceptor = Acceptor(self.server, self._send, balance=self.balance,
                                  proxied=proxied)
+        self.acceptor.load_in_beats = self.registration.beat_load
         # fdserver's TLS material, and which listeners it is for, as fdserver sends them.
         self._fdserver_context = self.registration.ssl_context()
         self._tls_names = frozenset(one.name for one in self.registration.listeners if one.tls)
@@ -266,8 +275,12 @@ class Worker:
         now = loop.time()
         if self._exit.done():
             return
-        self._send({"type": "heartbeat", "lag": round(max(0.0, now - due), 4),
-                    "requests": self.server.requests})
+        beat: HeartbeatMessage = {"type": "heartbeat", "lag": round(max(0.0, now - due), 4),
+                                  "requests": self.server.requests}
+        load = self.acceptor.load_for_beat()
+        if load is not None:
+            beat["connections"], beat["received"] = load
+        self._send(beat)
         if (self.max_requests and not self._recycle_asked and not self._drain_task
                 and self.server.requests >= self.max_requests):
             self._recycle_asked = True
@@ -434,6 +447,7 @@ class Worker:
                     self._fdserver_context = None
                     self._set_contexts()
                 self._follow_metrics(welcome.get("metrics") is True)
+                self.acceptor.load_in_beats = welcome.get("beat_load") is True
                 log.info("re-registered with fdserver at %s (%s mode)", path,
                          self.registration.mode)
                 if self._drain_task:

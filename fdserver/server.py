@@ -379,6 +379,8 @@ class Server:
             "tls": role == "worker" and self.renewal is not None}
         if self._wants_metrics(peer):
             welcome["metrics"] = True
+        if role == "worker":
+            welcome["beat_load"] = True     # its heartbeats may carry its load
         if isinstance(resume, dict):
             # A handback must echo this: it answers this welcome, not a guess.
             peer.token = secrets.token_hex(16)
@@ -494,9 +496,12 @@ class Server:
         self._worker_changed(peer)
 
     def _on_load(self, peer: Peer, message: LoadMessage, fds: list[int]) -> None:
+        self._take_load(peer, message["connections"], message["received"])
+
+    def _take_load(self, peer: Peer, connections: int, received: int) -> None:
         # Clamped: one worker's word must not overflow everyone's share.
-        peer.connections = min(max(0, message["connections"]), self.max_peers * 1024)
-        peer.received = min(max(0, message["received"]), peer.dispatched)
+        peer.connections = min(max(0, connections), self.max_peers * 1024)
+        peer.received = min(max(0, received), peer.dispatched)
         if self._placement:
             self._placement.changed()
 
@@ -507,6 +512,13 @@ class Server:
         if isinstance(requests, int) and not isinstance(requests, bool) and (
                 0 <= requests <= MAX_INT):
             peer.served(requests, peer.beat_at)
+        if "connections" in message or "received" in message:
+            connections, received = message.get("connections"), message.get("received")
+            if not (isinstance(connections, int) and isinstance(received, int)
+                    and not isinstance(connections, bool) and not isinstance(received, bool)
+                    and abs(connections) <= MAX_INT and abs(received) <= MAX_INT):
+                raise ProtocolError("heartbeat message has a bad 'connections' or 'received'")
+            self._take_load(peer, connections, received)
 
     def _wants_metrics(self, peer: Peer) -> bool:
         return (self._endpoint is not None and peer.role == "worker"

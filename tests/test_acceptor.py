@@ -260,3 +260,42 @@ def test_a_burst_right_after_a_wave_is_taken_in_parts():
 def test_with_no_more_workers_than_cpus_a_burst_is_taken_on_the_share():
     # They all run at once; stepping aside would only leave a core idle.
     assert burst_in_one_pass(CPUS) == (ACCEPT_BATCH, True)
+
+
+def test_with_hundreds_of_workers_the_heartbeat_carries_the_load():
+    """A report would wait as long as the next heartbeat: the heartbeat is the
+    report, one message a second from each worker instead of two."""
+    async def main():
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        reports: list[dict] = []
+        server = DrainingHTTPServer(tornado.web.Application([("/", Hello)]))
+        acceptor = Acceptor(server, reports.append)
+        acceptor.start([listener])
+        try:
+            for workers, in_beats, separate in ((256, True, False), (256, False, True),
+                                                (2, True, True)):
+                reports.clear()
+                acceptor.load_in_beats = in_beats
+                acceptor.on_share(0, workers)
+                reader, writer = await asyncio.open_connection(*listener.getsockname())
+                writer.write(REQUEST)
+                assert await read_response(reader) == b"Hello\n"
+                if separate:
+                    await wait_for(lambda: reports, "a load report")
+                    assert reports[-1]["connections"] == 1
+                    assert acceptor.load_for_beat() is None     # reported already
+                else:
+                    # Longer than a report waits with 256 workers without the
+                    # heartbeat (capped at a second), had one been scheduled.
+                    assert not acceptor._report_pending
+                    assert acceptor.load_for_beat() == (1, 0)
+                    assert acceptor.load_for_beat() is None     # once per change
+                    assert not reports
+                writer.close()
+                await wait_for(lambda: server.connection_count == 0, "the connection closed")
+                acceptor.load_in_beats = False
+                acceptor._send_report()         # back to no connection, for the next case
+        finally:
+            acceptor.close()
+    asyncio.run(main())

@@ -255,6 +255,27 @@ def test_hostile_worker_reports_are_refused_whole(start_fdserver):
     good.channel.close()
 
 
+def test_the_load_in_a_heartbeat_counts_and_a_bad_one_is_refused(start_fdserver):
+    server = start_fdserver()
+    worker = register(server.socket, features=("share",))
+    assert worker.beat_load
+    worker.channel.send({"type": "state", "state": "ready"})
+    worker.channel.send({"type": "heartbeat", "lag": 0, "requests": 5, "connections": 3,
+                         "received": 0})
+    wait_until(lambda: [w["connections"] for w in server.status()["workers"]] == [3],
+               what="the load from the heartbeat")
+    for bad in ({"connections": True, "received": 0}, {"connections": 3},
+                {"connections": "3", "received": 0}, {"connections": 10 ** 30, "received": 0}):
+        hostile = register(server.socket)
+        hostile.channel.send({"type": "heartbeat", "lag": 0, **bad})
+        answer, _ = hostile.channel.receive()
+        assert answer == {"type": "error", "message": "heartbeat message has a bad "
+                          "'connections' or 'received'"}, bad
+        hostile.channel.close()
+    assert [w["connections"] for w in server.status()["workers"]] == [3]
+    worker.channel.close()
+
+
 def test_no_metrics_means_no_reports(start_fdserver):
     server = start_fdserver()
     registration = register(server.socket, features=("metrics",))

@@ -30,6 +30,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import tornado.web
+from tornado.log import access_log as tornado_access_log
+
 from . import _tornado
 from .protocol import DURATION_BUCKETS, METHODS, MetricsMessage
 from .tls import LISTENER_ATTRIBUTE
@@ -44,6 +47,34 @@ ACCESS_FORMATS = ("text", "json")
 # Control characters and quotes in a logged path, escaped: one line per request.
 _ESCAPES = {c: f"\\x{c:02x}" for c in range(0x20)} | {0x7f: "\\x7f", 0x22: '\\"',
                                                       0x5c: "\\\\"}
+
+
+def skip_unlogged_lines(app: Any) -> None:
+    """Have Tornado's ``log_request`` format its access line only if its logger
+    will write it.
+
+    ``Application.log_request`` builds the line (3.4 us a response here)
+    before ``tornado.access`` decides to drop it, and fdapp drops its lines
+    below WARNING: most responses formatted a line nobody read.  Only for
+    Tornado's own ``log_request`` (not a subclass's), and not while the app's
+    settings have a ``log_function``, which gets every response as before.
+    Installed before :meth:`RequestLog.install`, which wraps what it finds.
+    """
+    if not (isinstance(app, tornado.web.Application)
+            and type(app).log_request is tornado.web.Application.log_request):
+        return
+    original = app.log_request
+    settings = app.settings
+
+    def log_request(handler: Any) -> None:
+        status = handler.get_status()
+        # Tornado's levels: info below 400, warning below 500, error above.
+        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else \
+            logging.ERROR
+        if "log_function" in settings or tornado_access_log.isEnabledFor(level):
+            original(handler)
+
+    app.log_request = log_request  # type: ignore[method-assign]
 
 
 class RequestLog:

@@ -43,7 +43,7 @@ from .protocol import (
     Reported,
     TLSMessage,
 )
-from .requestlog import Reporter, RequestLog
+from .requestlog import Reporter, RequestLog, skip_unlogged_lines
 from .tls import quiet_handshake_errors, server_context
 from .transport import LoopChannel
 
@@ -138,6 +138,7 @@ class Worker:
             self._watch_loop(self.timeout)
         self._main_task = loaded.main
         self.server = loaded.server or DrainingHTTPServer(loaded.app, **self.server_options)
+        skip_unlogged_lines(self.server.request_callback)
         # The app's own ssl_options (its main()'s HTTPServer), checked before registering.
         self._app_context = _app_context(self.spec, self.server.ssl_options)
         # Warm: now register (it may wait for fdserver) and take connections.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import re
 import socket
 import urllib.error
@@ -432,3 +433,55 @@ def test_a_peer_that_left_is_read_before_a_failed_write_closes_it():
 
     asyncio.run(main())
     assert events == ["metrics", "closed: write failed: Broken pipe"], events
+
+
+def test_tornados_access_lines_are_formatted_only_when_written(caplog):
+    """fdapp keeps Tornado's access log at WARNING: a 200 formats no line, a
+    404 is still logged; a log_function and a subclass's log_request get
+    every response, as in Tornado."""
+    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+    from tornado.web import Application, RequestHandler
+
+    from fdserver.requestlog import skip_unlogged_lines
+
+    class Handler(RequestHandler):
+        summaries = 0
+
+        def _request_summary(self) -> str:     # what Tornado formats its line with
+            Handler.summaries += 1
+            return super()._request_summary()
+
+    class Connection:
+        def set_close_callback(self, callback) -> None:
+            pass
+
+    def finished(app, status: int) -> None:
+        request = HTTPServerRequest(connection=Connection(), headers=HTTPHeaders(Host="t"),
+                                    start_line=RequestStartLine("GET", "/x", "HTTP/1.1"))
+        handler = Handler(app, request)
+        handler.set_status(status)
+        app.log_request(handler)
+
+    caplog.set_level(logging.WARNING, logger="tornado.access")
+    app = Application()
+    skip_unlogged_lines(app)
+    finished(app, 200)
+    assert Handler.summaries == 0 and not caplog.records
+    finished(app, 404)
+    assert Handler.summaries == 1
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "404 GET /x" in caplog.records[0].getMessage()
+
+    seen = []
+    app = Application(log_function=lambda handler: seen.append(handler.get_status()))
+    skip_unlogged_lines(app)
+    finished(app, 200)
+    assert seen == [200]
+
+    class Own(Application):
+        def log_request(self, handler) -> None:
+            seen.append(-handler.get_status())
+    app = Own()
+    skip_unlogged_lines(app)
+    finished(app, 200)
+    assert seen == [200, -200]

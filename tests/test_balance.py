@@ -270,6 +270,16 @@ def test_dispatch_places_by_open_connections_then_passes_over_a_busy_worker(
         close_registration(stuck)
 
 
+def open_per_worker(server, workers, total: int, timeout: float) -> list[int]:
+    """Each worker's open connections, as fdserver counts them, once they add up to *total*."""
+    def counts() -> list[int] | None:
+        found = {w["pid"]: w["connections"] for w in server.status()["workers"]}
+        got = [found.get(w.pid, 0) for w in workers]
+        return got if sum(got) == total else None
+
+    return wait_until(counts, timeout, f"{total} open connections counted")
+
+
 def test_dispatch_keeps_open_connections_even_after_a_burst(start_fdserver, start_fdapp):
     """8 workers, 64 keep-alive connections opened at once, each doing
     requests: the open connections per worker differ by at most one."""
@@ -277,13 +287,7 @@ def test_dispatch_keeps_open_connections_even_after_a_burst(start_fdserver, star
     workers = start_fdapps(start_fdapp, server, 8)
     with LoadClient(server.address, clients=64, mode="keepalive") as load:
         load.wait_started()
-
-        def counts() -> list[int] | None:
-            found = {w["pid"]: w["connections"] for w in server.status()["workers"]}
-            got = [found.get(w.pid, 0) for w in workers]
-            return got if sum(got) == 64 else None
-
-        held = wait_until(counts, 20, "64 open connections counted")
+        held = open_per_worker(server, workers, 64, 20)
         report = load.stop()
     assert report["failed"] == 0, report["failures"]
     assert max(held) - min(held) <= 1, held
@@ -297,13 +301,7 @@ def test_64_workers_each_take_part_of_a_keepalive_burst(start_fdserver, start_fd
     workers = start_fdapps(start_fdapp, server, 64)
     with LoadClient(server.address, clients=256, mode="keepalive") as load:
         load.wait_started()
-
-        def counts() -> list[int] | None:
-            found = {w["pid"]: w["connections"] for w in server.status()["workers"]}
-            got = [found.get(w.pid, 0) for w in workers]
-            return got if sum(got) == 256 else None
-
-        held = wait_until(counts, 30, "256 open connections counted")
+        held = open_per_worker(server, workers, 256, 30)
         report = load.stop()
     counts_served = served(report, workers)
     assert report["failed"] == 0, report["failures"]

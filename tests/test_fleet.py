@@ -289,10 +289,14 @@ def agent_says(address: str) -> str:
     return answer.decode().strip()
 
 
-def test_agent_follows_workers_drain_and_shutdown(start_fdserver, start_fdapp, sockdir):
+def free_agent_address() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        agent = f"127.0.0.1:{probe.getsockname()[1]}"
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_agent_follows_workers_drain_and_shutdown(start_fdserver, start_fdapp, sockdir):
+    agent = free_agent_address()
     server = start_fdserver("--agent", agent, "--agent-linger", "30")
     assert agent_says(agent) == "down"
     workers = [start_fdapp(server) for _ in range(4)]
@@ -332,9 +336,7 @@ def test_agent_follows_workers_drain_and_shutdown(start_fdserver, start_fdapp, s
 
 
 def test_drain_wait_returns_once_the_balancer_was_told(start_fdserver, start_fdapp):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        agent = f"127.0.0.1:{probe.getsockname()[1]}"
+    agent = free_agent_address()
     server = start_fdserver("--agent", agent)
     start_fdapp(server)
     ctl = [script("fdctl"), "--socket", server.socket]
@@ -369,9 +371,7 @@ def test_drain_needs_an_agent(start_fdserver):
 
 
 def test_hostile_agent_clients_cost_nothing(start_fdserver, start_fdapp):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        agent = f"127.0.0.1:{probe.getsockname()[1]}"
+    agent = free_agent_address()
     server = start_fdserver("--agent", agent)
     start_fdapp(server)
     host, port = agent.rsplit(":", 1)
@@ -394,12 +394,6 @@ def test_hostile_agent_clients_cost_nothing(start_fdserver, start_fdapp):
         for sock in idle:
             sock.close()
     assert "Traceback" not in server.output
-
-
-def free_agent_address() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
 def test_a_stuck_worker_is_missing_capacity(start_fdserver, start_fdapp):

@@ -427,19 +427,21 @@ class Acceptor:
     def load_for_beat(self) -> tuple[int, int] | None:
         """(connections, received) for a heartbeat to carry, if they changed
         since the last report and fdserver takes them there; else None."""
-        own = self.server.connection_count
-        if not self.load_in_beats or (own, self._received) == (self._reported,
-                                                               self._reported_received):
-            return None
-        self._reported, self._reported_received = own, self._received
-        return own, self._received
+        return self._unreported() if self.load_in_beats else None
 
     def _send_report(self) -> None:
         self._report_pending = False
-        own = self.server.connection_count
-        if (own, self._received) != (self._reported, self._reported_received):
-            self._reported, self._reported_received = own, self._received
-            self._report({"type": "load", "connections": own, "received": self._received})
+        load = self._unreported()
+        if load is not None:
+            self._report({"type": "load", "connections": load[0], "received": load[1]})
+
+    def _unreported(self) -> tuple[int, int] | None:
+        """The load, if it changed since the last report (which this now is)."""
+        load = (self.server.connection_count, self._received)
+        if load == (self._reported, self._reported_received):
+            return None
+        self._reported, self._reported_received = load
+        return load
 
 
 def _accept_queue_length(sock: socket.socket) -> int:

@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 from . import __version__
 from .accept import accepted
@@ -509,14 +509,11 @@ class Server:
         peer.beat_at = time.monotonic()
         peer.lag = min(max(0.0, float(message["lag"])), 1e6)
         requests = message.get("requests")
-        if isinstance(requests, int) and not isinstance(requests, bool) and (
-                0 <= requests <= MAX_INT):
+        if _json_int(requests) and requests >= 0:
             peer.served(requests, peer.beat_at)
         if "connections" in message or "received" in message:
             connections, received = message.get("connections"), message.get("received")
-            if not (isinstance(connections, int) and isinstance(received, int)
-                    and not isinstance(connections, bool) and not isinstance(received, bool)
-                    and abs(connections) <= MAX_INT and abs(received) <= MAX_INT):
+            if not (_json_int(connections) and _json_int(received)):
                 raise ProtocolError("heartbeat message has a bad 'connections' or 'received'")
             self._take_load(peer, connections, received)
 
@@ -698,3 +695,9 @@ def _identities(fds: Iterable[int]) -> set[tuple[int, int]]:
             continue
         found.add((st.st_dev, st.st_ino))
     return found
+
+
+def _json_int(value: object) -> TypeGuard[int]:
+    """An optional field that is an integer as a load message's must be (see
+    protocol.validate): not a bool, at most MAX_INT either way."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT

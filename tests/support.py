@@ -160,6 +160,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now (the kernel's pick)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def free_low_port() -> int:
     for port in range(1023, 900, -1):
         with socket.socket() as probe:

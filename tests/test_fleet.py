@@ -22,7 +22,7 @@ from fdserver.proxyproto import (
     parse,
 )
 
-from support import run, script, wait_until
+from support import free_port, run, script, wait_until
 
 
 def v2(command: int = 1, family: int = 0x11, body: bytes | None = None,
@@ -290,9 +290,7 @@ def agent_says(address: str) -> str:
 
 
 def free_agent_address() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def test_agent_follows_workers_drain_and_shutdown(start_fdserver, start_fdapp, sockdir):

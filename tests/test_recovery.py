@@ -14,15 +14,18 @@ import fdserver
 from fdserver.client import ReceivedListener, resume
 
 from loadclient import LoadClient
-from support import APP_USER, OTHER_USER, PROJECT, free_low_port, http_get, proc_ids, wait_until
+from support import (
+    APP_USER,
+    OTHER_USER,
+    PROJECT,
+    free_low_port,
+    free_port,
+    http_get,
+    proc_ids,
+    wait_until,
+)
 
 AS_USER = str(PROJECT / "tests" / "as_user.py")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def listening_inodes(port: int) -> set[int]:

@@ -23,7 +23,7 @@ from fdserver.client import ReceivedListener, resume
 from fdserver.client import connect as client_connect
 from fdserver.errors import SocketFileError
 
-from support import APP_USER, GROUP, OTHER_USER, PROJECT, http_get, run, script
+from support import APP_USER, GROUP, OTHER_USER, PROJECT, free_port, http_get, run, script
 from test_hostile import assert_refused, connect, read_until_closed
 
 AS_USER = str(PROJECT / "tests" / "as_user.py")
@@ -35,12 +35,6 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as o
 def as_user(name: str) -> dict:
     record = pwd.getpwnam(name)
     return {"user": record.pw_uid, "group": record.pw_gid, "extra_groups": []}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # A stand-alone peer (standard library only: it runs as other users and in

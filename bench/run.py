@@ -11,6 +11,9 @@
    dispatch's keep-alive fairness, fdapp --loop uvloop against fork_processes,
    memory per worker, p99 latency during a rolling restart against steady,
    200 graceful restarts in a row of 64 workers.
+4. bench/paired.py: the ratios of a few percent (the cost of --metrics,
+   uvloop, HTTPS and a new connection per request against fork_processes),
+   in interleaved pairs of 1 s runs; --rounds N sets its blocks.
 
 The Python packages that only the benches use, gunicorn (the rolling-restart
 comparison) and matplotlib (the fairness plot, bench/results/fairness.png),
@@ -18,7 +21,7 @@ are pip-installed into this interpreter's environment first unless
 --no-install; without them the rolling-restart bench leaves gunicorn out and
 the plot is skipped.  Tables go to stdout, progress to stderr.  A bench that
 fails does not stop the next; the exit status is then 1.  The default rounds
-take about 13 minutes on 2 cores (--only scale: about 7).
+take about an hour on 2 cores (--only scale: about 7 minutes; paired: about 45).
 """
 
 from __future__ import annotations
@@ -70,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="rounds for every bench (default: each its own)")
     p.add_argument("--no-install", action="store_true",
                    help="do not pip-install the bench-only packages (gunicorn, matplotlib)")
-    p.add_argument("--only", default="rolling,performance,scale",
+    p.add_argument("--only", default="rolling,performance,scale,paired",
                    help="comma-separated subset of %(default)s")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
-    if only - {"rolling", "performance", "scale"}:
-        p.error(f"--only: a subset of rolling,performance,scale, not {args.only}")
+    if only - {"rolling", "performance", "scale", "paired"}:
+        p.error(f"--only: a subset of rolling,performance,scale,paired, not {args.only}")
     rounds = ["--rounds", str(args.rounds)] if args.rounds else []
     missing = missing_extras()
     if missing and not args.no_install:
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         rolling += ["--stacks", "ours,naive"]
     began = time.monotonic()
     benches = {"rolling": ("rolling_restart.py", rolling),
-               "performance": ("performance.py", rounds), "scale": ("scale.py", rounds)}
+               "performance": ("performance.py", rounds), "scale": ("scale.py", rounds),
+               "paired": ("paired.py", ["--blocks", str(args.rounds)] if args.rounds else [])}
     codes = [run_bench(*benches[name]) for name in benches if name in only]
     print(f"\nall benches: {time.monotonic() - began:.0f}s", flush=True)
     return 0 if not any(codes) else 1

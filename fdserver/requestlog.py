@@ -67,14 +67,19 @@ def skip_unlogged_lines(app: Any) -> None:
     settings = app.settings
 
     def log_request(handler: Any) -> None:
-        status = handler.get_status()
-        # Tornado's levels: info below 400, warning below 500, error above.
-        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else \
-            logging.ERROR
-        if "log_function" in settings or tornado_access_log.isEnabledFor(level):
+        if _tornado_writes(settings, handler.get_status()):
             original(handler)
 
+    # For RequestLog.install: one function a response, not two in a row.
+    log_request._fdserver_tornado = (original, settings)  # type: ignore[attr-defined]
     app.log_request = log_request  # type: ignore[method-assign]
+
+
+def _tornado_writes(settings: dict[str, Any], status: int) -> bool:
+    """Whether Tornado's log_request would write (or pass on) a line for *status*."""
+    # Tornado's levels: info below 400, warning below 500, error above.
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    return "log_function" in settings or tornado_access_log.isEnabledFor(level)
 
 
 class RequestLog:
@@ -98,10 +103,11 @@ class RequestLog:
                 self._by_port.setdefault(int(port), name)
         self.access_format = access_log_format
         self.counting = False
-        # (status, method, listener) -> responses since the last report
-        self._requests: dict[tuple[int, str, str], int] = {}
-        # listener -> ([per-bucket counts, the last one +Inf], sum of seconds)
-        self._durations: dict[str, tuple[list[int], list[float]]] = {}
+        # Since the last report: (status, method, listener, duration bucket) ->
+        # responses, and listener -> seconds.  One dict update a response; the
+        # rows and histograms are summed from it once a report.
+        self._counts: dict[tuple[int, str, str, int], int] = {}
+        self._seconds: dict[str, float] = {}
         self._pid = os.getpid()
 
     # -- the hook ------------------------------------------------------------
@@ -116,33 +122,44 @@ class RequestLog:
         if getattr(original, "_fdserver_request_log", None) is not None:
             return True            # installed already (a re-registration)
 
-        def log_request(handler: Any) -> None:
-            # Counted first: an app's own log_function that raises must not
-            # make a response go uncounted.
-            self.record(handler)
-            original(handler)
+        # Counted first: an app's own log_function that raises must not make
+        # a response go uncounted.
+        record = self.record
+        tornado_own = getattr(original, "_fdserver_tornado", None)
+        if tornado_own is None:
+            def log_request(handler: Any) -> None:
+                record(handler)
+                original(handler)
+        else:
+            # Over skip_unlogged_lines': its test inline, a call less a response.
+            inner, settings = tornado_own
+
+            def log_request(handler: Any) -> None:
+                if _tornado_writes(settings, record(handler)):
+                    inner(handler)
 
         log_request._fdserver_request_log = self    # type: ignore[attr-defined]
         app.log_request = log_request
         return True
 
-    def record(self, handler: Any) -> None:
+    def record(self, handler: Any) -> int:
+        """Count and log one response; its status."""
         request = handler.request
-        status = handler.get_status()
+        status: int = handler.get_status()
         duration = request.request_time()
         listener = self._only_name or self._listener_of(request)
         if self.counting:
-            method = request.method if request.method in METHODS else "other"
-            key = (status, method, listener)
-            self._requests[key] = self._requests.get(key, 0) + 1
-            entry = self._durations.get(listener)
-            if entry is None:
-                entry = self._durations[listener] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
+            method = request.method
             # Bucket i holds durations <= DURATION_BUCKETS[i]; the last, the rest.
-            entry[0][bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
-            entry[1][0] += duration
+            key = (status, method if method in METHODS else "other", listener,
+                   bisect.bisect_left(DURATION_BUCKETS, duration))
+            counts = self._counts
+            counts[key] = counts.get(key, 0) + 1
+            seconds = self._seconds
+            seconds[listener] = seconds.get(listener, 0.0) + duration
         if self.access_format and access_log.isEnabledFor(logging.INFO):
             access_log.info(self._access_line(handler, request, status, duration, listener))
+        return status
 
     def _listener_of(self, request: Any) -> str:
         stream = getattr(request.connection, "stream", None)
@@ -180,19 +197,26 @@ class RequestLog:
 
     def take_reports(self) -> list[MetricsMessage]:
         """The deltas since the last call, as messages (none if nothing changed)."""
-        if not self._requests and not self._durations:
+        if not self._counts:
             return []
-        rows: list[list[Any]] = [[code, method, listener, n]
-                                 for (code, method, listener), n in self._requests.items()]
-        durations: list[list[Any]] = [[listener, counts, round(total[0], 6)]
-                                      for listener, (counts, total) in self._durations.items()]
-        self._requests = {}
-        self._durations = {}
-        messages: list[MetricsMessage] = []
-        for start in range(0, max(len(rows), 1), MAX_ROWS):
-            messages.append({"type": "metrics", "requests": rows[start:start + MAX_ROWS],
-                             "durations": durations if start == 0 else []})
-        return messages
+        requests: dict[tuple[int, str, str], int] = {}
+        histograms: dict[str, list[int]] = {}
+        for (code, method, listener, bucket), n in self._counts.items():
+            requests[(code, method, listener)] = requests.get((code, method, listener), 0) + n
+            histograms.setdefault(listener, [0] * (len(DURATION_BUCKETS) + 1))[bucket] += n
+        rows: list[list[Any]] = [[*key, n] for key, n in requests.items()]
+        durations: list[list[Any]] = [[listener, counts, round(self._seconds.get(listener, 0.0), 6)]
+                                      for listener, counts in histograms.items()]
+        self._counts = {}
+        self._seconds = {}
+        return _messages(rows, durations)
+
+
+def _messages(rows: list[list[Any]], durations: list[list[Any]]) -> list[MetricsMessage]:
+    """*rows* and *durations* as metrics messages of at most MAX_ROWS rows each."""
+    return [{"type": "metrics", "requests": rows[start:start + MAX_ROWS],
+             "durations": durations if start == 0 else []}
+            for start in range(0, max(len(rows), 1), MAX_ROWS)]
 
 
 class Reporter:
@@ -232,17 +256,16 @@ class Reporter:
 
 
 def _merged(messages: list[MetricsMessage]) -> list[MetricsMessage]:
-    merged = RequestLog([])
-    merged.counting = True
+    requests: dict[tuple[int, str, str], int] = {}
+    histograms: dict[str, tuple[list[int], list[float]]] = {}
     for message in messages:
         for code, method, listener, n in message["requests"]:
-            key = (code, method, listener)
-            merged._requests[key] = merged._requests.get(key, 0) + n
+            requests[(code, method, listener)] = requests.get((code, method, listener), 0) + n
         for listener, counts, total in message["durations"]:
-            entry = merged._durations.setdefault(
-                listener, ([0] * (len(DURATION_BUCKETS) + 1), [0.0]))
+            entry = histograms.setdefault(listener, ([0] * (len(DURATION_BUCKETS) + 1), [0.0]))
             for i, n in enumerate(counts):
                 entry[0][i] += n
             entry[1][0] += total
-    return merged.take_reports()
-
+    return _messages([[*key, n] for key, n in requests.items()],
+                     [[listener, counts, round(total[0], 6)]
+                      for listener, (counts, total) in histograms.items()])

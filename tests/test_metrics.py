@@ -435,14 +435,26 @@ def test_a_peer_that_left_is_read_before_a_failed_write_closes_it():
     assert events == ["metrics", "closed: write failed: Broken pipe"], events
 
 
-def test_tornados_access_lines_are_formatted_only_when_written(caplog):
+@pytest.mark.parametrize("counted", [False, True], ids=["alone", "under-metrics"])
+def test_tornados_access_lines_are_formatted_only_when_written(caplog, counted):
     """fdapp keeps Tornado's access log at WARNING: a 200 formats no line, a
     404 is still logged; a log_function and a subclass's log_request get
-    every response, as in Tornado."""
+    every response, as in Tornado.  The same with the metrics hook on top
+    (which runs the test itself), every response counted."""
     from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
     from tornado.web import Application, RequestHandler
 
-    from fdserver.requestlog import skip_unlogged_lines
+    from fdserver.requestlog import RequestLog
+    from fdserver.requestlog import skip_unlogged_lines as skip_only
+
+    logs: list[RequestLog] = []
+
+    def skip_unlogged_lines(app) -> None:
+        skip_only(app)
+        if counted:
+            logs.append(RequestLog([("http", "AF_INET", "127.0.0.1:80")]))
+            logs[-1].counting = True
+            assert logs[-1].install(app)
 
     class Handler(RequestHandler):
         summaries = 0
@@ -485,3 +497,50 @@ def test_tornados_access_lines_are_formatted_only_when_written(caplog):
     skip_unlogged_lines(app)
     finished(app, 200)
     assert seen == [200, -200]
+    if counted:
+        assert [sum(row[3] for m in log.take_reports() for row in m["requests"])
+                for log in logs] == [2, 1, 1]
+
+
+def test_reports_sum_to_what_was_recorded_split_and_merged():
+    """A worker's deltas: rows split over messages of at most MAX_ROWS, the
+    histogram in the first; and held reports (no fdserver for a while) merged
+    without losing a count."""
+    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+    from tornado.web import Application, RequestHandler
+
+    from fdserver import requestlog
+    from fdserver.requestlog import MAX_ROWS, Reporter, RequestLog
+
+    class Connection:
+        def set_close_callback(self, callback) -> None:
+            pass
+
+    app = Application()
+    log = RequestLog([("http", "AF_INET", "127.0.0.1:80")])
+    log.counting = True
+    recorded = 0
+    for status in range(200, 200 + MAX_ROWS + 30):        # more rows than one message holds
+        for _ in range(1 + status % 3):
+            request = HTTPServerRequest(connection=Connection(), headers=HTTPHeaders(Host="t"),
+                                        start_line=RequestStartLine("GET", "/", "HTTP/1.1"))
+            handler = RequestHandler(app, request)
+            handler.set_status(status, "x")
+            log.record(handler)
+            recorded += 1
+    messages = log.take_reports()
+    assert len(messages) == 2 and all(len(m["requests"]) <= MAX_ROWS for m in messages)
+    assert sum(row[3] for m in messages for row in m["requests"]) == recorded
+    (listener, counts, seconds), = messages[0]["durations"]
+    assert listener == "http" and sum(counts) == recorded and seconds >= 0
+    assert len(counts) == len(DURATION_BUCKETS) + 1 and messages[1]["durations"] == []
+    assert log.take_reports() == []                       # deltas: nothing new since
+
+    reporter = Reporter(log, lambda message: False, lambda delay, callback: None)
+    reporter._held = messages * 40                         # 80 held: over the merge bound
+    reporter.flush()
+    merged = reporter._held
+    assert sum(row[3] for m in merged for row in m["requests"]) == 40 * recorded
+    assert sum(sum(m_counts) for m in merged for _, m_counts, _ in m["durations"]) \
+        == 40 * recorded
+    assert requestlog._merged(merged) == merged

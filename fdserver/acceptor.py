@@ -72,7 +72,7 @@ from typing import Any, Final
 from . import _tornado
 from .accept import OUT_OF_DESCRIPTORS, accepted
 from .drain import DrainingHTTPServer
-from .protocol import HEARTBEAT_INTERVAL, LoadMessage
+from .protocol import HEARTBEAT_INTERVAL, LoadMessage, on_the_tick
 from .proxyproto import DEFAULT_TIMEOUT, ProxyProtocolError, read_header
 from .tls import LISTENER_ATTRIBUTE
 
@@ -422,7 +422,8 @@ class Acceptor:
             if self.load_in_beats and interval >= HEARTBEAT_INTERVAL:
                 return              # the next heartbeat comes as soon: it carries it
             self._report_pending = True
-            self._loop.call_later(interval, self._send_report)
+            # On the tick shared by every worker: fdserver reads them together.
+            self._loop.call_at(on_the_tick(self._loop.time(), interval), self._send_report)
 
     def load_for_beat(self) -> tuple[int, int] | None:
         """(connections, received) for a heartbeat to carry, if they changed

@@ -147,6 +147,18 @@ PeerState = Literal["handshake", "starting", "ready", "draining", "gone", "ctl"]
 HEARTBEAT_INTERVAL = 1.0
 LATE_BEATS = 3
 
+
+def on_the_tick(now: float, interval: float) -> float:
+    """The first whole multiple of *interval* after *now*, on the monotonic clock.
+
+    Every event loop's ``time()`` reads CLOCK_MONOTONIC, which Linux keeps
+    system-wide, so workers that send heartbeats and load reports on these
+    ticks send them together, and fdserver reads them in one wakeup: with 256
+    workers that costs it a fifth of the CPU that one wakeup per message
+    does (docs/modes.md).
+    """
+    return (now // interval + 1) * interval
+
 ROLES: tuple[Role, ...] = get_args(Role)
 REPORTED_STATES: tuple[Reported, ...] = get_args(Reported)
 WAITABLE_STATES: tuple[WorkerState, ...] = get_args(WorkerState)

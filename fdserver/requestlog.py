@@ -26,6 +26,7 @@ import bisect
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -34,7 +35,7 @@ import tornado.web
 from tornado.log import access_log as tornado_access_log
 
 from . import _tornado
-from .protocol import DURATION_BUCKETS, METHODS, MetricsMessage
+from .protocol import DURATION_BUCKETS, METHODS, MetricsMessage, on_the_tick
 from .tls import LISTENER_ATTRIBUTE
 
 log = logging.getLogger("fdapp")
@@ -220,24 +221,31 @@ def _messages(rows: list[list[Any]], durations: list[list[Any]]) -> list[Metrics
 
 
 class Reporter:
-    """Sends a RequestLog's deltas through *send* every REPORT_INTERVAL, when changed."""
+    """Sends a RequestLog's deltas through *send* every REPORT_INTERVAL, when changed,
+    on the ticks of *clock* (the loop's time) that every worker shares."""
 
     def __init__(self, requests: RequestLog, send: Callable[[MetricsMessage], bool],
-                 call_later: Callable[[float, Callable[[], None]], Any]) -> None:
+                 call_later: Callable[[float, Callable[[], None]], Any],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.requests = requests
         self._send = send
         self._call_later = call_later
+        self._clock = clock
         self._timer: Any = None
         self._held: list[MetricsMessage] = []
 
     def start(self) -> None:
         self.requests.counting = True
         if self._timer is None:
-            self._timer = self._call_later(REPORT_INTERVAL, self._tick)
+            self._schedule()
 
     def _tick(self) -> None:
-        self._timer = self._call_later(REPORT_INTERVAL, self._tick)
+        self._schedule()
         self.flush()
+
+    def _schedule(self) -> None:
+        now = self._clock()
+        self._timer = self._call_later(on_the_tick(now, REPORT_INTERVAL) - now, self._tick)
 
     def flush(self) -> None:
         """Send what is counted now; kept for the next try if there is no channel."""

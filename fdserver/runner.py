@@ -42,6 +42,7 @@ from .protocol import (
     Mode,
     Reported,
     TLSMessage,
+    on_the_tick,
 )
 from .requestlog import Reporter, RequestLog, skip_unlogged_lines
 from .tls import quiet_handshake_errors, server_context
@@ -171,7 +172,7 @@ class Worker:
         self._report("ready")
         if self._main_task is not None:       # from now on its end is watched
             self._main_task.add_done_callback(self._main_ended)
-        loop.call_later(HEARTBEAT_INTERVAL, self._beat, loop.time() + HEARTBEAT_INTERVAL)
+        self._beat_on_tick(loop.time())
         names = ", ".join(f"{listener.name} on {listener.address}"
                           for listener in self.registration.listeners)
         log.info("pid %d ready: serving %s", os.getpid(), names)
@@ -246,8 +247,9 @@ class Worker:
         if wanted and self._reporter is None:
             request_log = self._log_requests()
             if request_log is not None:
-                self._reporter = Reporter(request_log, self._send_metrics,
-                                          asyncio.get_running_loop().call_later)
+                loop = asyncio.get_running_loop()
+                self._reporter = Reporter(request_log, self._send_metrics, loop.call_later,
+                                          loop.time)
                 self._reporter.start()
         elif not wanted and self._reporter is not None:
             self._reporter.stop()
@@ -288,7 +290,12 @@ class Worker:
             log.info("served %d requests (--max-requests %d); waiting for a turn to recycle",
                      self.server.requests, self.max_requests)
             self._ask_to_recycle()
-        loop.call_later(HEARTBEAT_INTERVAL, self._beat, now + HEARTBEAT_INTERVAL)
+        self._beat_on_tick(now)
+
+    def _beat_on_tick(self, now: float) -> None:
+        """The next heartbeat, on the next whole second: every worker's at once."""
+        due = on_the_tick(now, HEARTBEAT_INTERVAL)
+        asyncio.get_running_loop().call_at(due, self._beat, due)
 
     def _ask_to_recycle(self) -> None:
         if self.channel.closed:

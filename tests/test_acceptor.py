@@ -11,8 +11,17 @@ import socket
 
 import tornado.web
 
-from fdserver.acceptor import ACCEPT_BATCH, CPUS, SLACK, Acceptor
+from fdserver.acceptor import (
+    ACCEPT_BATCH,
+    CPUS,
+    MAX_REPORT_INTERVAL,
+    REPORT_INTERVAL,
+    REPORT_WORKERS,
+    SLACK,
+    Acceptor,
+)
 from fdserver.drain import DrainingHTTPServer
+from fdserver.protocol import on_the_tick
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 
@@ -299,3 +308,48 @@ def test_with_hundreds_of_workers_the_heartbeat_carries_the_load():
         finally:
             acceptor.close()
     asyncio.run(main())
+
+
+def test_load_reports_of_all_workers_go_on_the_same_tick():
+    """Workers whose connections change at different moments report together,
+    on the next whole multiple of the report interval: fdserver reads them in
+    one wakeup.  Each acceptor here is one worker."""
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        workers = 50                        # a report interval of 0.5 s (see changed())
+        interval = min(REPORT_INTERVAL * workers / REPORT_WORKERS, MAX_REPORT_INTERVAL)
+        sent_at: list[float] = []
+        acceptors, listeners, clients = [], [], []
+        for _ in range(2):
+            listener = socket.create_server(("127.0.0.1", 0))
+            listener.setblocking(False)
+            server = DrainingHTTPServer(tornado.web.Application([("/", Hello)]))
+            acceptor = Acceptor(server, lambda report: sent_at.append(loop.time()))
+            acceptor.on_share(0, workers)
+            acceptor.start([listener])
+            acceptors.append(acceptor)
+            listeners.append(listener)
+        # Start just after a tick, so that both changes fall before the next.
+        started = asyncio.Event()
+        loop.call_at(on_the_tick(loop.time(), interval) + 0.01, started.set)
+        await started.wait()
+        try:
+            for acceptor, listener in zip(acceptors, listeners, strict=True):  # 50 ms apart
+                clients.append(socket.create_connection(listener.getsockname()))
+                server = acceptor.server
+                await wait_for(lambda: server.connection_count == 1,  # noqa: B023 (awaited here)
+                               "a connection")
+                pause = asyncio.Event()
+                loop.call_later(0.05, pause.set)
+                await pause.wait()
+            await wait_for(lambda: len(sent_at) == 2, "both reports")
+            return sent_at
+        finally:
+            for acceptor in acceptors:
+                acceptor.close()
+            for client in clients:
+                client.close()
+    first, second = asyncio.run(main())
+    # Both due on the same tick, so run in the same pass of the loop; called
+    # 50 ms apart, a report that waited the interval from its change would not.
+    assert abs(second - first) < 0.01, (first, second)

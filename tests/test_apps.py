@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -18,6 +19,10 @@ import urllib.request
 import pytest
 from tornado.websocket import websocket_connect
 
+from fdserver.errors import TransportError
+from fdserver.transport import Channel
+
+from conftest import LOOP
 from loadclient import LoadClient
 from support import PROJECT, http_get, run, script, wait_until
 
@@ -512,3 +517,54 @@ def _threads(pid: int) -> int:
             return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
     except OSError:
         return 0
+
+
+def test_workers_send_their_heartbeats_on_the_same_whole_seconds(procs, sockdir):
+    """Each worker's heartbeat is due on a whole second of the monotonic clock
+    (system-wide), so fdserver reads them all in one wakeup.  A minimal
+    fdserver here (the project's own Channel) records when each heartbeat
+    came and how late the worker says it ran it."""
+    path = str(sockdir / "beats.sock")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(path)
+    unix.listen()
+    listener = socket.create_server(("127.0.0.1", 0))
+    due: dict[int, list[float]] = {}            # worker pid -> when its heartbeats were due
+
+    def serve_one() -> None:
+        conn, _ = unix.accept()
+        channel = Channel(conn, server_side=True)
+        hello, _ = channel.receive()
+        pid = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        pid = int.from_bytes(pid[:4], "little")
+        channel.send({"type": "welcome", "version": 1, "server_pid": os.getpid(),
+                      "listeners": 1, "handback": False, "mode": "shared"})
+        channel.send({"type": "listeners", "more": False, "fds": 1, "listeners": [
+            {"name": "http", "family": "AF_INET", "address": "127.0.0.1:0"}]},
+            [listener.fileno()])
+        while True:
+            try:
+                message, _ = channel.receive()
+            except TransportError:
+                return                      # the worker was stopped
+            if message["type"] == "heartbeat":
+                # Received now; the worker ran it lag seconds after it was due.
+                due.setdefault(pid, []).append(time.monotonic() - message["lag"])
+
+    threads = [threading.Thread(target=serve_one, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        workers = [procs.start([script("fdapp"), "app:make_app", "--socket", path, *LOOP])
+                   for _ in range(2)]
+        wait_until(lambda: len(due) == 2 and all(len(d) >= 3 for d in due.values()),
+                   timeout=20, what="three heartbeats from each worker")
+        for times in due.values():
+            for t in times:
+                # What remains is the trip from the worker to this thread.
+                assert min(t % 1, 1 - t % 1) < 0.25, (t, due)
+        for worker in workers:
+            assert "Traceback" not in worker.output
+    finally:
+        unix.close()
+        listener.close()

@@ -544,3 +544,18 @@ def test_reports_sum_to_what_was_recorded_split_and_merged():
     assert sum(sum(m_counts) for m in merged for _, m_counts, _ in m["durations"]) \
         == 40 * recorded
     assert requestlog._merged(merged) == merged
+
+
+def test_metrics_reports_go_on_the_whole_seconds_every_worker_shares():
+    """Each report is due on the next whole second of the loop's clock, not a
+    second after the last: every worker's arrive together."""
+    from fdserver.requestlog import REPORT_INTERVAL, Reporter, RequestLog
+
+    delays: list[float] = []
+    now = [100.25]
+    reporter = Reporter(RequestLog([]), lambda message: True,
+                        lambda delay, callback: delays.append(delay), clock=lambda: now[0])
+    reporter.start()
+    now[0] = 101.0 + 0.125          # the tick ran late
+    reporter._tick()
+    assert delays == [0.75, 0.875] and REPORT_INTERVAL == 1.0

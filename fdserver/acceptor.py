@@ -116,10 +116,11 @@ _DOUBLE: Final = Excess.DOUBLE
 
 
 class _Connection(socket.socket):
-    """A connected socket that remembers its family.
+    """A connected TCP socket that remembers its family.
 
     Tornado reads ``family`` for each connection's request context, and
-    socket.socket converts it to an enum each time.
+    ``ssl.SSLContext.wrap_socket`` reads ``type``; socket.socket converts
+    each to an enum every time.
     """
 
     __slots__ = ("_family",)
@@ -132,6 +133,10 @@ class _Connection(socket.socket):
     @property
     def family(self) -> socket.AddressFamily:
         return self._family
+
+    @property
+    def type(self) -> socket.SocketKind:
+        return socket.SOCK_STREAM
 
 
 class Acceptor:
@@ -398,10 +403,13 @@ class Acceptor:
             stream = self._stream_class(conn, max_buffer_size=self.server.max_buffer_size,
                                         read_chunk_size=self.server.read_chunk_size)
         else:
-            # As Tornado's TCPServer: the handshake happens on the loop.
+            # As Tornado's TCPServer: the handshake happens on the loop.  The
+            # context given: without it, the stream would make Tornado's default
+            # client context, loading the system's CA certificates, on each
+            # worker's first TLS connection.
             stream = self._tls_stream_class(
                 context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False),
-                max_buffer_size=self.server.max_buffer_size,
+                ssl_options=context, max_buffer_size=self.server.max_buffer_size,
                 read_chunk_size=self.server.read_chunk_size)
         if name:
             setattr(stream, LISTENER_ATTRIBUTE, name)

@@ -13,6 +13,7 @@ import socket
 import ssl
 
 import tornado
+import tornado.netutil
 import tornado.web
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, SSLIOStream
@@ -135,6 +136,9 @@ def test_a_tls_server_stream_starts_by_reading_the_clients_hello(certs):  # noqa
             stream.close()
             right.close()
 
+        # Tornado's default client context, made by a stream given no options,
+        # loads the system's CA certificates: a server's streams never need it.
+        tornado.netutil._client_ssl_defaults.cache_clear()
         listener = socket.create_server(("127.0.0.1", 0))
         listener.setblocking(False)
         server = DrainingHTTPServer(tornado.web.Application([("/", _Hello)]))
@@ -153,6 +157,7 @@ def test_a_tls_server_stream_starts_by_reading_the_clients_hello(certs):  # noqa
         assert await reader.read() == b""
         writer.close()
         acceptor.close()
+        assert tornado.netutil._client_ssl_defaults.cache_info().currsize == 0
     asyncio.run(main())
 
 

@@ -159,6 +159,7 @@ def on_the_tick(now: float, interval: float) -> float:
     """
     return (now // interval + 1) * interval
 
+
 ROLES: tuple[Role, ...] = get_args(Role)
 REPORTED_STATES: tuple[Reported, ...] = get_args(Reported)
 WAITABLE_STATES: tuple[WorkerState, ...] = get_args(WorkerState)

@@ -231,6 +231,7 @@ class Reporter:
         self._send = send
         self._call_later = call_later
         self._clock = clock
+        self._due = 0.0                  # the tick of the next report
         self._timer: Any = None
         self._held: list[MetricsMessage] = []
 
@@ -244,8 +245,10 @@ class Reporter:
         self.flush()
 
     def _schedule(self) -> None:
+        # After the last tick, even if its timer ran a moment early.
         now = self._clock()
-        self._timer = self._call_later(on_the_tick(now, REPORT_INTERVAL) - now, self._tick)
+        self._due = on_the_tick(max(now, self._due), REPORT_INTERVAL)
+        self._timer = self._call_later(self._due - now, self._tick)
 
     def flush(self) -> None:
         """Send what is counted now; kept for the next try if there is no channel."""

@@ -8,6 +8,7 @@ shutdown hooks and a stuck event loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import signal
@@ -563,6 +564,8 @@ def test_workers_send_their_heartbeats_on_the_same_whole_seconds(procs, sockdir)
             for t in times:
                 # What remains is the trip from the worker to this thread.
                 assert min(t % 1, 1 - t % 1) < 0.25, (t, due)
+            # One a second: a timer run a moment early does not beat twice.
+            assert all(b - a > 0.5 for a, b in itertools.pairwise(times)), due
         for worker in workers:
             assert "Traceback" not in worker.output
     finally:

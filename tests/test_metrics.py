@@ -558,4 +558,6 @@ def test_metrics_reports_go_on_the_whole_seconds_every_worker_shares():
     reporter.start()
     now[0] = 101.0 + 0.125          # the tick ran late
     reporter._tick()
-    assert delays == [0.75, 0.875] and REPORT_INTERVAL == 1.0
+    now[0] = 102.0 - 0.0005         # and this one a moment early: the next is 103's
+    reporter._tick()
+    assert [round(d, 6) for d in delays] == [0.75, 0.875, 1.0005] and REPORT_INTERVAL == 1.0

@@ -205,16 +205,19 @@ class RequestLog:
         for (code, method, listener, bucket), n in self._counts.items():
             requests[(code, method, listener)] = requests.get((code, method, listener), 0) + n
             histograms.setdefault(listener, [0] * (len(DURATION_BUCKETS) + 1))[bucket] += n
-        rows: list[list[Any]] = [[*key, n] for key, n in requests.items()]
-        durations: list[list[Any]] = [[listener, counts, round(self._seconds.get(listener, 0.0), 6)]
-                                      for listener, counts in histograms.items()]
+        messages = _messages(requests, histograms, self._seconds)
         self._counts = {}
         self._seconds = {}
-        return _messages(rows, durations)
+        return messages
 
 
-def _messages(rows: list[list[Any]], durations: list[list[Any]]) -> list[MetricsMessage]:
-    """*rows* and *durations* as metrics messages of at most MAX_ROWS rows each."""
+def _messages(requests: dict[tuple[int, str, str], int], histograms: dict[str, list[int]],
+              seconds: dict[str, float]) -> list[MetricsMessage]:
+    """Counts per (status, method, listener), and per listener its histogram and
+    seconds, as metrics messages of at most MAX_ROWS rows each."""
+    rows: list[list[Any]] = [[*key, n] for key, n in requests.items()]
+    durations: list[list[Any]] = [[listener, counts, round(seconds.get(listener, 0.0), 6)]
+                                  for listener, counts in histograms.items()]
     return [{"type": "metrics", "requests": rows[start:start + MAX_ROWS],
              "durations": durations if start == 0 else []}
             for start in range(0, max(len(rows), 1), MAX_ROWS)]
@@ -268,15 +271,14 @@ class Reporter:
 
 def _merged(messages: list[MetricsMessage]) -> list[MetricsMessage]:
     requests: dict[tuple[int, str, str], int] = {}
-    histograms: dict[str, tuple[list[int], list[float]]] = {}
+    histograms: dict[str, list[int]] = {}
+    seconds: dict[str, float] = {}
     for message in messages:
         for code, method, listener, n in message["requests"]:
             requests[(code, method, listener)] = requests.get((code, method, listener), 0) + n
         for listener, counts, total in message["durations"]:
-            entry = histograms.setdefault(listener, ([0] * (len(DURATION_BUCKETS) + 1), [0.0]))
+            histogram = histograms.setdefault(listener, [0] * (len(DURATION_BUCKETS) + 1))
             for i, n in enumerate(counts):
-                entry[0][i] += n
-            entry[1][0] += total
-    return _messages([[*key, n] for key, n in requests.items()],
-                     [[listener, counts, round(total[0], 6)]
-                      for listener, (counts, total) in histograms.items()])
+                histogram[i] += n
+            seconds[listener] = seconds.get(listener, 0.0) + total
+    return _messages(requests, histograms, seconds)

@@ -329,19 +329,16 @@ def test_load_reports_of_all_workers_go_on_the_same_tick():
             acceptor.start([listener])
             acceptors.append(acceptor)
             listeners.append(listener)
-        # Start just after a tick, so that both changes fall before the next.
-        started = asyncio.Event()
-        loop.call_at(on_the_tick(loop.time(), interval) + 0.01, started.set)
-        await started.wait()
+        # Start just after a tick, so that both changes fall before the next
+        # (the spacing under test, not a wait for something to happen).
+        await asyncio.sleep(on_the_tick(loop.time(), interval) + 0.01 - loop.time())
         try:
             for acceptor, listener in zip(acceptors, listeners, strict=True):  # 50 ms apart
                 clients.append(socket.create_connection(listener.getsockname()))
                 server = acceptor.server
                 await wait_for(lambda: server.connection_count == 1,  # noqa: B023 (awaited here)
                                "a connection")
-                pause = asyncio.Event()
-                loop.call_later(0.05, pause.set)
-                await pause.wait()
+                await asyncio.sleep(0.05)
             await wait_for(lambda: len(sent_at) == 2, "both reports")
             return sent_at
         finally:

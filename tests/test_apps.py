@@ -21,7 +21,7 @@ import pytest
 from tornado.websocket import websocket_connect
 
 from fdserver.errors import TransportError
-from fdserver.transport import Channel
+from fdserver.transport import Channel, peer_credentials
 
 from conftest import LOOP
 from loadclient import LoadClient
@@ -535,9 +535,8 @@ def test_workers_send_their_heartbeats_on_the_same_whole_seconds(procs, sockdir)
     def serve_one() -> None:
         conn, _ = unix.accept()
         channel = Channel(conn, server_side=True)
-        hello, _ = channel.receive()
-        pid = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        pid = int.from_bytes(pid[:4], "little")
+        channel.receive()                   # the hello
+        pid, _, _ = peer_credentials(conn)
         channel.send({"type": "welcome", "version": 1, "server_pid": os.getpid(),
                       "listeners": 1, "handback": False, "mode": "shared"})
         channel.send({"type": "listeners", "more": False, "fds": 1, "listeners": [

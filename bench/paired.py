@@ -58,7 +58,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loadgen import run_wrk
-from performance import make_certificate, median_interval, num, table
+from performance import interval_verdict, make_certificate, median_interval, num, table
 from stacks import FdStack, ForkedStack
 
 PAIR_SECONDS = 1                # wrk's shortest run
@@ -170,11 +170,7 @@ def block_interval(by_block: list[list[float]]) -> tuple[float, float, float]:
 def verdict(low: float, high: float, target: float, blocks: int) -> str:
     if blocks < MIN_BLOCKS:
         return f"no verdict: {blocks} blocks (CI {low:.3f}-{high:.3f})"
-    if low >= target:
-        return f"met (CI {low:.3f}-{high:.3f})"
-    if high < target:
-        return f"NOT met (CI {low:.3f}-{high:.3f})"
-    return f"unclear (CI {low:.3f}-{high:.3f})"
+    return interval_verdict(low, high, target, num(3))
 
 
 def report(all_rows: list[dict], chosen: list[Section], pairs: int) -> str:

@@ -424,6 +424,12 @@ def verdict(values: list[float], target: float, fmt: Callable[[float], str]) -> 
     if not values:
         return ""
     low, high, _ = median_interval(values)
+    return interval_verdict(low, high, target, fmt)
+
+
+def interval_verdict(low: float, high: float, target: float,
+                     fmt: Callable[[float], str]) -> str:
+    """The rule itself, given the interval: met / NOT met only when it is clear of *target*."""
     word = "met" if low >= target else "NOT met" if high < target else "unclear"
     return f"{word} (CI {fmt(low)}-{fmt(high)})"
 

@@ -1,12 +1,12 @@
 """Performance at scale: balance and fdserver's CPU with many workers, dispatch's
 fairness, uvloop, memory per worker, latency during a rolling restart.
 
-    .venv/bin/python bench/scale.py [--rounds 3] [--workers 8,64,256] [--sections ...]
+    .venv/bin/python bench/scale.py [--rounds 3] [--workers 2,8,64,256] [--sections ...]
 
 Needs wrk (``./dev bench`` installs it) and uvloop (the ``uvloop`` extra).
 Sections (``--sections``, comma-separated; all by default):
 
-* ``balance``: shared mode with 8, 64 and 256 workers (``--workers``), one
+* ``balance``: shared mode with 2, 8, 64 and 256 workers (``--workers``), one
   stack per count, kept over the rounds.  Each round: ``wrk -t 2 -c 256
   -d 2s`` keep-alive (the 256 connections open at once; workers / 64 s with
   more than 128 workers) and ``wrk -t 2 -c 64`` with a new connection per
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--workers", default="8,64,256",
+    p.add_argument("--workers", default="2,8,64,256",
                    help="worker counts of the balance section (default %(default)s)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help="comma-separated subset of %(default)s")

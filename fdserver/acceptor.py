@@ -43,8 +43,9 @@ event loop's critical path and under a deadline, and the address it carries
 is the one the app sees; a connection with a bad header is closed.
 
 Either way the worker reports its open connections (``load``), coalesced to
-at most one report per REPORT_INTERVAL; in shared mode beyond REPORT_WORKERS
-workers less often (see :meth:`Acceptor.changed`).  A heartbeat carries the
+at most one report per REPORT_INTERVAL in dispatch mode, SHARED_REPORT_INTERVAL
+in shared mode, and beyond REPORT_WORKERS workers less often (see
+:meth:`Acceptor.changed`).  A heartbeat carries the
 load too, when it changed and fdserver takes it there: with so many workers
 that a report would wait as long as the next heartbeat, the heartbeat is the
 report, and fdserver reads one message a second from each worker, not two.
@@ -88,8 +89,12 @@ PAUSE = 0.001
 # may be stuck): together about a millisecond per worker per CPU, a round of
 # the CPUs (see Acceptor._pause_length).
 VALVE_PAUSES = 8
-REPORT_INTERVAL = 0.02      # at most 50 load reports a second
-# Beyond this many workers each reports less often (shared mode; see changed()).
+REPORT_INTERVAL = 0.02      # dispatch mode: at most 50 load reports a second
+# Shared mode: each of REPORT_WORKERS workers reports at most this often, and
+# beyond that many workers each less often (see changed()).  A busy worker's
+# reports seldom share a tick with the others': at 20 ms, two busy workers
+# woke fdserver 100 times a second (2% of a core, the whole budget).
+SHARED_REPORT_INTERVAL = 0.05
 REPORT_WORKERS = 2
 MAX_REPORT_INTERVAL = 1.0
 SLACK = 1                   # connections over the share before yielding
@@ -423,15 +428,18 @@ class Acceptor:
         REPORT_WORKERS workers would, whatever their number.
         """
         if not self._report_pending:
-            interval = REPORT_INTERVAL
-            if self._share is not None and self._share[1] > REPORT_WORKERS:
-                interval = min(REPORT_INTERVAL * self._share[1] / REPORT_WORKERS,
-                               MAX_REPORT_INTERVAL)
+            interval = self.report_interval()
             if self.load_in_beats and interval >= HEARTBEAT_INTERVAL:
                 return              # the next heartbeat comes as soon: it carries it
             self._report_pending = True
             # On the tick shared by every worker: fdserver reads them together.
             self._loop.call_at(on_the_tick(self._loop.time(), interval), self._send_report)
+
+    def report_interval(self) -> float:
+        if self._share is None:             # dispatch mode, or no share yet
+            return REPORT_INTERVAL
+        return min(SHARED_REPORT_INTERVAL * max(1, self._share[1] / REPORT_WORKERS),
+                   MAX_REPORT_INTERVAL)
 
     def load_for_beat(self) -> tuple[int, int] | None:
         """(connections, received) for a heartbeat to carry, if they changed

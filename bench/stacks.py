@@ -39,8 +39,9 @@ class FdStack:
 
     def __init__(self, workdir: Path, name: str, workers: int,
                  server_flags: tuple[str, ...] = (), app_flags: tuple[str, ...] = (),
-                 tls: tuple[str, str] | None = None) -> None:
-        """*tls*: (certfile, keyfile) to serve HTTPS with, on a listener named https."""
+                 tls: tuple[str, str] | None = None, watchdog: float = PROC_WATCHDOG) -> None:
+        """*tls*: (certfile, keyfile) to serve HTTPS with, on a listener named https;
+        *watchdog*: fdserver's and each worker's longest life."""
         self.scheme = "https" if tls else "http"
         if tls:
             server_flags += ("--certfile", tls[0], "--keyfile", tls[1])
@@ -50,6 +51,7 @@ class FdStack:
         self.server: Proc | None = None
         self.workers: list[Proc] = []
         self.address = ""
+        self.watchdog = watchdog
 
     @property
     def server_pid(self) -> int:
@@ -61,7 +63,7 @@ class FdStack:
 
     def start(self) -> FdStack:
         self.server = Proc([script("fdserver"), "--bind", f"{self.scheme}=127.0.0.1:0",
-                            "--socket", self.socket, *self.server_flags], watchdog=PROC_WATCHDOG)
+                            "--socket", self.socket, *self.server_flags], watchdog=self.watchdog)
         match = self.server.wait_for_line(rf"\b{self.scheme} on (127\.0\.0\.1:\d+)",
                                           STEP_TIMEOUT)
         self.address = match.group(1)
@@ -73,7 +75,7 @@ class FdStack:
     def spawn(self) -> Proc:
         """Start one more fdapp (not waited on)."""
         worker = Proc([script("fdapp"), "app:make_app", "--socket", self.socket,
-                       *self.app_flags], watchdog=PROC_WATCHDOG)
+                       *self.app_flags], watchdog=self.watchdog)
         self.workers.append(worker)
         return worker
 

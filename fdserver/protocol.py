@@ -148,8 +148,10 @@ HEARTBEAT_INTERVAL = 1.0
 LATE_BEATS = 3
 
 
-def on_the_tick(now: float, interval: float) -> float:
-    """The first whole multiple of *interval* after *now*, on the monotonic clock.
+def on_the_tick(now: float, interval: float, last: float = 0.0) -> float:
+    """The first whole multiple of *interval* after *now*, on the monotonic clock,
+    and after *last* (the previous tick): a timer of a coarser clock (uvloop's
+    is in ms) may run a moment before its tick, and must not get it again.
 
     Every event loop's ``time()`` reads CLOCK_MONOTONIC, which Linux keeps
     system-wide, so workers that send heartbeats and load reports on these
@@ -157,7 +159,7 @@ def on_the_tick(now: float, interval: float) -> float:
     workers that costs it a fifth of the CPU that one wakeup per message
     does (docs/modes.md).
     """
-    return (now // interval + 1) * interval
+    return (max(now, last) // interval + 1) * interval
 
 
 ROLES: tuple[Role, ...] = get_args(Role)

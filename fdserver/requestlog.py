@@ -248,9 +248,8 @@ class Reporter:
         self.flush()
 
     def _schedule(self) -> None:
-        # After the last tick, even if its timer ran a moment early.
         now = self._clock()
-        self._due = on_the_tick(max(now, self._due), REPORT_INTERVAL)
+        self._due = on_the_tick(now, REPORT_INTERVAL, last=self._due)
         self._timer = self._call_later(self._due - now, self._tick)
 
     def flush(self) -> None:

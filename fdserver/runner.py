@@ -290,14 +290,12 @@ class Worker:
             log.info("served %d requests (--max-requests %d); waiting for a turn to recycle",
                      self.server.requests, self.max_requests)
             self._ask_to_recycle()
-        # After this beat's own tick, even if a timer of a coarser clock
-        # (uvloop's is in ms) ran it a moment early.
-        self._beat_on_tick(max(now, due))
+        self._beat_on_tick(now, last=due)
 
-    def _beat_on_tick(self, after: float) -> None:
-        """The next heartbeat, on the first whole second after *after*: every
-        worker's at once."""
-        due = on_the_tick(after, HEARTBEAT_INTERVAL)
+    def _beat_on_tick(self, now: float, last: float = 0.0) -> None:
+        """The next heartbeat, on the first whole second after *now* and the
+        last beat's: every worker's at once."""
+        due = on_the_tick(now, HEARTBEAT_INTERVAL, last)
         asyncio.get_running_loop().call_at(due, self._beat, due)
 
     def _ask_to_recycle(self) -> None:

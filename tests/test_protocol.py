@@ -21,6 +21,7 @@ from fdserver.protocol import (
     Decoder,
     encode,
     negotiate,
+    on_the_tick,
     validate,
 )
 
@@ -356,3 +357,14 @@ def test_negotiate_refuses_unknown_roles(role):
 def test_negotiate_on_a_decoded_hello():
     [hello] = Decoder().feed(frame({"type": "hello", "versions": [9, 1], "role": "ctl"}))
     assert negotiate(hello) == 1
+
+
+def test_a_tick_is_the_next_whole_multiple_and_never_the_last_one_again():
+    """Workers share ticks (whole multiples of the interval on the monotonic
+    clock); a timer that runs a moment before its tick (uvloop's are in ms)
+    must not get the same tick again, or it would send twice at once."""
+    assert on_the_tick(10.2, 1.0) == 11.0
+    assert on_the_tick(10.0, 0.5) == 10.5          # on a tick: the next one
+    assert on_the_tick(9.9995, 1.0) == 10.0        # early, without the last tick given
+    assert on_the_tick(9.9995, 1.0, last=10.0) == 11.0
+    assert on_the_tick(12.3, 1.0, last=10.0) == 13.0   # late: the next after now

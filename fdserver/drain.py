@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+# tornado.websocket is imported at the top on purpose: apps that only `import
+# tornado` (Tornado's own websocket demo) find tornado.websocket through it.
 from tornado import httputil
 from tornado.http1connection import HTTP1ServerConnection
 from tornado.httpserver import HTTPServer

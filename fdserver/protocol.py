@@ -159,7 +159,10 @@ def on_the_tick(now: float, interval: float, last: float = 0.0) -> float:
     workers that costs it a fifth of the CPU that one wakeup per message
     does (docs/modes.md).
     """
-    return (max(now, last) // interval + 1) * interval
+    tick = (max(now, last) // interval + 1) * interval
+    # A tick divided by an interval that binary floating point cannot hold
+    # exactly (0.05) may floor to the one before, and give the same tick again.
+    return tick + interval if tick <= last else tick
 
 
 ROLES: tuple[Role, ...] = get_args(Role)

@@ -184,6 +184,7 @@ class Acceptor:
         self._received = 0                # dispatched connections received so far
         self._reported_received = 0       # ... as of our last report
         self._report_pending = False
+        self._report_due = 0.0            # the tick of the last report scheduled
         # fdserver takes the load in heartbeats (its welcome said so)
         self.load_in_beats = False
         server.on_connections_changed = self.changed
@@ -432,8 +433,10 @@ class Acceptor:
             if self.load_in_beats and interval >= HEARTBEAT_INTERVAL:
                 return              # the next heartbeat comes as soon: it carries it
             self._report_pending = True
-            # On the tick shared by every worker: fdserver reads them together.
-            self._loop.call_at(on_the_tick(self._loop.time(), interval), self._send_report)
+            # On the tick shared by every worker: fdserver reads them together;
+            # after the last report's, even if a coarser timer ran that one early.
+            self._report_due = on_the_tick(self._loop.time(), interval, self._report_due)
+            self._loop.call_at(self._report_due, self._send_report)
 
     def report_interval(self) -> float:
         if self._share is None:             # dispatch mode, or no share yet

@@ -333,6 +333,25 @@ def test_shared_mode_reports_load_at_most_every_50_ms_a_worker_pair():
     asyncio.run(main())
 
 
+def test_a_load_report_that_ran_early_does_not_get_its_tick_again():
+    """uvloop's timers are in ms: a report may run a moment before its tick.
+    A change right after it waits for the next tick, not the same one (two
+    reports at once), as heartbeats and metrics reports do."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        acceptor = Acceptor(DrainingHTTPServer(tornado.web.Application([("/", Hello)])),
+                            lambda report: None)
+        acceptor.on_share(0, 2)
+        interval = acceptor.report_interval()
+        tick = on_the_tick(loop.time(), interval)
+        acceptor._report_due = tick             # the last report's tick...
+        now = tick - 0.0005                     # ...and its timer ran just before it
+        loop.time = lambda: now                 # type: ignore[method-assign]
+        acceptor.changed()
+        assert acceptor._report_due == pytest.approx(tick + interval, rel=0, abs=1e-9)
+    asyncio.run(main())
+
+
 def test_load_reports_of_all_workers_go_on_the_same_tick():
     """Workers whose connections change at different moments report together,
     on the next whole multiple of the report interval: fdserver reads them in

@@ -28,6 +28,11 @@ Sections (``--sections``, comma-separated; all by default):
   keep-alive and new connection: p99 latency during a rolling restart (each
   worker SIGTERMed, drained, replaced) against the p99 of 3 s of steady load
   on the same stack just before it.  Target: restart / steady <= 1.5.
+* ``rebalance``: 2 and 4 workers, ``wrk -t 2 -c 32 -d 8s`` keep-alive, and
+  after 1 s each worker in turn SIGTERMed, gone, then replaced and ready:
+  Jain's index of the requests the replacements served (target >= 0.95).
+  Keep-alive clients stay where they are, so without fdserver's ``shed`` the
+  last replacement got none (docs/modes.md).
 * ``churn``: 64 workers, 200 graceful restarts in a row, one worker at a
   time (each SIGTERMed, gone, then replaced and ready), under keep-alive
   load from tests/loadclient.py; once, whatever --rounds.  Target: no failed
@@ -74,7 +79,7 @@ from rolling_restart import measure as measure_restart  # noqa: E402
 from stacks import STEP_TIMEOUT, FdStack, ForkedStack, cpu_ms  # noqa: E402
 from support import PROJECT  # noqa: E402
 
-SECTIONS = ("balance", "dispatch", "uvloop", "restart", "churn")
+SECTIONS = ("balance", "dispatch", "uvloop", "restart", "rebalance", "churn")
 BURST = 256                  # keep-alive connections opened at once
 NEW_CONNECTIONS = 64
 START_TIMEOUT = 300.0        # 256 fdapps importing at once on 2 cores
@@ -85,6 +90,9 @@ DISPATCH_TARGET = 0.99
 UVLOOP_TARGET = 1.15
 RESTART_TARGET = 1.5
 STEADY_SECONDS = 3.0
+REBALANCE_WORKERS = (2, 4)
+REBALANCE_CONNECTIONS = 32
+REBALANCE_SECONDS = 8.0      # wrk's run: 1 s, the restart (1-2 s), then the rest
 CHURN_WORKERS = 64
 CHURN_RESTARTS = 200
 # fdserver's watchdog in churn: starting the workers, then 3 s a restart
@@ -249,6 +257,55 @@ def restart(workdir: Path, rounds: int) -> list[dict]:
     return runs
 
 
+def rebalance(workdir: Path, rounds: int) -> list[dict]:
+    """Keep-alive load across a rolling restart: how the replacements share it."""
+    runs = []
+    for r in range(rounds):
+        for n in REBALANCE_WORKERS:
+            stack = FdStack(workdir, f"rebalance{n}", n)
+            try:
+                start_many(stack)
+                old = list(stack.workers)
+                got: dict = {}
+
+                def load(address: str = stack.address, got: dict = got) -> None:
+                    got["result"] = run_wrk(address, connections=REBALANCE_CONNECTIONS,
+                                            threads=2, duration=REBALANCE_SECONDS)
+
+                wrk = threading.Thread(target=load)
+                wrk.start()
+                try:
+                    time.sleep(1.0)         # a load of fixed length, not a wait
+                    began = time.monotonic()
+                    roll(stack, old)
+                    took = time.monotonic() - began
+                finally:
+                    wrk.join()
+            finally:
+                stack.close()
+            result = got["result"]
+            per_new = [result.per_pid.get(w.pid, 0) for w in stack.workers if w not in old]
+            runs.append({"section": "rebalance", "round": r + 1, "workers": n,
+                         "per_new": per_new, "restart_seconds": took,
+                         "errors": result.error_count})
+            log(f"round {r + 1} rebalance {n} workers: replacements served {per_new}, jain "
+                f"{jain(per_new):.3f}, restart {took:.1f}s, errors {result.error_count}")
+    return runs
+
+
+def roll(stack: FdStack, old: list) -> None:
+    """Each of *old* SIGTERMed, gone, then replaced and ready, one after another."""
+    with Control(stack.socket) as control:
+        for worker in old:
+            worker.signal(signal.SIGTERM)
+            if worker.wait(STEP_TIMEOUT) != 0:
+                raise RuntimeError(f"fdapp {worker.pid} did not exit 0:\n{worker.output}")
+            new = stack.spawn()
+            ok, state = control.wait(new.pid, "ready", STEP_TIMEOUT)
+            if not ok:
+                raise RuntimeError(f"fdapp {new.pid} is {state}, not ready")
+
+
 def server_footprint(pid: int) -> tuple[int, int]:
     """fdserver's (RSS in kB, open descriptors)."""
     with open(f"/proc/{pid}/status") as f:
@@ -348,6 +405,21 @@ def balance_table(runs: list[dict]) -> str:
     return table(rows)
 
 
+def rebalance_table(runs: list[dict]) -> str:
+    rows = [("workers", "Jain of the replacements' requests", "target", "", "held in",
+             "least / most served", "restart s", "errors")]
+    for n in REBALANCE_WORKERS:
+        mine = [x for x in runs if x["workers"] == n]
+        jains = [jain(x["per_new"]) for x in mine]
+        rows.append((str(n), spread(jains, num(3)), f">= {BALANCE_TARGET:g}",
+                     verdict(jains, BALANCE_TARGET, num(3)), held(jains, BALANCE_TARGET),
+                     spread([min(x["per_new"]) / max(1, max(x["per_new"])) for x in mine],
+                            num(2)),
+                     spread([x["restart_seconds"] for x in mine], num(1)),
+                     spread([x["errors"] for x in mine], num(0))))
+    return table(rows)
+
+
 def dispatch_table(runs: list[dict]) -> str:
     jains = [jain(x["per_worker"]) for x in runs]
     opens = [jain(x["open"]) for x in runs if x["open"] and any(x["open"])]
@@ -415,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                  "dispatch": lambda: dispatch(workdir, args.rounds),
                  "uvloop": lambda: uvloop(workdir, args.rounds),
                  "restart": lambda: restart(workdir, args.rounds),
+                 "rebalance": lambda: rebalance(workdir, args.rounds),
                  "churn": lambda: churn(workdir)}
         failed = []
         for name in SECTIONS:
@@ -450,9 +523,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\n5. p99 latency during a rolling restart of 4 workers against steady load "
               "(tests/loadclient.py, 8 clients)")
         print(restart_table(runs["restart"]))
+    if runs.get("rebalance"):
+        print(f"\n6. Keep-alive load across a rolling restart: wrk -t 2 -c "
+              f"{REBALANCE_CONNECTIONS} -d {REBALANCE_SECONDS:g}s, each worker restarted after "
+              f"1 s; how the replacements shared the requests")
+        print(rebalance_table(runs["rebalance"]))
     if runs.get("churn"):
         got = runs["churn"][0]
-        print(f"\n6. {got['restarts']} graceful restarts in a row, one worker at a time, of "
+        print(f"\n7. {got['restarts']} graceful restarts in a row, one worker at a time, of "
               f"{got['workers']} workers (each one {got['restarts'] / got['workers']:.1f} "
               f"times), under keep-alive load (tests/loadclient.py, 8 clients)")
         print(table([

@@ -394,7 +394,8 @@ def fdapp_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-balance", action="store_true",
                    help="accept like plain Tornado, as many connections as are queued, "
                         "instead of holding back while this process has more than its "
-                        "share (shared mode only)")
+                        "share (shared mode), nor close keep-alive connections when "
+                        "fdserver asks, to even out the load (see docs/modes.md)")
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
                    help="the event loop: asyncio's own, or uvloop (faster; pip install "
                         "'fdserver[uvloop]') (default %(default)s)")
@@ -474,7 +475,7 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         from .loader import load_app
         from .loops import loop_factory
         from .privileges import uid_of
-        from .runner import FEATURES, Worker
+        from .runner import Worker, features
         from .systemd import Notifier
 
         loop = loop_factory(args.loop)      # before the app loads: a missing uvloop says so
@@ -491,7 +492,8 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
 
         def registration() -> Registration:
             return register(args.socket, connect_timeout=args.connect_timeout,
-                            features=FEATURES, server_uids=server_uids)
+                            features=features(not args.no_balance),
+                            server_uids=server_uids)
 
         title = f"fdapp {args.app} --socket {args.socket}"
         setproctitle.setproctitle(title)

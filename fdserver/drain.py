@@ -84,6 +84,7 @@ class DrainingHTTPServer(HTTPServer):
         # Requests whose headers arrived (fdapp --max-requests counts them).
         self.requests = 0
         self._draining = False
+        self._shed = 0              # requests still to answer "Connection: close"
         self._grace = 0.0
         self._drained: asyncio.Future[None] | None = None
         # Called whenever a connection opens or closes (load reports).
@@ -121,7 +122,17 @@ class DrainingHTTPServer(HTTPServer):
         if self._draining:
             self._check_idle_later(conn, request_conn, now)
             promise_no_keep_alive(request_conn)
+        elif self._shed:
+            self._shed -= 1
+            promise_no_keep_alive(request_conn, close=True)
         return delegate
+
+    def shed(self, connections: int) -> None:
+        """Answer the next *connections* requests "Connection: close": fdserver
+        saw this process hold more than its part of the keep-alive
+        connections, and their clients' next connections go to the others.
+        Replaces what an earlier shed left undone."""
+        self._shed = max(0, connections)
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         self._open += 1

@@ -21,7 +21,7 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
 
     client -> hello      {"versions": [1], "role": "worker" | "ctl",
                           "features": ["share", "dispatch", "heartbeat", "recycle",
-                                       "tls", "metrics"],
+                                       "tls", "metrics", "proxy", "shed"],
                                        (optional: the optional messages this
                                         worker reads or sends)
                           "resume": {"state": "ready"}}       (optional)
@@ -64,6 +64,9 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
     server -> recycle    {}                  (your turn: one worker at a time)
     server -> tls        {"serial": n, ...}  (renewed material, after a reload)
     worker -> tls        {"serial": n, "ok": bool, "error": str}   (whether it took it)
+    server -> shed       {"connections": n}  (answer your next n requests "Connection:
+                                              close": the load is uneven; only to a
+                                              worker with the "shed" feature)
   shared mode (workers accept on the listeners themselves):
     server -> share      {"connections": total open, "workers": ready workers}
   dispatch mode (fdserver accepts; workers hold the listeners only for handback):
@@ -240,6 +243,11 @@ class ShareMessage(TypedDict):
     workers: int
 
 
+class ShedMessage(TypedDict):
+    type: Literal["shed"]
+    connections: int
+
+
 class ConnectionsMessage(TypedDict):
     type: Literal["connections"]
     listener: str
@@ -346,10 +354,10 @@ class ErrorMessage(TypedDict):
 
 
 Message = (HelloMessage | WelcomeMessage | ListenersMessage | StateMessage | HandbackMessage
-           | LoadMessage | ShareMessage | ConnectionsMessage | ReleasedMessage | StatusMessage
-           | WaitMessage | WaitedMessage | HeartbeatMessage | RecycleMessage | TLSMessage
-           | ReloadMessage | ReloadedMessage | MetricsMessage | DrainMessage | UndrainMessage
-           | DrainedMessage | ErrorMessage)
+           | LoadMessage | ShareMessage | ShedMessage | ConnectionsMessage | ReleasedMessage
+           | StatusMessage | WaitMessage | WaitedMessage | HeartbeatMessage | RecycleMessage
+           | TLSMessage | ReloadMessage | ReloadedMessage | MetricsMessage | DrainMessage
+           | UndrainMessage | DrainedMessage | ErrorMessage)
 
 
 def _json_type(hint: Any) -> type | tuple[type, ...]:

@@ -55,7 +55,12 @@ DEFAULT_KEEPALIVE_GRACE = 1.0
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 RECONNECT_MAX_DELAY = 1.0
 # What fdapp reads from its channel (see fdserver.client.register).
-FEATURES = ("share", "dispatch", "heartbeat", "recycle", "tls", "metrics", "proxy")
+FEATURES = ("share", "dispatch", "heartbeat", "recycle", "tls", "metrics", "proxy", "shed")
+
+
+def features(balance: bool = True) -> tuple[str, ...]:
+    """What this worker reads; with --no-balance it does not shed connections."""
+    return FEATURES if balance else tuple(f for f in FEATURES if f != "shed")
 
 
 class Worker:
@@ -403,6 +408,8 @@ class Worker:
             os.close(fd)
         if message["type"] == "share":
             self.acceptor.on_share(message["connections"], message["workers"])
+        elif message["type"] == "shed" and self.balance:
+            self.server.shed(message["connections"])
         elif message["type"] == "recycle" and self._recycle_asked:
             self._recycle()
         elif message["type"] == "tls":
@@ -431,8 +438,8 @@ class Worker:
             try:
                 # The handshake blocks briefly; keep it off the event loop.
                 channel, welcome = await loop.run_in_executor(
-                    None, resume, path, "ready", self.registration.listeners, FEATURES,
-                    self.registration.server_uids)
+                    None, resume, path, "ready", self.registration.listeners,
+                    features(self.balance), self.registration.server_uids)
             except (FdserverError, OSError) as exc:
                 # Each new reason once (a restart fails a few times by design);
                 # the loop goes on whatever it is.

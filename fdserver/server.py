@@ -28,7 +28,7 @@ from .errors import ProtocolError
 from .hostdrain import DrainState
 from .listeners import Listener
 from .metrics import HostMetrics
-from .peer import Peer, iso_time
+from .peer import Peer, estimate, iso_time
 from .peerlog import PeerLog
 from .placement import Dispatcher, SharePublisher
 from .privileges import AllowList
@@ -60,6 +60,7 @@ from .protocol import (
     negotiate,
     one_of,
 )
+from .rebalancing import Rebalancer
 from .recovery import Recovery
 from .recycling import Recycler
 from .renewal import Renewal
@@ -119,6 +120,7 @@ class Server:
         self._tls_material = tls
         self.renewal: Renewal | None = None        # made with the loop, from *tls*
         self._placement: Dispatcher | SharePublisher | None = None
+        self._rebalancer: Rebalancer | None = None
         self.peers: set[Peer] = set()
         # What the workers served and fdserver's own events; served over HTTP
         # on *metrics_socket* (fdserver --metrics, see fdserver.exposition).
@@ -240,6 +242,8 @@ class Server:
         else:
             self._placement = SharePublisher(self._loop, self._unsorted_workers, self.listeners,
                                              unavailable_timeout=self.unavailable_timeout)
+        self._rebalancer = Rebalancer(self._loop, self._unsorted_workers,
+                                      estimate if self.mode == "dispatch" else _reported)
         served = ", ".join(f"{listener.name} on {listener.address}" for listener in self.listeners)
         log.info("serving %s; socket %s; %s mode", served, self.socket_file.path, self.mode)
         self._notify("READY=1", f"MAINPID={os.getpid()}")
@@ -255,6 +259,8 @@ class Server:
         placement, self._placement = self._placement, None
         if placement:
             placement.close()
+        if self._rebalancer:
+            self._rebalancer.close()
         for peer in list(self.peers):
             peer.channel.flush_now()        # connections on their way to workers
             peer.channel.close(None)
@@ -504,6 +510,8 @@ class Server:
         peer.received = min(max(0, received), peer.dispatched)
         if self._placement:
             self._placement.changed()
+        if self._rebalancer:
+            self._rebalancer.changed()
 
     def _on_heartbeat(self, peer: Peer, message: HeartbeatMessage, fds: list[int]) -> None:
         peer.beat_at = time.monotonic()
@@ -544,6 +552,8 @@ class Server:
         self._notify()
         if self._placement:
             self._placement.worker_changed()
+        if self._rebalancer:
+            self._rebalancer.changed()
 
     def _notify(self, *lines: str) -> None:
         if self.notifier:
@@ -701,3 +711,8 @@ def _json_int(value: object) -> TypeGuard[int]:
     """An optional field that is an integer as a load message's must be (see
     protocol.validate): not a bool, at most MAX_INT either way."""
     return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT
+
+
+def _reported(peer: Peer) -> int:
+    """Shared mode: a worker's open connections, as it last reported them."""
+    return peer.connections

@@ -12,6 +12,8 @@ import termios
 
 import pytest
 
+from fdserver.rebalancing import shed_plan
+
 from loadclient import LoadClient
 from support import http_get, replace_by_hand, wait_until
 from test_recovery import answered_by, free_port
@@ -403,3 +405,176 @@ def unread_bytes(registration) -> int:
     """Bytes waiting in a registration's socket (FIONREAD)."""
     return struct.unpack("i", fcntl.ioctl(registration.channel.sock.fileno(),
                                           termios.FIONREAD, bytes(4)))[0]
+
+
+# -- keep-alive connections shed by the most loaded workers ---------------------
+
+@pytest.mark.parametrize("counts, plan", [
+    ([2, 2, 2, 2], []),                         # even
+    ([1, 2, 2, 1], []),                         # one apart: as even as it gets
+    ([0, 2, 3, 3], [(2, 1), (3, 1)]),           # after a rolling restart: both 3s give one
+    ([8, 0], [(0, 4)]),                         # all on one of two: half of it moves
+    ([0, 2, 2, 2, 2], [(1, 1)]),                # the mean is 1.6: one 2 gives one
+    ([0, 0, 2], [(2, 1)]),
+    ([9, 0, 0, 0, 5], [(0, 6)]),                # no more in all than the others lack
+    ([5], []),
+    ([], []),
+])
+def test_shed_plan_asks_the_most_loaded_for_no_more_than_the_others_lack(counts, plan):
+    assert shed_plan(counts) == plan
+
+
+def test_shedding_as_planned_evens_out_any_counts():
+    """Whatever the counts, shedding as planned (each shed connection going to
+    the least loaded) never asks a worker for more than it has, and evens the
+    counts out to one apart in a few rounds."""
+    import random
+    rng = random.Random(17)
+    for _ in range(2000):
+        counts = [rng.randrange(0, 12) for _ in range(rng.randrange(2, 9))]
+        for _round in range(20):
+            plan = shed_plan(counts)
+            if not plan:
+                break
+            for i, n in plan:
+                assert 0 < n <= counts[i]
+                counts[i] -= n
+                for _ in range(n):
+                    counts[counts.index(min(counts))] += 1
+        assert max(counts) - min(counts) <= 1, counts
+
+
+@pytest.mark.parametrize("flags", [(), ("--dispatch",)])
+def test_keepalive_load_is_even_again_after_a_rolling_restart(start_fdserver, start_fdapp,
+                                                              flags):
+    """Keep-alive clients stay with their worker: the drained worker's clients
+    reconnect to the others while its replacement starts, so after a rolling
+    restart the last replacement held none (two workers: one served all).
+    fdserver asks the most loaded to shed; no request fails."""
+    server = start_fdserver(*flags)
+    workers = [start_fdapp(server) for _ in range(4)]
+    with LoadClient(server.address, clients=8, mode="keepalive") as load:
+        load.wait_started()
+        replace_by_hand(workers, lambda: start_fdapp(server), 4)
+
+        def even() -> list[int] | None:
+            found = {w["pid"]: w["connections"] for w in server.status()["workers"]}
+            held = [found.get(w.pid, 0) for w in workers]
+            return held if sum(held) == 8 and max(held) - min(held) <= 1 else None
+
+        held = wait_until(even, 20, "8 keep-alive connections spread 2 per worker")
+        report = load.stop()
+    assert report["failed"] == 0, report["failures"]
+    assert held == [2, 2, 2, 2]
+    assert report["reconnects"].get("connection_close", 0) >= 4   # each drain, then sheds
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_a_shed_connection_ends_cleanly_after_a_response(start_fdserver, start_fdapp,
+                                                         version):
+    """Four keep-alive connections on one worker, then a second worker: the
+    first answers some of them "close" (HTTP/1.0: no Keep-Alive) and closes
+    after that response; every other response keeps its connection."""
+    server = start_fdserver("--dispatch")      # places the four on the only worker
+    first = start_fdapp(server)
+    host, port = server.address.rsplit(":", 1)
+    conns = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+    files = [conn.makefile("rb") for conn in conns]
+    request = (f"GET / {version}\r\nHost: x\r\nConnection: keep-alive\r\n\r\n").encode()
+
+    def exchange(i: int) -> bool:
+        """One request on connection i; whether the server ended it after the answer."""
+        conns[i].sendall(request)
+        status = files[i].readline()
+        assert status.startswith(b"HTTP/1.1 200 "), status     # Tornado's answer to either
+        headers = {}
+        while (line := files[i].readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip().lower()
+        assert files[i].read(int(headers["content-length"])) == f"Hello from {first.pid}\n".encode()
+        closing = (headers.get("connection") == "close" if version == "HTTP/1.1"
+                   else headers.get("connection") != "keep-alive")
+        if closing:
+            assert files[i].read(1) == b"", "the server promised to close"
+        return closing
+
+    try:
+        for i in range(4):
+            assert not exchange(i)
+        start_fdapp(server)
+        open_ones = set(range(4))
+
+        def some_closed() -> bool:
+            for i in sorted(open_ones):
+                if exchange(i):
+                    open_ones.discard(i)
+            return len(open_ones) < 4
+
+        wait_until(some_closed, 20, "the first worker shedding a connection")
+        for i in open_ones:                      # the others keep theirs
+            assert not exchange(i)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def next_message(registration, kind: str) -> dict:
+    """The next message of *kind* on a raw registration's channel, and what came before it."""
+    registration.channel.sock.settimeout(10)
+    seen = []
+    while True:
+        message, fds = registration.channel.receive()
+        for fd in fds:
+            os.close(fd)
+        if message["type"] == kind:
+            return {"message": message, "before": seen}
+        seen.append(message["type"])
+
+
+def unread_messages(registration) -> list[str]:
+    """The types of the messages already waiting on a raw registration's channel."""
+    kinds = []
+    registration.channel.sock.settimeout(0)
+    try:
+        while unread_bytes(registration):
+            message, fds = registration.channel.receive()
+            for fd in fds:
+                os.close(fd)
+            kinds.append(message["type"])
+    finally:
+        registration.channel.sock.settimeout(10)
+    return kinds
+
+
+@pytest.mark.parametrize("flags", [(), ("--dispatch",)])
+def test_only_a_worker_that_reads_shed_is_asked_to(start_fdserver, flags):
+    """Two workers report 10 open connections, one 0: the one with the "shed"
+    feature is asked for its part; the other, which would not understand
+    (an older fdapp, or --no-balance), is left alone."""
+    import fdserver
+
+    server = start_fdserver(*flags)
+    sheds = fdserver.register(server.socket, features=("share", "dispatch", "shed"))
+    older = fdserver.register(server.socket, features=("share", "dispatch"))
+    empty = fdserver.register(server.socket, features=("share", "dispatch", "shed"))
+    try:
+        for registration, load in ((sheds, 10), (older, 10), (empty, 0)):
+            registration.report("ready")
+            registration.channel.send({"type": "load", "connections": load, "received": 0})
+        got = next_message(sheds, "shed")["message"]
+        # 20 over 3 workers: the mean rounds up to 7, and the empty one lacks 6.
+        assert got == {"type": "shed", "connections": 3}
+        # The other one over the mean was in the same checks: nothing for it.
+        assert "shed" not in unread_messages(older)
+        assert "shed" not in unread_messages(empty)
+    finally:
+        for registration in (sheds, older, empty):
+            close_registration(registration)
+
+
+def test_a_worker_with_no_balance_does_not_offer_to_shed():
+    from fdserver.runner import features
+
+    assert "shed" in features()
+    assert "shed" not in features(balance=False)
+    assert set(features()) - set(features(balance=False)) == {"shed"}

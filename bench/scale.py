@@ -30,7 +30,8 @@ Sections (``--sections``, comma-separated; all by default):
   on the same stack just before it.  Target: restart / steady <= 1.5.
 * ``rebalance``: 2 and 4 workers, ``wrk -t 2 -c 32 -d 8s`` keep-alive, and
   after 1 s each worker in turn SIGTERMed, gone, then replaced and ready:
-  Jain's index of the requests the replacements served (target >= 0.95).
+  Jain's index of the replacements' open connections 2 s after the restart
+  (target >= 0.95), and of the requests they served (each from its start).
   Keep-alive clients stay where they are, so without fdserver's ``shed`` the
   last replacement got none (docs/modes.md).
 * ``churn``: 64 workers, 200 graceful restarts in a row, one worker at a
@@ -93,6 +94,7 @@ STEADY_SECONDS = 3.0
 REBALANCE_WORKERS = (2, 4)
 REBALANCE_CONNECTIONS = 32
 REBALANCE_SECONDS = 8.0      # wrk's run: 1 s, the restart (1-2 s), then the rest
+REBALANCE_AFTER = 2.0        # the open connections are counted this long after the restart
 CHURN_WORKERS = 64
 CHURN_RESTARTS = 200
 # fdserver's watchdog in churn: starting the workers, then 3 s a restart
@@ -279,17 +281,22 @@ def rebalance(workdir: Path, rounds: int) -> list[dict]:
                     began = time.monotonic()
                     roll(stack, old)
                     took = time.monotonic() - began
+                    time.sleep(REBALANCE_AFTER)     # as above
+                    held_now = open_connections(stack)
                 finally:
                     wrk.join()
             finally:
                 stack.close()
             result = got["result"]
-            per_new = [result.per_pid.get(w.pid, 0) for w in stack.workers if w not in old]
+            new = [w.pid for w in stack.workers if w not in old]
+            per_new = [result.per_pid.get(pid, 0) for pid in new]
+            open_new = [held_now.get(pid, 0) for pid in new]
             runs.append({"section": "rebalance", "round": r + 1, "workers": n,
-                         "per_new": per_new, "restart_seconds": took,
+                         "per_new": per_new, "open": open_new, "restart_seconds": took,
                          "errors": result.error_count})
-            log(f"round {r + 1} rebalance {n} workers: replacements served {per_new}, jain "
-                f"{jain(per_new):.3f}, restart {took:.1f}s, errors {result.error_count}")
+            log(f"round {r + 1} rebalance {n} workers: open {open_new} {REBALANCE_AFTER:g} s "
+                f"after the restart; replacements served {per_new}, restart {took:.1f}s, "
+                f"errors {result.error_count}")
     return runs
 
 
@@ -406,15 +413,16 @@ def balance_table(runs: list[dict]) -> str:
 
 
 def rebalance_table(runs: list[dict]) -> str:
-    rows = [("workers", "Jain of the replacements' requests", "target", "", "held in",
-             "least / most served", "restart s", "errors")]
+    rows = [("workers", "Jain of open conns", "target", "", "held in", "open max-min",
+             "Jain of requests", "their requests", "restart s", "errors")]
     for n in REBALANCE_WORKERS:
         mine = [x for x in runs if x["workers"] == n]
-        jains = [jain(x["per_new"]) for x in mine]
+        jains = [jain(x["open"]) if any(x["open"]) else 0.0 for x in mine]
         rows.append((str(n), spread(jains, num(3)), f">= {BALANCE_TARGET:g}",
                      verdict(jains, BALANCE_TARGET, num(3)), held(jains, BALANCE_TARGET),
-                     spread([min(x["per_new"]) / max(1, max(x["per_new"])) for x in mine],
-                            num(2)),
+                     spread([max(x["open"]) - min(x["open"]) for x in mine], num(0)),
+                     spread([jain(x["per_new"]) for x in mine], num(3)),
+                     spread([sum(x["per_new"]) for x in mine], kilo),
                      spread([x["restart_seconds"] for x in mine], num(1)),
                      spread([x["errors"] for x in mine], num(0))))
     return table(rows)
@@ -526,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     if runs.get("rebalance"):
         print(f"\n6. Keep-alive load across a rolling restart: wrk -t 2 -c "
               f"{REBALANCE_CONNECTIONS} -d {REBALANCE_SECONDS:g}s, each worker restarted after "
-              f"1 s; how the replacements shared the requests")
+              f"1 s; the replacements' open connections {REBALANCE_AFTER:g} s after the "
+              f"restart, and the requests each served (from its start)")
         print(rebalance_table(runs["rebalance"]))
     if runs.get("churn"):
         got = runs["churn"][0]

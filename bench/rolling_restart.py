@@ -153,10 +153,11 @@ class GunicornStack:
         self.master.close()
 
 
-def measure(stack, mode: str, clients: int, workdir: Path) -> dict:
-    """Load *stack* in *mode* from the first good request until its restart is done."""
+def measure(stack, mode: str, clients: int, workdir: Path, rate: float | None = None) -> dict:
+    """Load *stack* in *mode* (at *rate* requests a second, if given) from the
+    first good request until its restart is done."""
     load = LoadClient(stack.address, clients=clients, mode=mode, duration=120.0,
-                      timeout=5.0, workdir=workdir)
+                      timeout=5.0, workdir=workdir, rate=rate)
     try:
         load.start()
         load.wait_started()

@@ -27,7 +27,10 @@ Sections (``--sections``, comma-separated; all by default):
 * ``restart``: fdserver and 4 workers, tests/loadclient.py with 8 clients,
   keep-alive and new connection: p99 latency during a rolling restart (each
   worker SIGTERMed, drained, replaced) against the p99 of 3 s of steady load
-  on the same stack just before it.  Target: restart / steady <= 1.5.
+  on the same stack just before it.  Target: restart / steady <= 1.5.  Flat
+  out (each client's request right after its last: the machine saturated),
+  then on the same stack at half the rate it reached (``--rate``, an open
+  load, latency counted from when each request was due).
 * ``rebalance``: 2 and 4 workers, ``wrk -t 2 -c 32 -d 8s`` keep-alive, and
   after 1 s each worker in turn SIGTERMed, gone, then replaced and ready:
   Jain's index of the replacements' open connections 2 s after the restart
@@ -91,6 +94,7 @@ DISPATCH_TARGET = 0.99
 UVLOOP_TARGET = 1.15
 RESTART_TARGET = 1.5
 STEADY_SECONDS = 3.0
+HALF = 0.5                   # the open load's rate, of what the same stack reached flat out
 REBALANCE_WORKERS = (2, 4)
 REBALANCE_CONNECTIONS = 32
 REBALANCE_SECONDS = 8.0      # wrk's run: 1 s, the restart (1-2 s), then the rest
@@ -236,26 +240,33 @@ def uvloop(workdir: Path, rounds: int) -> list[dict]:
 
 
 def restart(workdir: Path, rounds: int) -> list[dict]:
+    """Flat out, then on the same stack at half the rate it reached (an open
+    load: tests/loadclient.py --rate), each a steady load then a restart."""
     runs = []
     for r in range(rounds):
         for mode in rotate(["keepalive", "close"], r):
             stack = RestartStack("restart", signal.SIGTERM, workdir)
             try:
                 stack.start()
-                with LoadClient(stack.address, clients=8, mode=mode, duration=60.0,
-                                timeout=5.0, workdir=workdir) as steady:
-                    steady.wait_started()
-                    time.sleep(STEADY_SECONDS)      # a load of fixed length, not a wait
-                    calm = steady.stop()
-                during = measure_restart(stack, mode, 8, workdir)
+                rate = None
+                for pattern in (mode, f"{mode} at half"):
+                    with LoadClient(stack.address, clients=8, mode=mode, duration=60.0,
+                                    timeout=5.0, workdir=workdir, rate=rate) as steady:
+                        steady.wait_started()
+                        time.sleep(STEADY_SECONDS)      # a load of fixed length, not a wait
+                        calm = steady.stop()
+                    during = measure_restart(stack, mode, 8, workdir, rate=rate)
+                    runs.append({"section": "restart", "round": r + 1, "pattern": pattern,
+                                 "steady_p99": calm["latency_ms"]["p99"],
+                                 "restart_p99": during["latency_ms"]["p99"],
+                                 "rate": calm["requests"] / calm["elapsed"],
+                                 "failed": calm["failed"] + during["failed"]})
+                    log(f"round {r + 1} restart {pattern:18} {runs[-1]['rate']:5.0f} req/s, "
+                        f"p99 steady {calm['latency_ms']['p99']} ms, during restart "
+                        f"{during['latency_ms']['p99']} ms, failed {during['failed']}")
+                    rate = HALF * calm["requests"] / calm["elapsed"]
             finally:
                 stack.close()
-            runs.append({"section": "restart", "round": r + 1, "pattern": mode,
-                         "steady_p99": calm["latency_ms"]["p99"],
-                         "restart_p99": during["latency_ms"]["p99"],
-                         "failed": calm["failed"] + during["failed"]})
-            log(f"round {r + 1} restart {mode:9} p99 steady {calm['latency_ms']['p99']} ms, "
-                f"during restart {during['latency_ms']['p99']} ms, failed {during['failed']}")
     return runs
 
 
@@ -458,12 +469,17 @@ def memory_table(runs: list[dict]) -> str:
 
 
 def restart_table(runs: list[dict]) -> str:
-    rows = [("pattern", "steady p99 ms", "restart p99 ms", "restart/steady", "target", "",
-             "failed")]
-    for mode, label in (("keepalive", "keep-alive"), ("close", "new conn")):
+    rows = [("pattern", "req/s", "steady p99 ms", "restart p99 ms", "restart/steady", "target",
+             "", "failed")]
+    for mode, label in (("keepalive", "keep-alive"), ("close", "new conn"),
+                        ("keepalive at half", "keep-alive, half rate"),
+                        ("close at half", "new conn, half rate")):
         mine = [x for x in runs if x["pattern"] == mode]
+        if not mine:
+            continue
         ratios = [x["restart_p99"] / x["steady_p99"] for x in mine if x["steady_p99"]]
-        rows.append((label, spread([x["steady_p99"] for x in mine], num(2)),
+        rows.append((label, spread([x["rate"] for x in mine], kilo),
+                     spread([x["steady_p99"] for x in mine], num(2)),
                      spread([x["restart_p99"] for x in mine], num(2)),
                      spread(ratios, num(2)), f"<= {RESTART_TARGET:g}",
                      inverted_verdict(ratios, RESTART_TARGET, num(2)),
@@ -529,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         print(memory_table(runs["uvloop"]))
     if runs.get("restart"):
         print("\n5. p99 latency during a rolling restart of 4 workers against steady load "
-              "(tests/loadclient.py, 8 clients)")
+              "(tests/loadclient.py, 8 clients): flat out, then at half the rate reached "
+              "(--rate)")
         print(restart_table(runs["restart"]))
     if runs.get("rebalance"):
         print(f"\n6. Keep-alive load across a rolling restart: wrk -t 2 -c "

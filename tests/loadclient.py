@@ -36,6 +36,14 @@ Latency is measured from the start of a request (including the connect when
 one is needed) to the last byte of a complete response, for every complete
 response whatever its status.
 
+With ``--rate R`` the clients send R requests a second in all, each client on
+a fixed schedule (its requests 1/R x clients apart, the clients staggered)
+instead of one right after the other: an open load, as wrk2's, for latency
+below saturation.  A request sent late because the previous one was still
+waiting for its response counts from when it was due (the wait is the
+server's doing: "coordinated omission"); one sent on time, from when it was
+sent.
+
 :class:`LoadClient` runs this file as a child process for tests and benches.
 Only loopback addresses are accepted.
 """
@@ -262,15 +270,27 @@ class Client:
         self.writer: asyncio.StreamWriter | None = None
         self.reused = False
 
-    async def run(self, stop: asyncio.Event, deadline: float) -> None:
+    async def run(self, stop: asyncio.Event, deadline: float,
+                  interval: float | None = None, due: float = 0.0) -> None:
+        """Requests until stopped: one after another, or every *interval*
+        seconds from *due* on (see --rate)."""
         try:
             while not stop.is_set() and time.monotonic() < deadline:
-                await self.one()
+                if interval is None:
+                    await self.one()
+                    continue
+                late = time.monotonic() >= due
+                if not late:
+                    await asyncio.sleep(due - time.monotonic())
+                    if stop.is_set():
+                        break
+                await self.one(since=due if late else None)
+                due += interval
         finally:
             self._drop()
 
-    async def one(self) -> None:
-        begin = time.monotonic()
+    async def one(self, since: float | None = None) -> None:
+        begin = time.monotonic() if since is None else since
         self.reused = False
         try:
             response = await asyncio.wait_for(self._exchange(), self.timeout)
@@ -328,8 +348,11 @@ class Client:
 
 async def run_load(host: str, port: int, *, clients: int, keepalive: bool, duration: float,
                    timeout: float, path: str = "/", stop_file: str | None = None,
-                   on_started=lambda: None, tls_ca: str | None = None) -> Stats:
-    """Run *clients* clients until stopped; return their shared Stats."""
+                   on_started=lambda: None, tls_ca: str | None = None,
+                   rate: float | None = None) -> Stats:
+    """Run *clients* clients until stopped; return their shared Stats.
+
+    *rate*: requests a second in all, each client on its own schedule."""
     loop = asyncio.get_running_loop()
     stats = Stats()
     stop = asyncio.Event()
@@ -355,7 +378,11 @@ async def run_load(host: str, port: int, *, clients: int, keepalive: bool, durat
     tls = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
     workers = [Client(host, port, path, keepalive, timeout, stats, started, tls)
                for _ in range(clients)]
-    tasks = [asyncio.ensure_future(w.run(stop, deadline)) for w in workers]
+    interval = clients / rate if rate else None
+    now = time.monotonic()
+    tasks = [asyncio.ensure_future(w.run(stop, deadline, interval,
+                                         now + i * (interval or 0.0) / clients))
+             for i, w in enumerate(workers)]
     helpers = [asyncio.ensure_future(watch_stop_file()), asyncio.ensure_future(announce())]
     try:
         await stop.wait()
@@ -415,6 +442,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json-out", metavar="PATH", help="write the result here (default stdout)")
     p.add_argument("--tls-ca", metavar="PATH", help="HTTPS, verifying the server against "
                                                    "these CA certificates")
+    p.add_argument("--rate", type=_positive, metavar="PER_SECOND",
+                   help="send this many requests a second in all, each client on a fixed "
+                        "schedule (default: each request right after the last)")
     return p
 
 
@@ -430,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = asyncio.run(run_load(host, port, clients=args.clients,
                                  keepalive=args.mode == "keepalive", duration=args.duration,
                                  timeout=args.timeout, path=args.path, stop_file=args.stop_file,
-                                 on_started=started, tls_ca=args.tls_ca))
+                                 on_started=started, tls_ca=args.tls_ca, rate=args.rate))
     result = stats.report(address=f"{host}:{port}", mode=args.mode, clients=args.clients)
     text = json.dumps(result, indent=2)
     if args.json_out:
@@ -451,9 +481,10 @@ class LoadClient:
 
     def __init__(self, address: str, *, clients: int = 8, mode: str = "keepalive",
                  duration: float = 120.0, timeout: float = 5.0, path: str = "/",
-                 workdir: str | Path | None = None, tls_ca: str | Path | None = None) -> None:
+                 workdir: str | Path | None = None, tls_ca: str | Path | None = None,
+                 rate: float | None = None) -> None:
         self.address, self.clients, self.mode = address, clients, mode
-        self.tls_ca = tls_ca
+        self.tls_ca, self.rate = tls_ca, rate
         self.duration, self.timeout, self.path = duration, timeout, path
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="loadclient-"))
@@ -473,6 +504,8 @@ class LoadClient:
                 "--json-out", str(self.json_out)]
         if self.tls_ca:
             argv += ["--tls-ca", str(self.tls_ca)]
+        if self.rate:
+            argv += ["--rate", f"{self.rate:g}"]
         self.proc = Proc(argv, watchdog=self.duration + self.timeout + 30.0)
         return self
 

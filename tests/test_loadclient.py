@@ -96,6 +96,11 @@ class ScriptedServer:
             count()
             self.stopping.wait(3)
             return False
+        if action == "stall":             # answers, 300 ms late
+            self.stopping.wait(0.3)
+            conn.sendall(ok + b"\r\n" + BODY)
+            count()
+            return True
         if action == "reset":
             conn.sendall(ok + b"\r\n" + BODY[:5])
             # SO_LINGER 0: close() sends RST instead of FIN.
@@ -178,6 +183,21 @@ def test_close_mode_opens_a_connection_per_request(scripted, load):
     served = [heads for heads in server.per_connection if heads]
     assert len(served) == result["requests"]
     assert all(len(heads) == 1 and b"\r\nConnection: close" in heads[0] for heads in served)
+
+
+def test_rate_mode_keeps_its_schedule_and_counts_a_stall_from_when_requests_were_due(
+        scripted, load):
+    """--rate 50, one client: a request every 20 ms.  Request 20 is answered
+    300 ms late; the ~14 due meanwhile go out late and count from when they
+    were due, so the slowest tenth all took over 100 ms (counted from when
+    they were sent, only the one request would)."""
+    server = scripted(lambda n: "stall" if n == 20 else "ok")
+    client = load(server.address, clients=1, rate=50)
+    client.wait_started()
+    result = run_until(server, client, requests=60)
+    assert result["failed"] == 0 and result["ok"] == server.done["ok"] + server.done["stall"]
+    assert result["requests"] <= 50 * result["elapsed"] + 1        # never ahead of schedule
+    assert result["latency_ms"]["p90"] >= 100, result["latency_ms"]
 
 
 def test_non_200_is_a_failure(scripted, load):

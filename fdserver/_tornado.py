@@ -47,6 +47,76 @@ CLOSE_WATCH_DELAY = 0.001
 Accept = Callable[[], "tuple[int, Any]"]
 
 
+# A connection the server ends after a response it chose to close (a
+# drain's, a shed's) lingers: its sending side is shut down, and what the
+# client still sends is read and dropped until it closes, for at most LINGER
+# seconds.  Closed with unread input, the kernel would answer a reset and
+# drop the end of the response still in its send buffer (RFC 9112, 9.6).
+LINGER = 2.0
+MAX_LINGERING = 1024        # beyond this many at once, a plain close
+_lingering: dict[int, asyncio.TimerHandle] = {}
+_none_lingering: asyncio.Event | None = None
+
+
+def linger(sock: socket.socket) -> bool:
+    """Take *sock* over and close it as above; False if it is not taken."""
+    global _none_lingering
+    fd = sock.fileno()
+    if fd < 0 or len(_lingering) >= MAX_LINGERING:
+        return False
+    try:
+        loop = asyncio.get_running_loop()
+        _close_notify(sock)
+        socket.socket.shutdown(sock, socket.SHUT_WR)     # the TCP socket's own
+    except (RuntimeError, OSError):
+        return False            # no loop, or the peer is gone: a plain close will do
+    loop.add_reader(fd, _drop_input, loop, sock)
+    _lingering[fd] = loop.call_later(LINGER, _end_lingering, loop, sock)
+    if _none_lingering is None:
+        _none_lingering = asyncio.Event()
+    _none_lingering.clear()
+    return True
+
+
+async def lingering_ended(timeout: float) -> None:
+    """Until no connection lingers (see linger()), at most *timeout* seconds."""
+    if _lingering and _none_lingering is not None:
+        try:
+            await asyncio.wait_for(_none_lingering.wait(), timeout)
+        except TimeoutError:
+            pass
+
+
+def _drop_input(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    try:
+        data = socket.socket.recv(sock, 65536)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        data = b""
+    if not data:
+        _end_lingering(loop, sock)
+
+
+def _end_lingering(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    timer = _lingering.pop(sock.fileno(), None)
+    if timer is None:
+        return
+    timer.cancel()
+    loop.remove_reader(sock.fileno())
+    sock.close()
+    if not _lingering and _none_lingering is not None:
+        _none_lingering.set()
+
+
+def _close_notify(sock: socket.socket) -> None:
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.unwrap()       # sends close_notify; the peer's never awaited
+        except (ssl.SSLError, OSError, ValueError):
+            pass                # no handshake yet, the peer gone, or the buffer full
+
+
 class FastStream(IOStream):
     """Tornado's IOStream, without system calls most requests do not need.
 
@@ -75,9 +145,16 @@ class FastStream(IOStream):
     """
 
     _close_watch: asyncio.TimerHandle | None = None
+    linger_on_close = False     # set for a response that ends its connection: see LINGER
 
     def set_nodelay(self, value: bool) -> None:
         pass
+
+    def close_fd(self) -> None:
+        if self.linger_on_close and self.socket is not None and linger(self.socket):
+            self.socket = None  # type: ignore[assignment]   # as IOStream.close_fd leaves it
+            return
+        super().close_fd()
 
     def _handle_events(self, fd: Any, events: int) -> None:
         if events & IOLoop.READ and not self.reading() and not self.closed():
@@ -123,12 +200,7 @@ class TLSStream(SSLIOStream):
     """
 
     def close_fd(self) -> None:
-        sock = self.socket
-        if isinstance(sock, ssl.SSLSocket):
-            try:
-                sock.unwrap()       # sends close_notify; the peer's never awaited
-            except (ssl.SSLError, OSError, ValueError):
-                pass                # no handshake yet, the peer gone, or the buffer full
+        _close_notify(self.socket)
         super().close_fd()
 
 
@@ -337,14 +409,41 @@ def promise_no_keep_alive(request: Any, *, close: bool = False) -> None:
             return write_headers(start_line, headers, chunk)
         if close:
             request._disconnect_on_finish = True
-        line = getattr(request, "_request_start_line", None)
-        asked = getattr(request, "_request_headers", None)
-        if (line is not None and line.version == "HTTP/1.0" and asked is not None
-                and asked.get("Connection", "").lower() == "keep-alive"):
-            asked["Connection"] = "close"
+        _closing(request)
         return write_headers(start_line, headers, chunk)
 
     request.write_headers = write_headers_saying_close    # type: ignore[method-assign]
+
+
+def close_if_kept_alive(request: Any, decide: Callable[[Any], bool]) -> None:
+    """As the response starts: if it would keep its connection open and
+    ``decide(stream)`` agrees, it ends the connection instead
+    ("Connection: close"; to HTTP/1.0, no Keep-Alive), which then lingers."""
+    if not isinstance(request, HTTP1Connection):
+        return
+    write_headers = request.write_headers
+
+    def write_headers_maybe_closing(start_line: Any, headers: httputil.HTTPHeaders,
+                                    chunk: bytes | None = None) -> Any:
+        if (getattr(start_line, "code", None) != 101 and not request._disconnect_on_finish
+                and request.stream is not None and decide(request.stream)):
+            request._disconnect_on_finish = True
+            _closing(request)
+        return write_headers(start_line, headers, chunk)
+
+    request.write_headers = write_headers_maybe_closing    # type: ignore[method-assign]
+
+
+def _closing(request: HTTP1Connection) -> None:
+    """This response ends its connection: say so to an HTTP/1.0 client that
+    asked for keep-alive (Tornado would promise it), and let it linger."""
+    line = getattr(request, "_request_start_line", None)
+    asked = getattr(request, "_request_headers", None)
+    if (line is not None and line.version == "HTTP/1.0" and asked is not None
+            and asked.get("Connection", "").lower() == "keep-alive"):
+        asked["Connection"] = "close"
+    if isinstance(request.stream, FastStream):
+        request.stream.linger_on_close = True
 
 
 def response_length(handler: Any) -> int | None:

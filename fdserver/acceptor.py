@@ -73,7 +73,15 @@ from typing import Any, Final
 from . import _tornado
 from .accept import OUT_OF_DESCRIPTORS, accepted
 from .drain import DrainingHTTPServer
-from .protocol import HEARTBEAT_INTERVAL, LoadMessage, on_the_tick
+from .protocol import (  # noqa: F401  (the report interval's constants: re-exported)
+    HEARTBEAT_INTERVAL,
+    MAX_REPORT_INTERVAL,
+    REPORT_WORKERS,
+    SHARED_REPORT_INTERVAL,
+    LoadMessage,
+    on_the_tick,
+    shared_report_interval,
+)
 from .proxyproto import DEFAULT_TIMEOUT, ProxyProtocolError, read_header
 from .tls import LISTENER_ATTRIBUTE
 
@@ -90,13 +98,6 @@ PAUSE = 0.001
 # the CPUs (see Acceptor._pause_length).
 VALVE_PAUSES = 8
 REPORT_INTERVAL = 0.02      # dispatch mode: at most 50 load reports a second
-# Shared mode: each of REPORT_WORKERS workers reports at most this often, and
-# beyond that many workers each less often (see changed()).  A busy worker's
-# reports seldom share a tick with the others': at 20 ms, two busy workers
-# woke fdserver 100 times a second (2% of a core, the whole budget).
-SHARED_REPORT_INTERVAL = 0.05
-REPORT_WORKERS = 2
-MAX_REPORT_INTERVAL = 1.0
 SLACK = 1                   # connections over the share before yielding
 CPUS = len(os.sched_getaffinity(0))
 TCPI_UNACKED = 24           # struct tcp_info: a listener's accept queue length
@@ -441,8 +442,7 @@ class Acceptor:
     def report_interval(self) -> float:
         if self._share is None:             # dispatch mode, or no share yet
             return REPORT_INTERVAL
-        return min(SHARED_REPORT_INTERVAL * max(1, self._share[1] / REPORT_WORKERS),
-                   MAX_REPORT_INTERVAL)
+        return shared_report_interval(self._share[1])
 
     def load_for_beat(self) -> tuple[int, int] | None:
         """(connections, received) for a heartbeat to carry, if they changed

@@ -47,9 +47,11 @@ from tornado.websocket import WebSocketHandler
 from ._tornado import (
     buffered,
     close_after_response,
+    close_if_kept_alive,
     detached,
     handler_of,
     headers_arrived,
+    lingering_ended,
     promise_no_keep_alive,
     response_started,
     trust_forwarded_from,
@@ -57,6 +59,9 @@ from ._tornado import (
 
 log = logging.getLogger("fdapp")
 
+# A shed is done within this long, or not at all: fdserver asks again (after
+# rebalancing.SHED_COOLDOWN) if the load is still uneven.
+SHED_WINDOW = 1.0
 # How often connections taken over from HTTP (websockets) are checked for
 # having closed: they have no close callback of ours to tell.
 DETACHED_CHECK = 1.0
@@ -84,7 +89,8 @@ class DrainingHTTPServer(HTTPServer):
         # Requests whose headers arrived (fdapp --max-requests counts them).
         self.requests = 0
         self._draining = False
-        self._shed = 0              # requests still to answer "Connection: close"
+        self._shed = 0              # keep-alive connections still to end (shed())
+        self._shed_until = 0.0
         self._grace = 0.0
         self._drained: asyncio.Future[None] | None = None
         # Called whenever a connection opens or closes (load reports).
@@ -122,17 +128,26 @@ class DrainingHTTPServer(HTTPServer):
         if self._draining:
             self._check_idle_later(conn, request_conn, now)
             promise_no_keep_alive(request_conn)
-        elif self._shed:
-            self._shed -= 1
-            promise_no_keep_alive(request_conn, close=True)
+        elif self._shed and now < self._shed_until:
+            close_if_kept_alive(request_conn, self._shed_one)
         return delegate
 
     def shed(self, connections: int) -> None:
-        """Answer the next *connections* requests "Connection: close": fdserver
-        saw this process hold more than its part of the keep-alive
-        connections, and their clients' next connections go to the others.
-        Replaces what an earlier shed left undone."""
+        """End *connections* keep-alive connections after their next
+        responses ("Connection: close"), within SHED_WINDOW: fdserver saw
+        this process hold more than its part, and their clients' next
+        connections go to the others.  Replaces what an earlier shed left."""
         self._shed = max(0, connections)
+        self._shed_until = time.monotonic() + SHED_WINDOW
+
+    def _shed_one(self, stream: IOStream) -> bool:
+        """As a keep-alive response starts: end its connection after it?"""
+        if self._draining or self._shed <= 0 or time.monotonic() >= self._shed_until:
+            return False
+        if buffered(stream) or _input_waiting(stream.socket):
+            return False        # its client's next request is here already: serve it
+        self._shed -= 1
+        return True
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         self._open += 1
@@ -210,6 +225,7 @@ class DrainingHTTPServer(HTTPServer):
         Returns how many connections were still open at the deadline (and
         were closed then).
         """
+        began = time.monotonic()
         self._draining = True
         self._grace = grace
         self._drained = asyncio.get_running_loop().create_future()
@@ -234,18 +250,20 @@ class DrainingHTTPServer(HTTPServer):
             # else its headers went out saying keep-alive: closing right after
             # the response would fail the client's next request.  Once done,
             # the connection waits for that request as an idle one does.
-        if not self._open and not self._detached:
-            return 0
-        try:
-            await asyncio.wait_for(asyncio.shield(self._drained), timeout)
-            return 0
-        except TimeoutError:
-            left = self.connection_count
-            for conn in list(self._requests):
-                conn.stream.close()
-            for stream in list(self._detached):
-                stream.close()
-            return left
+        if self._open or self._detached:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+            except TimeoutError:
+                left = self.connection_count
+                for conn in list(self._requests):
+                    conn.stream.close()
+                for stream in list(self._detached):
+                    stream.close()
+                return left
+        # Connections ended after a response linger until their clients have
+        # read it (see _tornado.LINGER): exiting would reset them.
+        await lingering_ended(max(0.0, began + timeout - time.monotonic()))
+        return 0
 
     def _check_idle_later(self, conn: HTTP1ServerConnection, request: Any, since: float) -> None:
         delay = max(0.0, since + self._grace - time.monotonic())

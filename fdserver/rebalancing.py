@@ -4,17 +4,22 @@ A keep-alive connection stays with the worker that took it.  So after a
 rolling restart under keep-alive load the last replacement holds none (its
 predecessor's clients reconnected to the others while it started), and
 balancing at accept time cannot fix that: nobody connects.  fdserver knows
-every ready worker's open connections; when they stay uneven (the most
-loaded at least two over the least loaded) for two checks in a row,
-REBALANCE_INTERVAL apart, it asks the most loaded workers to shed a few
-(``shed``).  Such a worker answers its next requests ``Connection: close``
-and closes after the response, a clean end every HTTP client expects; the
-client's next connection is placed again, on the emptier workers (shared
-mode: the fuller ones hold back; dispatch mode: the fewest first).
+every worker's open connections; when they stay uneven (the most loaded at
+least two over the least loaded) for two checks in a row, a report interval
+apart, it asks the most loaded workers to shed a few (``shed``).  Such a
+worker ends that many keep-alive connections after their next responses
+(``Connection: close``, then a lingering close), a clean end every HTTP
+client expects; the client's next connection is placed again, on the
+emptier workers (shared mode: the fuller ones hold back; dispatch mode: the
+fewest first).
 
-Nothing is cut: only a response closes its connection, and a connection
-taken over from HTTP (a websocket) is never asked.  A worker is asked again
-only after SHED_COOLDOWN, once its reports show what it did.
+Only workers that can take connections count (ready, responsive, and in
+dispatch mode able to be sent them).  A worker is asked only if it also
+serves more requests a second than the mean (its heartbeats say): one that
+holds many idle connections (or websockets) is not busier, and shedding
+would only move its active clients.  It is asked again only after
+SHED_COOLDOWN, and after an ask that did not lower its count, twice as long
+each time up to MAX_SHED_COOLDOWN.
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ import asyncio
 from collections.abc import Callable, Iterable
 
 from .peer import Peer
+from .protocol import HEARTBEAT_INTERVAL, MAX_REPORT_INTERVAL, shared_report_interval
 
-# How long an imbalance must last before workers are asked to shed; checks
-# run this often while one lasts, and not at all while the load is even.
+# How long an imbalance must last before workers are asked to shed (longer
+# when the workers report less often: see check_interval); checks run this
+# often while one lasts, and not at all while the load is even.
 REBALANCE_INTERVAL = 0.25
-# A worker is asked again only after this long: with many workers its load
-# reaches fdserver in heartbeats, a second apart.
+# A worker is asked again only after this long (its reports must show what
+# it did), and after asks that changed nothing, up to MAX_SHED_COOLDOWN.
 SHED_COOLDOWN = 1.25
+MAX_SHED_COOLDOWN = 10.0
 
 
 def shed_plan(counts: list[int]) -> list[tuple[int, int]]:
@@ -68,41 +76,85 @@ class Rebalancer:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, workers: Callable[[], Iterable[Peer]],
-                 count: Callable[[Peer], int]) -> None:
+                 count: Callable[[Peer], int], dispatch: bool = False) -> None:
         self._loop = loop
         self._workers = workers
         self._count = count
+        self._dispatch = dispatch
         self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
         self._over: set[Peer] = set()       # over in the last check
-        self._asked: dict[Peer, float] = {}  # worker -> when it was last asked
+        # worker -> (when it was last asked, its count then, its cooldown)
+        self._asked: dict[Peer, tuple[float, int, float]] = {}
 
     def changed(self) -> None:
         """The load or the workers changed: check soon (at most once an interval)."""
-        if self._timer is None:
-            self._timer = self._loop.call_later(REBALANCE_INTERVAL, self._check)
+        if self._timer is None and not self._closed:
+            self._timer = self._loop.call_later(self._interval, self._check)
 
     def close(self) -> None:
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
+    @property
+    def _interval(self) -> float:
+        return check_interval(sum(1 for _ in self._eligible()), self._dispatch)
+
+    def _eligible(self) -> Iterable[Peer]:
+        """The workers that can take connections (as placement has them)."""
+        return (p for p in self._workers()
+                if p.state == "ready" and p.channel.usable and not p.unresponsive
+                and (not self._dispatch or "dispatch" in p.features))
+
     def _check(self) -> None:
         self._timer = None
-        ready = [p for p in self._workers() if p.state == "ready"]
-        plan = shed_plan([self._count(p) for p in ready])
+        ready = list(self._eligible())
+        counts = [self._count(p) for p in ready]
+        plan = shed_plan(counts)
         over = {ready[i] for i, _ in plan}
         now = self._loop.time()
+        rates = [p.rate for p in ready]
+        mean_rate = sum(r or 0.0 for r in rates) / max(1, len(ready))
+        waiting = False
         for i, n in plan:
             peer = ready[i]
-            if "shed" not in peer.features or not peer.channel.usable:
+            if "shed" not in peer.features:
                 continue        # counted all the same: it holds connections
+            rate = rates[i]
+            if rate is not None and rate <= mean_rate:
+                continue        # not busier, only holding more (idle ones, websockets)
+            waiting = True
             # Over in two checks in a row: not a moment's count of short
             # connections, which evens out by itself.
-            if peer in self._over and now >= self._asked.get(peer, 0.0) + SHED_COOLDOWN:
-                self._asked[peer] = now
-                peer.channel.send({"type": "shed", "connections": n})
+            if peer not in self._over:
+                continue
+            cooldown = SHED_COOLDOWN
+            last = self._asked.get(peer)
+            if last is not None:
+                when, count_then, cooldown = last
+                if now < when + cooldown:
+                    continue
+                # An ask that did not lower its count: wait longer next time.
+                cooldown = (min(2 * cooldown, MAX_SHED_COOLDOWN) if counts[i] >= count_then
+                            else SHED_COOLDOWN)
+            self._asked[peer] = (now, counts[i], cooldown)
+            peer.channel.send({"type": "shed", "connections": n})
         self._over = over
-        self._asked = {p: t for p, t in self._asked.items()
-                       if p.state == "ready" and now < t + SHED_COOLDOWN}
-        if plan:
-            self.changed()          # while uneven, look again even if nothing reports
+        self._asked = {p: v for p, v in self._asked.items()
+                       if p in over or (p.state == "ready" and now < v[0] + v[2])}
+        if waiting:
+            self.changed()      # while some worker may be asked, look again
+
+
+def check_interval(workers: int, dispatch: bool) -> float:
+    """Time between checks: at least a report interval, so that two checks
+    in a row see two reports (shared mode: longer with more workers; from
+    when heartbeats carry the load, a heartbeat's)."""
+    if dispatch:
+        return REBALANCE_INTERVAL
+    report = shared_report_interval(workers)
+    if report >= MAX_REPORT_INTERVAL:
+        report = HEARTBEAT_INTERVAL
+    return max(REBALANCE_INTERVAL, report + REBALANCE_INTERVAL / 5)

@@ -242,8 +242,9 @@ class Server:
         else:
             self._placement = SharePublisher(self._loop, self._unsorted_workers, self.listeners,
                                              unavailable_timeout=self.unavailable_timeout)
+        dispatch = self.mode == "dispatch"
         self._rebalancer = Rebalancer(self._loop, self._unsorted_workers,
-                                      estimate if self.mode == "dispatch" else _reported)
+                                      estimate if dispatch else _reported, dispatch)
         served = ", ".join(f"{listener.name} on {listener.address}" for listener in self.listeners)
         log.info("serving %s; socket %s; %s mode", served, self.socket_file.path, self.mode)
         self._notify("READY=1", f"MAINPID={os.getpid()}")
@@ -259,8 +260,9 @@ class Server:
         placement, self._placement = self._placement, None
         if placement:
             placement.close()
-        if self._rebalancer:
-            self._rebalancer.close()
+        rebalancer, self._rebalancer = self._rebalancer, None
+        if rebalancer:
+            rebalancer.close()
         for peer in list(self.peers):
             peer.channel.flush_now()        # connections on their way to workers
             peer.channel.close(None)

@@ -175,3 +175,93 @@ def _request_of(app):
     """The request the app's one connection is on (DrainingHTTPServer notes it)."""
     (_, (request, _, _)), = app.settings["server"]._requests.items()
     return request
+
+
+class _Big(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.write(b"x" * BIG)
+
+
+BIG = 512 << 10         # the kernel's socket buffers take it all: the server is done first
+
+
+def test_a_response_that_ends_its_connection_is_read_to_the_end():
+    """The server ends a keep-alive connection after a response it chose to
+    close (a shed's; a drain's the same way), and the client, not yet done
+    reading, sends its next request: the response still arrives whole, then
+    the end.  Closed outright with that request unread, the socket would
+    answer a reset and the end of the response still on its way would be lost."""
+    async def main():
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        server = DrainingHTTPServer(tornado.web.Application([("/big", _Big)]))
+        acceptor = Acceptor(server, lambda message: None)
+        acceptor.start([listener])
+        try:
+            server.shed(1)
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            writer.write(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b"Connection: close" in head, head
+            # The server is done with it (its response is in the kernel's buffers).
+            await wait_for(lambda: server.connection_count == 0, "the connection ended")
+            writer.write(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert len(await reader.readexactly(BIG)) == BIG
+            assert await reader.read() == b""       # the end, not a reset
+            writer.close()
+            await _tornado.lingering_ended(5.0)
+            assert not _tornado._lingering
+        finally:
+            acceptor.close()
+    asyncio.run(main())
+
+
+def test_a_shed_passes_over_a_response_with_a_pipelined_request_behind_it():
+    """Two requests sent at once while the server sheds one connection: the
+    first response keeps the connection (the request behind it would be
+    lost), the second ends it."""
+    async def main():
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        server = DrainingHTTPServer(tornado.web.Application([("/", _Hello)]))
+        acceptor = Acceptor(server, lambda message: None)
+        acceptor.start([listener])
+        try:
+            server.shed(1)
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n" * 2)
+            heads = []
+            for _ in range(2):
+                heads.append(await reader.readuntil(b"\r\n\r\n"))
+                assert await reader.readexactly(6) == b"Hello\n"
+            assert b"Connection: close" not in heads[0], heads[0]
+            assert b"Connection: close" in heads[1], heads[1]
+            assert await reader.read() == b""
+            writer.close()
+        finally:
+            acceptor.close()
+    asyncio.run(main())
+
+
+def test_a_shed_is_spent_only_on_a_connection_that_would_stay_open():
+    """A request that ends its connection anyway ("Connection: close") does
+    not count toward a shed: the next keep-alive one does."""
+    async def main():
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        server = DrainingHTTPServer(tornado.web.Application([("/", _Hello)]))
+        acceptor = Acceptor(server, lambda message: None)
+        acceptor.start([listener])
+        try:
+            server.shed(1)
+            heads = []
+            for connection in ("close", "keep-alive", "keep-alive"):
+                reader, writer = await asyncio.open_connection(*listener.getsockname())
+                writer.write(f"GET / HTTP/1.1\r\nHost: test\r\nConnection: {connection}"
+                             "\r\n\r\n".encode())
+                heads.append(await reader.readuntil(b"\r\n\r\n"))
+                writer.close()
+            assert [b"Connection: close" in head for head in heads] == [True, True, False]
+        finally:
+            acceptor.close()
+    asyncio.run(main())

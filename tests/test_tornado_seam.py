@@ -9,6 +9,7 @@ fdapp falls back to stock Tornado (checked here too).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 
@@ -183,6 +184,23 @@ class _Big(tornado.web.RequestHandler):
 
 
 BIG = 512 << 10         # the kernel's socket buffers take it all: the server is done first
+SHEDDING_APP = [("/", _Hello), ("/big", _Big)]
+
+
+@contextlib.asynccontextmanager
+async def shedding_server():
+    """fdapp's server and acceptor on 127.0.0.1, told to shed one connection:
+    (server, its address)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    server = DrainingHTTPServer(tornado.web.Application(SHEDDING_APP))
+    acceptor = Acceptor(server, lambda message: None)
+    acceptor.start([listener])
+    server.shed(1)
+    try:
+        yield server, listener.getsockname()
+    finally:
+        acceptor.close()
 
 
 def test_a_response_that_ends_its_connection_is_read_to_the_end():
@@ -192,14 +210,8 @@ def test_a_response_that_ends_its_connection_is_read_to_the_end():
     the end.  Closed outright with that request unread, the socket would
     answer a reset and the end of the response still on its way would be lost."""
     async def main():
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.setblocking(False)
-        server = DrainingHTTPServer(tornado.web.Application([("/big", _Big)]))
-        acceptor = Acceptor(server, lambda message: None)
-        acceptor.start([listener])
-        try:
-            server.shed(1)
-            reader, writer = await asyncio.open_connection(*listener.getsockname())
+        async with shedding_server() as (server, address):
+            reader, writer = await asyncio.open_connection(*address)
             writer.write(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
             head = await reader.readuntil(b"\r\n\r\n")
             assert b"Connection: close" in head, head
@@ -211,8 +223,6 @@ def test_a_response_that_ends_its_connection_is_read_to_the_end():
             writer.close()
             await _tornado.lingering_ended(5.0)
             assert not _tornado._lingering
-        finally:
-            acceptor.close()
     asyncio.run(main())
 
 
@@ -221,14 +231,8 @@ def test_a_shed_passes_over_a_response_with_a_pipelined_request_behind_it():
     first response keeps the connection (the request behind it would be
     lost), the second ends it."""
     async def main():
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.setblocking(False)
-        server = DrainingHTTPServer(tornado.web.Application([("/", _Hello)]))
-        acceptor = Acceptor(server, lambda message: None)
-        acceptor.start([listener])
-        try:
-            server.shed(1)
-            reader, writer = await asyncio.open_connection(*listener.getsockname())
+        async with shedding_server() as (_, address):
+            reader, writer = await asyncio.open_connection(*address)
             writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n" * 2)
             heads = []
             for _ in range(2):
@@ -238,8 +242,6 @@ def test_a_shed_passes_over_a_response_with_a_pipelined_request_behind_it():
             assert b"Connection: close" in heads[1], heads[1]
             assert await reader.read() == b""
             writer.close()
-        finally:
-            acceptor.close()
     asyncio.run(main())
 
 
@@ -247,21 +249,13 @@ def test_a_shed_is_spent_only_on_a_connection_that_would_stay_open():
     """A request that ends its connection anyway ("Connection: close") does
     not count toward a shed: the next keep-alive one does."""
     async def main():
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.setblocking(False)
-        server = DrainingHTTPServer(tornado.web.Application([("/", _Hello)]))
-        acceptor = Acceptor(server, lambda message: None)
-        acceptor.start([listener])
-        try:
-            server.shed(1)
+        async with shedding_server() as (_, address):
             heads = []
             for connection in ("close", "keep-alive", "keep-alive"):
-                reader, writer = await asyncio.open_connection(*listener.getsockname())
+                reader, writer = await asyncio.open_connection(*address)
                 writer.write(f"GET / HTTP/1.1\r\nHost: test\r\nConnection: {connection}"
                              "\r\n\r\n".encode())
                 heads.append(await reader.readuntil(b"\r\n\r\n"))
                 writer.close()
             assert [b"Connection: close" in head for head in heads] == [True, True, False]
-        finally:
-            acceptor.close()
     asyncio.run(main())

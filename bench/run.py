@@ -21,7 +21,7 @@ are pip-installed into this interpreter's environment first unless
 --no-install; without them the rolling-restart bench leaves gunicorn out and
 the plot is skipped.  Tables go to stdout, progress to stderr.  A bench that
 fails does not stop the next; the exit status is then 1.  The default rounds
-take about an hour on 2 cores (--only scale: about 7 minutes; paired: about 75).
+take about an hour on 2 cores (--only scale: about 9 minutes; paired: about 75).
 """
 
 from __future__ import annotations

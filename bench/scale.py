@@ -45,7 +45,7 @@ Sections (``--sections``, comma-separated; all by default):
 Verdicts as in bench/performance.py: met / NOT met only when the median's
 confidence interval over the rounds clears the target; the balance and
 dispatch rows also say in how many rounds the target held.  The default 3
-rounds take about 7 minutes on 2 cores (most of it starting 256 workers and
+rounds take about 9 minutes on 2 cores (most of it starting 256 workers and
 the 200 restarts).
 """
 

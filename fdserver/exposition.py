@@ -142,6 +142,10 @@ class HostCollector(Collector):
         yield CounterMetricFamily("fdserver_registrations_refused", "Connections to fdserver's "
                                   "socket refused before or at their hello (not allowed, too "
                                   "many, bad hello)", value=m.refused)
+        yield CounterMetricFamily("fdserver_shed_asked_connections", "Keep-alive connections "
+                                  "the busiest workers were asked to end after a response, to "
+                                  "even out the load (an ask may be done in part)",
+                                  value=m.shed_asked)
 
 
 def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:

@@ -88,6 +88,7 @@ class HostMetrics:
         self.dispatched_at_once = 0
         self.dispatch_expired = 0
         self.refused = 0                     # connections refused before or at their hello
+        self.shed_asked = 0                  # keep-alive connections workers were asked to end
         self._draining_since: dict[Peer, float] = {}
         self._states: dict[Peer, str] = {}      # each worker's last state seen
 

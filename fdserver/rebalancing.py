@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 
+from .metrics import HostMetrics
 from .peer import Peer
 from .protocol import HEARTBEAT_INTERVAL, MAX_REPORT_INTERVAL, shared_report_interval
 
@@ -76,8 +77,10 @@ class Rebalancer:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, workers: Callable[[], Iterable[Peer]],
-                 count: Callable[[Peer], int], dispatch: bool = False) -> None:
+                 count: Callable[[Peer], int], dispatch: bool = False,
+                 metrics: HostMetrics | None = None) -> None:
         self._loop = loop
+        self._metrics = metrics
         self._workers = workers
         self._count = count
         self._dispatch = dispatch
@@ -141,6 +144,8 @@ class Rebalancer:
                             else SHED_COOLDOWN)
             self._asked[peer] = (now, counts[i], cooldown)
             peer.channel.send({"type": "shed", "connections": n})
+            if self._metrics is not None:
+                self._metrics.shed_asked += n
         self._over = over
         self._asked = {p: v for p, v in self._asked.items()
                        if p in over or (p.state == "ready" and now < v[0] + v[2])}

@@ -244,7 +244,8 @@ class Server:
                                              unavailable_timeout=self.unavailable_timeout)
         dispatch = self.mode == "dispatch"
         self._rebalancer = Rebalancer(self._loop, self._unsorted_workers,
-                                      estimate if dispatch else _reported, dispatch)
+                                      estimate if dispatch else _reported, dispatch,
+                                      self.metrics)
         served = ", ".join(f"{listener.name} on {listener.address}" for listener in self.listeners)
         log.info("serving %s; socket %s; %s mode", served, self.socket_file.path, self.mode)
         self._notify("READY=1", f"MAINPID={os.getpid()}")

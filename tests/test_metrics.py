@@ -561,3 +561,21 @@ def test_metrics_reports_go_on_the_whole_seconds_every_worker_shares():
     now[0] = 102.0 - 0.0005         # and this one a moment early: the next is 103's
     reporter._tick()
     assert [round(d, 6) for d in delays] == [0.75, 0.875, 1.0005] and REPORT_INTERVAL == 1.0
+
+
+def test_connections_asked_to_be_shed_are_counted(start_fdserver):
+    """A worker holding 10 open connections next to an empty one is asked to
+    shed 5 (docs/modes.md): the counter says 5."""
+    from test_balance import close_registration, next_message, registered
+
+    server = start_with_metrics(start_fdserver)
+    full, empty = registered(server, "shed"), registered(server, "shed")
+    try:
+        for registration, load in ((full, 10), (empty, 0)):
+            registration.report("ready")
+            registration.channel.send({"type": "load", "connections": load, "received": 0})
+        assert next_message(full, "shed")["message"]["connections"] == 5
+        assert sample(scrape(server), "fdserver_shed_asked_connections_total") == 5
+    finally:
+        for registration in (full, empty):
+            close_registration(registration)

@@ -24,10 +24,12 @@ the deadline.  The site keeps serving, only slower.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import socket
 import ssl
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -53,41 +55,61 @@ Accept = Callable[[], "tuple[int, Any]"]
 # seconds.  Closed with unread input, the kernel would answer a reset and
 # drop the end of the response still in its send buffer (RFC 9112, 9.6).
 LINGER = 2.0
-MAX_LINGERING = 1024        # beyond this many at once, a plain close
-_lingering: dict[int, asyncio.TimerHandle] = {}
-_none_lingering: asyncio.Event | None = None
+MAX_LINGERING = 1024        # beyond this many at once (one loop), a plain close
 
 
-def linger(sock: socket.socket) -> bool:
-    """Take *sock* over and close it as above; False if it is not taken."""
-    global _none_lingering
+class _Lingering:
+    """One event loop's lingering connections: socket -> (its fd, its deadline)."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[socket.socket, tuple[int, asyncio.TimerHandle]] = {}
+        self.none_left = asyncio.Event()        # bound to this loop at its first wait
+
+
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lingering] = (
+    weakref.WeakKeyDictionary())
+
+
+def linger(sock: socket.socket, loop: asyncio.AbstractEventLoop) -> bool:
+    """Take *sock* over and close it as above, on *loop*; False if not taken."""
+    state = _by_loop.get(loop)
+    if state is None:
+        state = _by_loop[loop] = _Lingering()
     fd = sock.fileno()
-    if fd < 0 or len(_lingering) >= MAX_LINGERING:
+    if fd < 0 or len(state.sockets) >= MAX_LINGERING:
         return False
     try:
-        loop = asyncio.get_running_loop()
         _close_notify(sock)
         socket.socket.shutdown(sock, socket.SHUT_WR)     # the TCP socket's own
-    except (RuntimeError, OSError):
-        return False            # no loop, or the peer is gone: a plain close will do
-    loop.add_reader(fd, _drop_input, loop, sock)
-    _lingering[fd] = loop.call_later(LINGER, _end_lingering, loop, sock)
-    if _none_lingering is None:
-        _none_lingering = asyncio.Event()
-    _none_lingering.clear()
+    except OSError:
+        return False            # the peer is gone: a plain close will do
+    try:
+        loop.add_reader(fd, _drop_input, state, loop, sock)
+        timer = loop.call_later(LINGER, _end_lingering, state, loop, sock)
+    except Exception:
+        with contextlib.suppress(Exception):
+            loop.remove_reader(fd)
+        return False
+    state.sockets[sock] = (fd, timer)
+    state.none_left.clear()
     return True
 
 
+def lingering(loop: asyncio.AbstractEventLoop) -> int:
+    """How many connections linger on *loop*."""
+    state = _by_loop.get(loop)
+    return len(state.sockets) if state else 0
+
+
 async def lingering_ended(timeout: float) -> None:
-    """Until no connection lingers (see linger()), at most *timeout* seconds."""
-    if _lingering and _none_lingering is not None:
-        try:
-            await asyncio.wait_for(_none_lingering.wait(), timeout)
-        except TimeoutError:
-            pass
+    """Until no connection lingers on this loop (see linger()), at most *timeout* seconds."""
+    state = _by_loop.get(asyncio.get_running_loop())
+    if state and state.sockets:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.none_left.wait(), timeout)
 
 
-def _drop_input(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+def _drop_input(state: _Lingering, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     try:
         data = socket.socket.recv(sock, 65536)
     except (BlockingIOError, InterruptedError):
@@ -95,18 +117,22 @@ def _drop_input(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     except OSError:
         data = b""
     if not data:
-        _end_lingering(loop, sock)
+        _end_lingering(state, loop, sock)
 
 
-def _end_lingering(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    timer = _lingering.pop(sock.fileno(), None)
-    if timer is None:
+def _end_lingering(state: _Lingering, loop: asyncio.AbstractEventLoop,
+                   sock: socket.socket) -> None:
+    entry = state.sockets.pop(sock, None)
+    if entry is None:
         return
+    fd, timer = entry
     timer.cancel()
-    loop.remove_reader(sock.fileno())
-    sock.close()
-    if not _lingering and _none_lingering is not None:
-        _none_lingering.set()
+    try:
+        loop.remove_reader(fd)
+        sock.close()
+    finally:
+        if not state.sockets:
+            state.none_left.set()
 
 
 def _close_notify(sock: socket.socket) -> None:
@@ -151,7 +177,8 @@ class FastStream(IOStream):
         pass
 
     def close_fd(self) -> None:
-        if self.linger_on_close and self.socket is not None and linger(self.socket):
+        if (self.linger_on_close and self.socket is not None
+                and linger(self.socket, self.io_loop.asyncio_loop)):  # type: ignore[attr-defined]
             self.socket = None  # type: ignore[assignment]   # as IOStream.close_fd leaves it
             return
         super().close_fd()
@@ -415,18 +442,27 @@ def promise_no_keep_alive(request: Any, *, close: bool = False) -> None:
     request.write_headers = write_headers_saying_close    # type: ignore[method-assign]
 
 
+_MAY_CLOSE = "_fdapp_may_close"        # set on a request close_if_kept_alive wrapped
+
+
 def close_if_kept_alive(request: Any, decide: Callable[[Any], bool]) -> None:
     """As the response starts: if it would keep its connection open and
     ``decide(stream)`` agrees, it ends the connection instead
     ("Connection: close"; to HTTP/1.0, no Keep-Alive), which then lingers."""
-    if not isinstance(request, HTTP1Connection):
-        return
+    if not isinstance(request, HTTP1Connection) or getattr(request, _MAY_CLOSE, False):
+        return                  # not one of Tornado's, or wrapped already
+    setattr(request, _MAY_CLOSE, True)
     write_headers = request.write_headers
 
     def write_headers_maybe_closing(start_line: Any, headers: httputil.HTTPHeaders,
                                     chunk: bytes | None = None) -> Any:
-        if (getattr(start_line, "code", None) != 101 and not request._disconnect_on_finish
-                and request.stream is not None and decide(request.stream)):
+        # Unknown (another Tornado): as if it closed anyway.  A stream of
+        # events lasts as long as its connection: nothing to gain there.
+        if (getattr(start_line, "code", None) != 101
+                and not getattr(request, "_disconnect_on_finish", True)
+                and request.stream is not None
+                and not headers.get("Content-Type", "").startswith("text/event-stream")
+                and decide(request.stream)):
             request._disconnect_on_finish = True
             _closing(request)
         return write_headers(start_line, headers, chunk)

@@ -59,9 +59,9 @@ from ._tornado import (
 
 log = logging.getLogger("fdapp")
 
-# A shed is done within this long, or not at all: fdserver asks again (after
-# rebalancing.SHED_COOLDOWN) if the load is still uneven.
-SHED_WINDOW = 1.0
+# A shed is done within this long, or not at all (a connection of a pool
+# may carry a request every few seconds); a new ask replaces it.
+SHED_WINDOW = 10.0
 # How often connections taken over from HTTP (websockets) are checked for
 # having closed: they have no close callback of ours to tell.
 DETACHED_CHECK = 1.0
@@ -139,6 +139,11 @@ class DrainingHTTPServer(HTTPServer):
         connections go to the others.  Replaces what an earlier shed left."""
         self._shed = max(0, connections)
         self._shed_until = time.monotonic() + SHED_WINDOW
+        # The requests under way, and the connections waiting for their next
+        # one (an idle pool's), decide as their responses start.
+        for request, _, _ in self._requests.values():
+            if not response_started(request):
+                close_if_kept_alive(request, self._shed_one)
 
     def _shed_one(self, stream: IOStream) -> bool:
         """As a keep-alive response starts: end its connection after it?"""

@@ -64,9 +64,10 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
     server -> recycle    {}                  (your turn: one worker at a time)
     server -> tls        {"serial": n, ...}  (renewed material, after a reload)
     worker -> tls        {"serial": n, "ok": bool, "error": str}   (whether it took it)
-    server -> shed       {"connections": n}  (answer your next n requests "Connection:
-                                              close": the load is uneven; only to a
-                                              worker with the "shed" feature)
+    server -> shed       {"connections": n}  (end n keep-alive connections after their
+                                              next responses, within a while: the load
+                                              is uneven; only to a worker with the
+                                              "shed" feature)
   shared mode (workers accept on the listeners themselves):
     server -> share      {"connections": total open, "workers": ready workers}
   dispatch mode (fdserver accepts; workers hold the listeners only for handback):

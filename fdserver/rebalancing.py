@@ -125,10 +125,10 @@ class Rebalancer:
             peer = ready[i]
             if "shed" not in peer.features:
                 continue        # counted all the same: it holds connections
+            waiting = True      # its rate may rise (a report comes only with a new count)
             rate = rates[i]
             if rate is not None and rate <= mean_rate:
                 continue        # not busier, only holding more (idle ones, websockets)
-            waiting = True
             # Over in two checks in a row: not a moment's count of short
             # connections, which evens out by itself.
             if peer not in self._over:
@@ -151,6 +151,8 @@ class Rebalancer:
                        if p in over or (p.state == "ready" and now < v[0] + v[2])}
         if waiting:
             self.changed()      # while some worker may be asked, look again
+        else:
+            self._over = set()  # the next check is not the second in a row
 
 
 def check_interval(workers: int, dispatch: bool) -> float:

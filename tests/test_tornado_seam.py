@@ -222,8 +222,9 @@ def test_a_response_that_ends_its_connection_is_read_to_the_end():
             assert await reader.read() == b""       # the end, not a reset
             writer.close()
             await _tornado.lingering_ended(5.0)
-            assert not _tornado._lingering
+            assert _tornado.lingering(asyncio.get_running_loop()) == 0
     asyncio.run(main())
+    asyncio.run(main())         # each event loop has its own lingering connections
 
 
 def test_a_shed_passes_over_a_response_with_a_pipelined_request_behind_it():
@@ -258,4 +259,25 @@ def test_a_shed_is_spent_only_on_a_connection_that_would_stay_open():
                 heads.append(await reader.readuntil(b"\r\n\r\n"))
                 writer.close()
             assert [b"Connection: close" in head for head in heads] == [True, True, False]
+    asyncio.run(main())
+
+
+def test_a_shed_reaches_a_connection_idle_when_it_was_asked():
+    """A keep-alive connection that was waiting for its next request when the
+    shed came (a pool's, a browser's) is ended after that next response."""
+    async def main():
+        async with shedding_server() as (server, address):
+            server.shed(0)
+            reader, writer = await asyncio.open_connection(*address)
+            heads = []
+            for ask in (False, True):
+                if ask:
+                    await wait_for(lambda: not _tornado.headers_arrived(
+                        next(iter(server._requests.values()))[0]), "the connection idle")
+                    server.shed(1)
+                writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+                heads.append(await reader.readuntil(b"\r\n\r\n"))
+                assert await reader.readexactly(6) == b"Hello\n"
+            assert [b"Connection: close" in head for head in heads] == [False, True]
+            writer.close()
     asyncio.run(main())

@@ -411,17 +411,13 @@ def close_after_response(request: Any) -> None:
         request._disconnect_on_finish = True
 
 
-def promise_no_keep_alive(request: Any, *, close: bool = False) -> None:
+def promise_no_keep_alive(request: Any) -> None:
     """Stop Tornado promising keep-alive to an HTTP/1.0 client it will close.
 
     Tornado answers ``Connection: Keep-Alive`` whenever an HTTP/1.0 request
     asked for it, even with keep-alive off: it reads the request's header as
     the response starts.  So, for a drain's requests only, that header is
     turned into "close" just before; to HTTP/1.0, no header means close.
-
-    With *close*, the connection also ends after this response, whatever the
-    request asked ("Connection: close" to HTTP/1.1): Tornado's own flag, set
-    as the response starts, since Tornado sets it from the request's headers.
     """
     if not isinstance(request, HTTP1Connection):
         return
@@ -434,8 +430,6 @@ def promise_no_keep_alive(request: Any, *, close: bool = False) -> None:
             # break its handshake. It is taken over, then told 1001 at once.
             request._disconnect_on_finish = False
             return write_headers(start_line, headers, chunk)
-        if close:
-            request._disconnect_on_finish = True
         _closing(request)
         return write_headers(start_line, headers, chunk)
 

@@ -129,6 +129,13 @@ class Wait:
     timer: asyncio.TimerHandle | None = None
 
 
+def takes_connections(peer: Peer, dispatch: bool) -> bool:
+    """Whether a worker can take connections now: ready, its heartbeats on
+    time, its channel open, and in dispatch mode able to be sent them."""
+    return (peer.state == "ready" and peer.channel.usable and not peer.unresponsive
+            and (not dispatch or "dispatch" in peer.features))
+
+
 def estimate(peer: Peer) -> int:
     """Open connections of a worker: its last report plus what is in flight to it."""
     return peer.connections + (peer.dispatched - peer.received)

@@ -38,7 +38,7 @@ from typing import Any
 from .accept import accepted, raw_accept
 from .listeners import Listener
 from .metrics import HostMetrics
-from .peer import Peer, estimate
+from .peer import Peer, estimate, takes_connections
 from .protocol import Message
 
 log = logging.getLogger("fdserver")
@@ -350,9 +350,7 @@ class Dispatcher:
     def _ready(self) -> tuple[list[Peer], set[Peer]]:
         """The workers that can take connections, and those of them still busy
         reading what they were sent."""
-        ready = [p for p in self._workers()
-                 if p.state == "ready" and "dispatch" in p.features and p.channel.usable
-                 and not p.unresponsive]
+        ready = [p for p in self._workers() if takes_connections(p, dispatch=True)]
         return ready, {p for p in ready if p.channel.peer_has_unread()}
 
     @staticmethod

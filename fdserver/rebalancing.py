@@ -28,7 +28,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 
 from .metrics import HostMetrics
-from .peer import Peer
+from .peer import Peer, takes_connections
 from .protocol import HEARTBEAT_INTERVAL, MAX_REPORT_INTERVAL, shared_report_interval
 
 # How long an imbalance must last before workers are asked to shed (longer
@@ -106,10 +106,7 @@ class Rebalancer:
         return check_interval(sum(1 for _ in self._eligible()), self._dispatch)
 
     def _eligible(self) -> Iterable[Peer]:
-        """The workers that can take connections (as placement has them)."""
-        return (p for p in self._workers()
-                if p.state == "ready" and p.channel.usable and not p.unresponsive
-                and (not self._dispatch or "dispatch" in p.features))
+        return (p for p in self._workers() if takes_connections(p, self._dispatch))
 
     def _check(self) -> None:
         self._timer = None

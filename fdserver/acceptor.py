@@ -43,9 +43,9 @@ event loop's critical path and under a deadline, and the address it carries
 is the one the app sees; a connection with a bad header is closed.
 
 Either way the worker reports its open connections (``load``), coalesced to
-at most one report per REPORT_INTERVAL in dispatch mode, SHARED_REPORT_INTERVAL
-in shared mode, and beyond REPORT_WORKERS workers less often (see
-:meth:`Acceptor.changed`).  A heartbeat carries the
+at most one report per REPORT_INTERVAL in dispatch mode, and in shared mode as
+:func:`fdserver.protocol.shared_report_interval` says (fdserver's rebalancing
+reads the same rule; see :meth:`Acceptor.changed`).  A heartbeat carries the
 load too, when it changed and fdserver takes it there: with so many workers
 that a report would wait as long as the next heartbeat, the heartbeat is the
 report, and fdserver reads one message a second from each worker, not two.
@@ -73,15 +73,7 @@ from typing import Any, Final
 from . import _tornado
 from .accept import OUT_OF_DESCRIPTORS, accepted
 from .drain import DrainingHTTPServer
-from .protocol import (  # noqa: F401  (the report interval's constants: re-exported)
-    HEARTBEAT_INTERVAL,
-    MAX_REPORT_INTERVAL,
-    REPORT_WORKERS,
-    SHARED_REPORT_INTERVAL,
-    LoadMessage,
-    on_the_tick,
-    shared_report_interval,
-)
+from .protocol import HEARTBEAT_INTERVAL, LoadMessage, on_the_tick, shared_report_interval
 from .proxyproto import DEFAULT_TIMEOUT, ProxyProtocolError, read_header
 from .tls import LISTENER_ATTRIBUTE
 

@@ -12,18 +12,14 @@ import socket
 import pytest
 import tornado.web
 
-from fdserver.acceptor import (
-    ACCEPT_BATCH,
-    CPUS,
+from fdserver.acceptor import ACCEPT_BATCH, CPUS, REPORT_INTERVAL, SLACK, Acceptor
+from fdserver.drain import DrainingHTTPServer
+from fdserver.protocol import (
     MAX_REPORT_INTERVAL,
-    REPORT_INTERVAL,
     REPORT_WORKERS,
     SHARED_REPORT_INTERVAL,
-    SLACK,
-    Acceptor,
+    on_the_tick,
 )
-from fdserver.drain import DrainingHTTPServer
-from fdserver.protocol import on_the_tick
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 

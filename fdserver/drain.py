@@ -149,7 +149,7 @@ class DrainingHTTPServer(HTTPServer):
         """As a keep-alive response starts: end its connection after it?"""
         if self._draining or self._shed <= 0 or time.monotonic() >= self._shed_until:
             return False
-        if buffered(stream) or _input_waiting(stream.socket):
+        if _input_pending(stream):
             return False        # its client's next request is here already: serve it
         self._shed -= 1
         return True
@@ -280,7 +280,7 @@ class DrainingHTTPServer(HTTPServer):
             return      # gone, busy (no_keep_alive ends it), or on to its next request
         # Bytes buffered by Tornado or waiting in the kernel mean a request is
         # on its way in: serve it (with Connection: close) rather than cut it.
-        if buffered(conn.stream) or _input_waiting(conn.stream.socket):
+        if _input_pending(conn.stream):
             self._check_idle_later(conn, request, time.monotonic())
             return
         conn.stream.close()
@@ -289,6 +289,11 @@ class DrainingHTTPServer(HTTPServer):
 def _going_away(handler: Any) -> None:
     if isinstance(handler, WebSocketHandler):
         handler.close(1001, "going away")
+
+
+def _input_pending(stream: IOStream) -> bool:
+    """Bytes of a client's next request: buffered by Tornado, or in the kernel."""
+    return bool(buffered(stream)) or _input_waiting(stream.socket)
 
 
 def _input_waiting(sock: socket.socket | None) -> bool:

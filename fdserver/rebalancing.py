@@ -32,8 +32,9 @@ from .peer import Peer, takes_connections
 from .protocol import HEARTBEAT_INTERVAL, MAX_REPORT_INTERVAL, shared_report_interval
 
 # How long an imbalance must last before workers are asked to shed (longer
-# when the workers report less often: see check_interval); checks run this
-# often while one lasts, and not at all while the load is even.
+# when the workers report less often: see check_interval).  A check follows
+# a change in the load or the workers, at most one an interval, and checks
+# go on while a worker that could be asked is over.
 REBALANCE_INTERVAL = 0.25
 # A worker is asked again only after this long (its reports must show what
 # it did), and after asks that changed nothing, up to MAX_SHED_COOLDOWN.
@@ -46,9 +47,9 @@ def shed_plan(counts: list[int]) -> list[tuple[int, int]]:
 
     Only while the most loaded holds at least two more than the least loaded
     (one apart is as even as whole connections get).  Those at least two over
-    the least loaded and at or over the mean shed down to the mean (at least
-    one each), most loaded first, no more in all than the others lack to
-    reach the mean (at least one).
+    the least loaded and at or over the mean rounded up shed down to it (at
+    least one each), most loaded first, no more in all than the others lack
+    to reach the mean rounded down (at least one).
     """
     if len(counts) < 2:
         return []

@@ -290,7 +290,7 @@ def rebalance(workdir: Path, rounds: int) -> list[dict]:
                 try:
                     time.sleep(1.0)         # a load of fixed length, not a wait
                     began = time.monotonic()
-                    roll(stack, old)
+                    roll(stack)
                     took = time.monotonic() - began
                     time.sleep(REBALANCE_AFTER)     # as above
                     held_now = open_connections(stack)
@@ -311,17 +311,30 @@ def rebalance(workdir: Path, rounds: int) -> list[dict]:
     return runs
 
 
-def roll(stack: FdStack, old: list) -> None:
-    """Each of *old* SIGTERMed, gone, then replaced and ready, one after another."""
+def roll(stack: FdStack) -> None:
+    """Every worker in turn replaced (replace_worker)."""
     with Control(stack.socket) as control:
-        for worker in old:
-            worker.signal(signal.SIGTERM)
-            if worker.wait(STEP_TIMEOUT) != 0:
-                raise RuntimeError(f"fdapp {worker.pid} did not exit 0:\n{worker.output}")
-            new = stack.spawn()
-            ok, state = control.wait(new.pid, "ready", STEP_TIMEOUT)
-            if not ok:
-                raise RuntimeError(f"fdapp {new.pid} is {state}, not ready")
+        for i in range(len(stack.workers)):
+            replace_worker(stack, control, i)
+
+
+def replace_worker(stack: FdStack, control: Control, i: int) -> None:
+    """stack.workers[i] SIGTERMed, gone, then replaced by a new fdapp, once that one is ready."""
+    old = stack.workers[i]
+    old.signal(signal.SIGTERM)
+    code = old.wait(STEP_TIMEOUT)
+    if code != 0:
+        raise RuntimeError(f"fdapp {old.pid} exited {code} on SIGTERM")
+    ok, state = control.wait(old.pid, "gone", STEP_TIMEOUT)
+    if not ok:
+        raise RuntimeError(f"fdapp {old.pid} is still {state} to fdserver")
+    old.close()
+    new = stack.spawn()
+    stack.workers.remove(new)
+    stack.workers[i] = new
+    ok, state = control.wait(new.pid, "ready", STEP_TIMEOUT)
+    if not ok:
+        raise RuntimeError(f"fdapp {new.pid} is {state}, not ready")
 
 
 def server_footprint(pid: int) -> tuple[int, int]:
@@ -350,21 +363,7 @@ def churn(workdir: Path, workers: int = CHURN_WORKERS,
                 before = server_footprint(server)
                 began = time.monotonic()
                 for i in range(restarts):
-                    old = stack.workers[i % n]
-                    old.signal(signal.SIGTERM)
-                    code = old.wait(STEP_TIMEOUT)
-                    if code != 0:
-                        raise RuntimeError(f"fdapp {old.pid} exited {code} on SIGTERM")
-                    ok, state = control.wait(old.pid, "gone", STEP_TIMEOUT)
-                    if not ok:
-                        raise RuntimeError(f"fdapp {old.pid} is still {state} to fdserver")
-                    old.close()
-                    new = stack.spawn()
-                    stack.workers.remove(new)
-                    stack.workers[i % n] = new
-                    ok, state = control.wait(new.pid, "ready", STEP_TIMEOUT)
-                    if not ok:
-                        raise RuntimeError(f"fdapp {new.pid} is {state}, not ready")
+                    replace_worker(stack, control, i % n)
                     if (i + 1) % 50 == 0:
                         log(f"churn: {i + 1} restarts, fdserver RSS and fds "
                             f"{server_footprint(server)}")

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 
 from .metrics import HostMetrics
 from .peer import Peer, takes_connections
-from .protocol import HEARTBEAT_INTERVAL, MAX_REPORT_INTERVAL, shared_report_interval
+from .protocol import shared_report_interval
 
 # How long an imbalance must last before workers are asked to shed (longer
 # when the workers report less often: see check_interval).  A check follows
@@ -155,11 +155,8 @@ class Rebalancer:
 
 def check_interval(workers: int, dispatch: bool) -> float:
     """Time between checks: at least a report interval, so that two checks
-    in a row see two reports (shared mode: longer with more workers; from
-    when heartbeats carry the load, a heartbeat's)."""
+    in a row see two reports (shared mode: longer with more workers, up to a
+    second, when heartbeats carry the load)."""
     if dispatch:
         return REBALANCE_INTERVAL
-    report = shared_report_interval(workers)
-    if report >= MAX_REPORT_INTERVAL:
-        report = HEARTBEAT_INTERVAL
-    return max(REBALANCE_INTERVAL, report + REBALANCE_INTERVAL / 5)
+    return max(REBALANCE_INTERVAL, shared_report_interval(workers) + REBALANCE_INTERVAL / 5)

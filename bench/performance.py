@@ -71,7 +71,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import fdserver  # noqa: E402
@@ -378,7 +378,7 @@ def make_certificate(folder: Path) -> tuple[str, str]:
 
 # -- figures and tables -----------------------------------------------------
 
-def jain(xs: list[int]) -> float:
+def jain(xs: Sequence[float]) -> float:
     total, squares = sum(xs), sum(x * x for x in xs)
     return total * total / (len(xs) * squares) if squares else 0.0
 

@@ -16,8 +16,8 @@ Sections (``--sections``, comma-separated; all by default):
   Workers that do not fit in memory (~40 MB each, at most 60% of
   MemAvailable) are left out, and the table says so.
 * ``dispatch``: ``fdserver --dispatch``, 8 workers, ``wrk -c 64 -d 2s``
-  keep-alive, a fresh stack each round: Jain of requests (target >= 0.99) and
-  of the open connections midway.
+  keep-alive, a fresh stack each round: Jain of requests (target >= 0.99), of
+  the open connections midway, and of the CPU time each worker got.
 * ``uvloop``: 2 workers, shared mode with ``fdapp --loop uvloop`` and with
   asyncio, against tornado's ``fork_processes(2)`` in the same round, ``wrk -t
   2 -c 32 -d 3s``.  Target: shared+uvloop keep-alive >= 1.15x fork.  The same
@@ -206,12 +206,15 @@ def dispatch(workdir: Path, rounds: int) -> list[dict]:
         stack = FdStack(workdir, "dispatch8", 8, ("--dispatch",))
         try:
             start_many(stack)
+            before = [cpu_ms(pid) for pid in stack.worker_pids]
             got = wrk_load(stack, connections=64, duration=2.0, new_connection=False)
+            got["cpu_ms"] = [cpu_ms(pid) - b for pid, b in zip(stack.worker_pids, before,
+                                                                strict=True)]
         finally:
             stack.close()
         runs.append({"section": "dispatch", "round": r + 1, **got})
         log(f"round {r + 1} dispatch 8 workers keep-alive  jain {jain(got['per_worker']):.3f}"
-            f"  open {got['open']}")
+            f"  open {got['open']}  CPU ms {[round(c) for c in got['cpu_ms']]}")
     return runs
 
 
@@ -442,11 +445,14 @@ def dispatch_table(runs: list[dict]) -> str:
     jains = [jain(x["per_worker"]) for x in runs]
     opens = [jain(x["open"]) for x in runs if x["open"] and any(x["open"])]
     spreads = [max(x["open"]) - min(x["open"]) for x in runs if x["open"]]
+    # What the kernel gave each worker: equal CPU with unequal requests means
+    # the requests per CPU-second differed, which placement cannot change.
+    cpus = [jain(x["cpu_ms"]) for x in runs if x.get("cpu_ms")]
     return table([("Jain of requests", "target", "", "held in", "Jain of open conns",
-                   "open conns max-min"),
+                   "open conns max-min", "Jain of CPU time"),
                   (spread(jains, num(3)), f">= {DISPATCH_TARGET:g}",
                    verdict(jains, DISPATCH_TARGET, num(3)), held(jains, DISPATCH_TARGET),
-                   spread(opens, num(3)), spread(spreads, num(0)))])
+                   spread(opens, num(3)), spread(spreads, num(0)), spread(cpus, num(3)))])
 
 
 def uvloop_table(runs: list[dict]) -> str:

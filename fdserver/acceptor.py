@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import math
 import os
@@ -90,6 +91,7 @@ PAUSE = 0.001
 # the CPUs (see Acceptor._pause_length).
 VALVE_PAUSES = 8
 REPORT_INTERVAL = 0.02      # dispatch mode: at most 50 load reports a second
+BROKEN_LISTENER_PAUSE = 1.0  # a listener shut down by some holder: try again after
 SLACK = 1                   # connections over the share before yielding
 CPUS = len(os.sched_getaffinity(0))
 TCPI_UNACKED = 24           # struct tcp_info: a listener's accept queue length
@@ -215,9 +217,12 @@ class Acceptor:
 
     def _watch(self) -> None:
         for sock in self._sockets:
-            self._loop.add_reader(sock.fileno(), self._accept, sock,
-                                  _tornado.raw_accept(sock, self.fast), sock.family,
-                                  self._names.get(sock.fileno(), ""))
+            self._watch_one(sock)
+
+    def _watch_one(self, sock: socket.socket) -> None:
+        self._loop.add_reader(sock.fileno(), self._accept, sock,
+                              _tornado.raw_accept(sock, self.fast), sock.family,
+                              self._names.get(sock.fileno(), ""))
 
     def _unwatch(self) -> None:
         for sock in self._sockets:
@@ -286,7 +291,8 @@ class Acceptor:
         # *accept* is the socket's raw accept (what socket.accept() calls):
         # wrapping the descriptor here with the family known saves the enum
         # conversions socket.accept() does for every connection.
-        for fd, address in accepted(accept, ACCEPT_BATCH, self._accept_failed,
+        for fd, address in accepted(accept, ACCEPT_BATCH,
+                                    lambda exc: self._accept_failed(exc, sock),
                                     self._may_take if self.balance else None):
             if self._waiting > 1:       # never below 1 when bursts matter (see above)
                 self._waiting -= 1
@@ -314,11 +320,25 @@ class Acceptor:
             self._valve = True
         return not excess
 
-    def _accept_failed(self, exc: OSError) -> None:
+    def _accept_failed(self, exc: OSError, sock: socket.socket) -> None:
+        if exc.errno == errno.EINVAL:
+            # Shut down by some holder (it stays readable: watching it would
+            # spin); fdserver listens on it again within GUARD_INTERVAL.
+            log.warning("accept on listener fd %d failed: %s (shut down by a process "
+                        "holding it?); trying again in %gs", sock.fileno(), exc.strerror,
+                        BROKEN_LISTENER_PAUSE)
+            self._loop.remove_reader(sock.fileno())
+            self._loop.call_later(BROKEN_LISTENER_PAUSE, self._rewatch, sock)
+            return
         if exc.errno not in OUT_OF_DESCRIPTORS:
             raise exc
         log.warning("accept failed: %s; pausing", exc.strerror)
         self._pause(0.1)
+
+    def _rewatch(self, sock: socket.socket) -> None:
+        # Not while paused (resuming watches them all) or once closed.
+        if not self._paused and sock in self._sockets:
+            self._watch_one(sock)
 
     def _pause(self, seconds: float) -> None:
         if self._paused:

@@ -291,7 +291,8 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
             if listeners is None:
                 listeners, in_use = bind_all(specs, args.backlog,
                                              defer_in_use=args.recover_timeout > 0)
-                recovery = Recovery(in_use, args.recover_timeout) if in_use else None
+                recovery = (Recovery(in_use, args.recover_timeout, args.backlog) if in_use
+                            else None)
             setproctitle.setproctitle(
                 " ".join(["fdserver", *(sys.argv[1:] if argv is None else argv)]))
             if args.user:
@@ -308,7 +309,7 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
                allow=allow, notifier=notifier, recovery=recovery, dispatch=args.dispatch,
                unavailable_timeout=args.unavailable_timeout, tls=material,
                metrics_socket=metrics_socket, agent=agent, agent_linger=args.agent_linger,
-               proxy_listeners=frozenset(args.proxy_protocol)).run()
+               proxy_listeners=frozenset(args.proxy_protocol), backlog=args.backlog).run()
         return 0
 
     return _run("fdserver", body)

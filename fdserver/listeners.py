@@ -1,9 +1,25 @@
-"""Listening sockets: parse ``--bind`` specs, bind them, describe them."""
+"""Listening sockets: parse ``--bind`` specs, bind them, describe them, and
+put them right when a process holding them changed them.
+
+Every worker holds the very listening sockets fdserver holds, and the
+non-blocking flag (on the open file description) and the listening state
+are shared by all holders.  One worker's ``setblocking(True)`` would make
+everyone's accept wait for a connection, and its ``shutdown()`` would stop
+the port for all, outliving the worker.  So fdserver accepts only when poll
+says a connection waits (:func:`nonblocking_accept`), and checks its
+listeners every GUARD_INTERVAL, setting them back (:func:`put_right`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import fcntl
+import logging
+import os
+import select
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +27,9 @@ from .errors import AddressInUseError, BindError
 
 DEFAULT_NAME = "http"
 DEFAULT_BACKLOG = 1024
+GUARD_INTERVAL = 1.0        # seconds between checks of the listeners
+
+log = logging.getLogger("fdserver")
 
 
 @dataclass(frozen=True)
@@ -153,3 +172,97 @@ def _why(exc: OSError, port: int) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return "address not available on this host"
     return (exc.strerror or str(exc)).lower()
+
+
+def put_right(sock: socket.socket, backlog: int = DEFAULT_BACKLOG,
+              address: Any = None) -> list[str]:
+    """Undo what a holder of listening socket *sock* may have changed for all.
+
+    Sets O_NONBLOCK again if it was cleared, and listens again if the socket
+    was shut down.  A port given in the bind stays bound (listen() needs no
+    privilege); one the kernel chose (port 0) was let go, though getsockname()
+    still shows it, and is bound again to *address* (what getsockname() said
+    before).  Returns what was wrong, as phrases for a log line; raises
+    OSError if listening again failed (another socket took the port meanwhile).
+    """
+    wrong = []
+    flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)
+    if not flags & os.O_NONBLOCK:
+        fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        wrong.append("made blocking")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        wrong.append("shut down")
+        if address is not None:
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:   # EINVAL: still bound, as it should be
+                    raise
+        sock.listen(backlog)
+        if address is not None and sock.getsockname() != address:
+            raise OSError(errno.EADDRINUSE, f"listening again on {sock.getsockname()}")
+    return wrong
+
+
+def nonblocking_accept(sock: socket.socket,
+                       accept: Callable[[], tuple[int, Any]]) -> Callable[[], tuple[int, Any]]:
+    """*accept* (a raw accept of *sock*), called only when poll says a
+    connection waits: it cannot block even if a holder cleared O_NONBLOCK
+    (unless another holder takes that connection in between)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+
+    def guarded() -> tuple[int, Any]:
+        if not poller.poll(0):
+            raise BlockingIOError
+        return accept()
+    return guarded
+
+
+class ListenerGuard:
+    """Checks *listeners* every GUARD_INTERVAL and puts them right, saying so."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, listeners: list[Listener],
+                 backlog: int = DEFAULT_BACKLOG) -> None:
+        self._loop = loop
+        self._listeners = listeners
+        self._backlog = backlog
+        self._timer: asyncio.TimerHandle | None = None
+        self._failing: set[int] = set()        # listeners whose repair failed, logged once
+        # fd -> its bound address, from the start (a port the kernel chose
+        # is let go by a shutdown: getsockname() then says port 0)
+        self._addresses: dict[int, Any] = {listener.sock.fileno(): listener.sock.getsockname()
+                                           for listener in listeners}
+
+    def start(self) -> None:
+        self._timer = self._loop.call_later(GUARD_INTERVAL, self._tick)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        self.check()
+        self.start()
+
+    def check(self) -> None:
+        for listener in self._listeners:
+            fd = listener.sock.fileno()
+            if fd < 0:
+                continue
+            if fd not in self._addresses:
+                self._addresses[fd] = listener.sock.getsockname()
+            try:
+                wrong = put_right(listener.sock, self._backlog, self._addresses[fd])
+            except OSError as exc:
+                if fd not in self._failing:
+                    self._failing.add(fd)
+                    log.error("listener %s %s was shut down by a process holding it, and "
+                              "cannot listen again: %s", listener.name, listener.address,
+                              (exc.strerror or str(exc)).lower())
+                continue
+            self._failing.discard(fd)
+            if wrong:
+                log.warning("listener %s %s was %s by a process holding it (a worker); "
+                            "put right", listener.name, listener.address, " and ".join(wrong))

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .accept import accepted, raw_accept
-from .listeners import Listener
+from .listeners import Listener, nonblocking_accept
 from .metrics import HostMetrics
 from .peer import Peer, estimate, takes_connections
 from .protocol import Message
@@ -198,7 +198,8 @@ class NoWorkerAnswer:
 
     def _accept(self, listener: Listener) -> None:
         family = listener.sock.family
-        for fd, _ in accepted(raw_accept(listener.sock), ACCEPT_BATCH, self._accept_failed):
+        accept = nonblocking_accept(listener.sock, raw_accept(listener.sock))
+        for fd, _ in accepted(accept, ACCEPT_BATCH, self._accept_failed):
             conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             if listener.tls:
                 _read_and_close(conn)   # a TLS client can read no plain 503: it sees the close
@@ -206,7 +207,8 @@ class NoWorkerAnswer:
                 self._answer(conn)
 
     def _accept_failed(self, exc: OSError) -> None:
-        # Out of descriptors: stop watching for a moment, the backlog holds the rest.
+        # Out of descriptors (or a listener a holder shut down, which the
+        # ListenerGuard puts right): stop watching for a moment.
         log.warning("accept failed while answering 503: %s", exc.strerror)
         self._unwatch()
         self._loop.call_later(0.1, self._watch)
@@ -316,8 +318,8 @@ class Dispatcher:
     def _accept(self, listener: Listener) -> None:
         # The raw accept: a descriptor is all fdserver passes on, so no
         # socket object is built (and detached) for each connection.
-        taken = list(accepted(raw_accept(listener.sock), ACCEPT_BATCH,
-                              lambda exc: self._accept_failed(listener, exc)))
+        taken = list(accepted(nonblocking_accept(listener.sock, raw_accept(listener.sock)),
+                              ACCEPT_BATCH, lambda exc: self._accept_failed(listener, exc)))
         # Of this listener, not of its name: IPv4 and IPv6 ones may share one.
         family = listener.sock.family
         # One message per worker for what this wakeup accepted.
@@ -337,6 +339,7 @@ class Dispatcher:
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         # Out of descriptors: stop for a moment, the backlog holds the rest.
+        # (EINVAL: a holder shut the listener down; the ListenerGuard puts it right.)
         log.warning("accept on %s failed: %s", listener.address, exc.strerror)
         self.pause()
         self._backing_off = True

@@ -31,7 +31,7 @@ import struct
 from typing import Any
 
 from .errors import BindError, ProtocolError, TransportError
-from .listeners import BindSpec, Listener, format_address
+from .listeners import DEFAULT_BACKLOG, BindSpec, Listener, format_address, put_right
 from .transport import adopt_listener, close_fds
 
 DEFAULT_RECOVER_TIMEOUT = 10.0
@@ -68,10 +68,12 @@ def same_address(spec: BindSpec, sock: socket.socket) -> bool:
 class Recovery:
     """The --bind addresses still missing, and the rules for taking them back."""
 
-    def __init__(self, missing: list[BindSpec], timeout: float = DEFAULT_RECOVER_TIMEOUT) -> None:
+    def __init__(self, missing: list[BindSpec], timeout: float = DEFAULT_RECOVER_TIMEOUT,
+                 backlog: int = DEFAULT_BACKLOG) -> None:
         self.specs = list(missing)       # what could not be bound at start
         self.missing = list(missing)     # what no worker has handed back yet
         self.timeout = timeout
+        self.backlog = backlog           # to listen again on one a worker shut down
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as own:
             self.netns = netns_cookie(own)
         if self.netns is None:
@@ -106,19 +108,39 @@ class Recovery:
         try:
             for i, fd in enumerate(fds):
                 try:
-                    socks.append(adopt_listener(fd))
+                    socks.append(adopt_listener(fd, shut_down_ok=True))
                 except TransportError as exc:
                     close_fds(fds[i + 1:])
                     raise ProtocolError(f"handback refused: {exc}") from None
-            for sock in socks:
+            for sock in list(socks):
                 if self.netns is not None and netns_cookie(sock) != self.netns:
                     raise ProtocolError(
                         f"handback refused: the socket bound to {_address(sock)} is in "
                         "another network namespace")
                 if not any(same_address(spec, sock) for spec in self.specs):
+                    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                        # Shut down while no fdserver put it right: its port was
+                        # free, and this fdserver bound it afresh.  Dead, not hostile.
+                        log.warning("ignored the socket handed back for %s: a process "
+                                    "holding it had shut it down", _address(sock))
+                        socks.remove(sock)
+                        sock.close()
+                        continue
                     raise ProtocolError(
                         f"handback refused: a socket bound to {_address(sock)} matches no "
                         f"--bind address this fdserver recovers ({self.describe(self.specs)})")
+            for sock in socks:
+                # One shut down or made blocking by some holder is still the
+                # bound socket: fdserver's to put right, not a reason to lose it.
+                try:
+                    wrong = put_right(sock, self.backlog)
+                except OSError as exc:
+                    raise ProtocolError(
+                        f"handback refused: the socket bound to {_address(sock)} was shut "
+                        f"down and cannot listen again: {exc.strerror}") from None
+                if wrong:
+                    log.warning("the socket handed back for %s had been %s by a process "
+                                "holding it; put right", _address(sock), " and ".join(wrong))
         except BaseException:
             for sock in socks:
                 sock.close()

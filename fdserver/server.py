@@ -26,7 +26,7 @@ from .agent import Agent, Capacity, reply
 from .certificates import Material
 from .errors import ProtocolError
 from .hostdrain import DrainState
-from .listeners import Listener
+from .listeners import DEFAULT_BACKLOG, Listener, ListenerGuard
 from .metrics import HostMetrics
 from .peer import Peer, estimate, iso_time
 from .peerlog import PeerLog
@@ -104,8 +104,11 @@ class Server:
         agent: tuple[socket.socket, Capacity, DrainState] | None = None,
         agent_linger: float = 2.0,
         proxy_listeners: frozenset[str] = frozenset(),
+        backlog: int = DEFAULT_BACKLOG,
     ) -> None:
         self.listeners = listeners
+        self.backlog = backlog
+        self._guard: ListenerGuard | None = None
         self.socket_file = socket_file
         self.handshake_timeout = handshake_timeout
         self.ctl_idle_timeout = ctl_idle_timeout
@@ -234,6 +237,8 @@ class Server:
 
     def _serving(self) -> None:
         self.metrics.listener_names |= {listener.name for listener in self.listeners}
+        self._guard = ListenerGuard(self._loop, self.listeners, self.backlog)
+        self._guard.start()
         if self.mode == "dispatch":
             self._placement = Dispatcher(self._loop, self.listeners, self._unsorted_workers,
                                          wait_timeout=self.unavailable_timeout,
@@ -253,6 +258,8 @@ class Server:
     def _shut_down(self) -> None:
         self._notify("STOPPING=1", "STATUS=stopping; workers keep serving")
         self._loop.remove_reader(self.socket_file.sock.fileno())
+        if self._guard is not None:
+            self._guard.close()
         if self._endpoint is not None:
             self._endpoint.close()
         if self.agent:

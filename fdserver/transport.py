@@ -67,10 +67,12 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", creds)
 
 
-def adopt_listener(fd: int) -> socket.socket:
+def adopt_listener(fd: int, shut_down_ok: bool = False) -> socket.socket:
     """Wrap a received descriptor, checking it is a listening stream socket.
 
-    Closes *fd* and raises TransportError if it is anything else.
+    Closes *fd* and raises TransportError if it is anything else.  With
+    *shut_down_ok*, a TCP socket some holder shut down (no longer listening)
+    passes too: the caller checks its address and listens on it again.
     """
     try:
         sock = socket.socket(fileno=fd)
@@ -84,7 +86,7 @@ def adopt_listener(fd: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise TransportError(f"cannot inspect received socket: {exc.strerror}") from None
-    if kind != socket.SOCK_STREAM or not listening:
+    if kind != socket.SOCK_STREAM or not (listening or shut_down_ok):
         sock.close()
         raise TransportError("received descriptor is not a listening stream socket")
     if sock.family not in (socket.AF_INET, socket.AF_INET6) or proto != socket.IPPROTO_TCP:

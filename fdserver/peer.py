@@ -52,6 +52,7 @@ class Peer:
     resumed: Reported | None = None  # the state it says it resumes in, until shown
     holds: bool = False              # was given, or has shown, this fdserver's listeners
     shown: set[tuple[int, int]] = field(default_factory=set)   # sockets it handed back
+    handbacks: int = 0               # handback frames it sent (bounded: see server)
     beat_at: float = 0.0             # monotonic time of its last heartbeat (feature)
     lag: float = 0.0                 # how late its loop ran, as it last said
     tls_given: bool = False          # was sent TLS material: it is sent every renewal

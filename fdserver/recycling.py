@@ -7,7 +7,8 @@ replacement is up), so capacity never drops by more than one worker.  If no
 replacement comes within *patience* seconds, the turns go on anyway (a
 supervisor that does not restart exited workers must not stop recycling),
 and so they do if the worker given the turn has not started draining within
-*patience*: one worker cannot hold the turn for ever.
+*patience*, or is not gone within another *patience* of draining: one
+worker cannot hold the turn for ever.
 """
 
 from __future__ import annotations
@@ -76,13 +77,26 @@ class Recycler:
                 self._overdue_timer = self._loop.call_later(self._patience, self._overdue, peer)
                 return
 
-    def _overdue(self, peer: Peer) -> None:
+    def _overdue(self, peer: Peer, second_look: bool = False) -> None:
         self._overdue_timer = None
-        if self._current is peer and peer.state == "ready":
+        if self._current is not peer:
+            return
+        if peer.state == "ready":
             log.warning("worker pid %d had its turn to recycle for %gs and did not drain; "
                         "the next one goes", peer.pid, self._patience)
-            self._done()
-            self.changed()
+        elif peer.state == "draining" and not second_look:
+            # Draining: another patience to finish (fdapp's own drain gives
+            # up after its --graceful-timeout, 30 s by default).
+            self._overdue_timer = self._loop.call_later(self._patience, self._overdue, peer,
+                                                        True)
+            return
+        elif peer.state == "draining":
+            log.warning("worker pid %d has drained for its turn to recycle for over %gs; "
+                        "the next one goes", peer.pid, self._patience)
+        else:
+            return              # gone: changed() decides
+        self._done()
+        self.changed()
 
     def _give_up_waiting(self) -> None:
         self._timer = None

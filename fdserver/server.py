@@ -33,6 +33,7 @@ from .peerlog import PeerLog
 from .placement import Dispatcher, SharePublisher
 from .privileges import AllowList
 from .protocol import (
+    MAX_FDS_PER_FRAME,
     MAX_INT,
     PROTOCOL_VERSION,
     REPORTED_STATES,
@@ -74,6 +75,10 @@ log = logging.getLogger("fdserver")
 # After an fdserver restart, no recycling turn for this long (fdapp's default
 # --graceful-timeout): a worker recycling meanwhile drains without re-registering.
 RECYCLE_HOLD_AFTER_RESTART = 30.0
+# A handback comes in frames of at most MAX_FDS_PER_FRAME sockets: this many
+# carry far more listeners than any fdserver binds, and bound what a worker
+# can make fdserver remember (the identities of what it handed back).
+MAX_HANDBACK_FRAMES = 16
 
 
 # A message handler: the message is of the type its key in Server._handlers names.
@@ -458,6 +463,11 @@ class Server:
                                "answer this fdserver's welcome", peer.pid, peer.uid)
             raise ProtocolError("handback refused: it does not carry the token of this "
                                 "fdserver's welcome")
+        peer.handbacks += 1
+        if peer.handbacks > MAX_HANDBACK_FRAMES:
+            close_fds(fds)
+            raise ProtocolError(f"handback refused: more than {MAX_HANDBACK_FRAMES} frames "
+                                f"({MAX_HANDBACK_FRAMES * MAX_FDS_PER_FRAME} listeners)")
         peer.shown |= _identities(fds)
         if self.recovery:
             self._recover(peer, self.recovery, message, fds)

@@ -310,6 +310,36 @@ def test_descriptors_sent_to_fdserver_are_refused_and_closed(
         close_fds((r, w))
 
 
+def test_a_handback_that_never_ends_is_cut_off(start_fdserver, start_fdapp):
+    # Each frame says "more"; fdserver remembers what each one showed.  A
+    # worker sending them for ever grew fdserver's memory without bound.
+    from fdserver.server import MAX_HANDBACK_FRAMES
+
+    server = start_fdserver()
+    channel, welcome = client_connect(server.socket, "worker", resume={"state": "ready"})
+    r, w = os.pipe()
+    try:
+        assert welcome["handback"]
+        for _ in range(MAX_HANDBACK_FRAMES):
+            channel.send({"type": "handback", "fds": 1, "more": True,
+                          "token": welcome["token"],
+                          "listeners": [{"name": "http", "family": "AF_INET",
+                                         "address": "x"}]}, [w])
+        # Not yet refused: that many frames are allowed.
+        assert_still_open(channel.sock)
+        channel.send({"type": "handback", "fds": 1, "more": True, "token": welcome["token"],
+                      "listeners": [{"name": "http", "family": "AF_INET", "address": "x"}]},
+                     [w])
+        os.close(w)
+        assert_refused(channel.sock, rf"^handback refused: more than {MAX_HANDBACK_FRAMES} "
+                                     r"frames")
+        assert_all_closed(r)
+        assert_serving(server, start_fdapp)
+    finally:
+        channel.close()
+        close_fds((r, w))
+
+
 # -- floods ----------------------------------------------------------------------------
 
 def test_ctl_that_floods_requests_and_never_reads_is_cut_off(start_fdserver, start_fdapp):

@@ -85,3 +85,17 @@ def test_a_worker_that_asks_twice_is_queued_once():
         except BlockingIOError:
             pass
     asyncio.run(main())
+
+
+def test_a_worker_that_drains_for_ever_does_not_hold_the_turn():
+    async def main() -> None:
+        ready = [2]
+        (first, second), recycler, (first_end, second_end) = await turns_given(2, 0.2, ready)
+        recycler.ask(first)
+        recycler.ask(second)
+        assert (await next_message(first_end))["type"] == "recycle"
+        first.state = "draining"          # it says so, and never goes
+        recycler.changed()
+        # Not at the first patience (it is draining), but at the next one.
+        assert (await next_message(second_end, timeout=5.0))["type"] == "recycle"
+    asyncio.run(main())

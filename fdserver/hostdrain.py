@@ -12,7 +12,8 @@ rotation; anything else means drained (a damaged file must never undo a
 drain).
 
 Opened with care, since fdserver may run as root there: the folder must
-belong to root or fdserver's user and be writable by its owner only; the
+belong to root or fdserver's user and be writable by its owner only, and
+the folders above it checked as the socket's are; the
 file is never followed through a symbolic link, and a file fdserver did not
 create is used only if it is a regular file of root or fdserver's user with
 no other name (a hard link could point at any file).  fdserver never changes
@@ -27,7 +28,8 @@ import os
 import stat
 from collections.abc import Collection
 
-from .errors import FdserverError
+from .errors import FdserverError, SocketFileError
+from .socketfile import check_ancestors
 
 log = logging.getLogger("fdserver")
 
@@ -80,6 +82,13 @@ def _open(path: str, trusted: set[int]) -> int:
         dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise refuse(f"folder {folder}: {_cause(exc)}") from None
+    try:
+        # The folders above too, as for the socket: one another user may
+        # write to could swap this folder for a link to any other.
+        check_ancestors(folder, trusted, f"--drain-file {path}: folder")
+    except SocketFileError as exc:
+        os.close(dir_fd)
+        raise FdserverError(str(exc)) from None
     try:
         st = os.fstat(dir_fd)
         if st.st_uid not in trusted:

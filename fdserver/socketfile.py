@@ -117,11 +117,18 @@ def check_folder(folder: str, trusted: Collection[int]) -> None:
             f"{stat.S_IMODE(st.st_mode):04o}): another user could take over the socket path; "
             f"use a folder only root or fdserver's user can write to (e.g. /run/fdserver, "
             f"mode 0750)")
+    check_ancestors(folder, trusted)
+
+
+def check_ancestors(folder: str, trusted: Collection[int], label: str = "socket folder") -> None:
+    """Refuse *folder* (a socket folder, or what *label* says) if a folder
+    above it could let someone untrusted replace it (see check_folder), on
+    the path as given and as the kernel resolves it."""
     for path in {folder, os.path.realpath(folder)}:
-        _check_ancestors(path, trusted)
+        _check_ancestors(path, trusted, label)
 
 
-def _check_ancestors(path: str, trusted: Collection[int]) -> None:
+def _check_ancestors(path: str, trusted: Collection[int], label: str) -> None:
     child = path
     while True:
         parent = os.path.dirname(child)
@@ -129,16 +136,16 @@ def _check_ancestors(path: str, trusted: Collection[int]) -> None:
             child_st = os.lstat(child)
             parent_st = os.stat(parent)
         except OSError as exc:
-            raise SocketFileError(f"socket folder {path}: cannot check {child}: "
+            raise SocketFileError(f"{label} {path}: cannot check {child}: "
                                   f"{exc.strerror}") from None
         if parent_st.st_uid not in trusted:
             raise SocketFileError(
-                f"socket folder {path}: {parent} belongs to {_user(parent_st.st_uid)}, who "
+                f"{label} {path}: {parent} belongs to {_user(parent_st.st_uid)}, who "
                 f"could replace {child}")
         if parent_st.st_mode & 0o022 and not (parent_st.st_mode & stat.S_ISVTX
                                               and child_st.st_uid in trusted):
             raise SocketFileError(
-                f"socket folder {path}: {parent} is writable by others (mode "
+                f"{label} {path}: {parent} is writable by others (mode "
                 f"{stat.S_IMODE(parent_st.st_mode):04o}), so {child} could be replaced")
         if parent == child or parent == "/":
             return

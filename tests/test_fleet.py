@@ -442,6 +442,11 @@ def test_an_unsafe_drain_file_is_refused(sockdir, tmp_path_factory):
     os.chown(folder / "theirs", 65534, 65534)
     (folder / "open").mkdir()
     os.chmod(folder / "open", 0o777)
+    # A root-owned folder inside one that another user owns: they could
+    # swap it for a link to any folder (and have root write there).
+    (folder / "users").mkdir()
+    (folder / "users" / "state").mkdir()
+    os.chown(folder / "users", 65534, 65534)
     cases = {
         "link": "is a symbolic link; refusing to follow it",
         "hardlink": "has other names (hard links); refusing to use it",
@@ -449,6 +454,8 @@ def test_an_unsafe_drain_file_is_refused(sockdir, tmp_path_factory):
         "theirs": "belongs to uid 65534, neither root nor fdserver's user; refusing",
         "missing/drained": f"folder {folder}/missing: no such file or directory",
         "open/drained": f"folder {folder}/open is writable by others (mode 0777)",
+        "users/state/drained": (f"{folder}/users belongs to user nobody (uid 65534), who "
+                                f"could replace {folder}/users/state"),
     }
     for name, why in cases.items():
         path = folder / name

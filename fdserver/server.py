@@ -388,6 +388,11 @@ class Server:
                 f"this fdserver serves TLS on {', '.join(sorted(self.renewal.files.listeners))}"
                 "; this worker does not read TLS material (fdapp does; with "
                 "fdserver.client.register, pass features=('tls',))")
+        if role == "worker" and self.proxy_listeners and "proxy" not in peer.features:
+            # It would take the PROXY header for the request (a resumed one too).
+            raise ProtocolError("this worker does not read the PROXY protocol header "
+                                f"listener {sorted(self.proxy_listeners)[0]} needs "
+                                "(fdserver --proxy-protocol): upgrade the app's fdserver")
         peer.role = role
         peer.beat_at = time.monotonic()         # the first heartbeat is due from now
         if peer.timer:
@@ -422,10 +427,6 @@ class Server:
             self._recycler.hold(RECYCLE_HOLD_AFTER_RESTART)
             self._worker_changed(peer)
         elif peer.role == "worker":
-            if self.proxy_listeners and "proxy" not in peer.features:
-                raise ProtocolError("this worker does not read the PROXY protocol header "
-                                    f"listener {sorted(self.proxy_listeners)[0]} needs "
-                                    "(fdserver --proxy-protocol): upgrade the app's fdserver")
             peer.state = "starting"
             if self.recovery:
                 self._deferred.append(peer)      # listeners follow once recovered

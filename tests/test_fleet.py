@@ -181,6 +181,11 @@ def test_an_old_worker_is_refused_a_proxy_listener(start_fdserver):
     with pytest.raises(FdserverError, match="does not read the PROXY protocol header "
                                             "listener http needs"):
         register(server.socket, features=("share",))
+    # Nor resumed after an fdserver restart: it would then count ready.
+    from fdserver.client import connect
+    with pytest.raises(FdserverError, match="does not read the PROXY protocol header "
+                                            "listener http needs"):
+        connect(server.socket, "worker", resume={"state": "ready"}, features=["share"])
 
 
 def test_forwarded_for_is_believed_from_listed_proxies_only(start_fdserver, start_fdapp):

@@ -39,24 +39,31 @@ class Admission:
         self.max_ctl_per_uid = max_ctl_per_uid
         self.max_workers_per_uid = max_workers_per_uid
 
+    def reserved(self, uid: int, gid: int) -> bool:
+        """Whether room is kept for this peer: root, fdserver's own user, and
+        with an allow-list the users it allows (their workers serve the site:
+        another user's connections, from however many uids, must not keep
+        them out)."""
+        return uid in (0, os.getuid()) or (self.allow.restricted and
+                                           self.allow.allows(uid, gid))
+
     def make_room(self, peers: Collection[Peer], conn: socket.socket, pid: int,
-                  uid: int) -> bool:
-        """Whether *conn* (from *pid*, *uid*) may join *peers*.
+                  uid: int, gid: int) -> bool:
+        """Whether *conn* (from *pid*, *uid*, *gid*) may join *peers*.
 
         Closes the oldest silent peer if that makes room; if none may go,
         closes *conn*, saying why.
         """
         pending = [p for p in peers if p.role is None]
         same_uid = [p for p in pending if p.uid == uid]
-        reserved = (0, os.getuid())
-        limit = self.max_peers - (0 if uid in reserved else min(RESERVED_PEERS,
-                                                                self.max_peers // 4))
+        reserved = self.reserved(uid, gid)
+        limit = self.max_peers - (0 if reserved else min(RESERVED_PEERS, self.max_peers // 4))
         if len(same_uid) >= self.max_pending_per_uid:
             self._evict(min(same_uid, key=lambda p: p.connected_at))
         elif len(peers) >= limit:
             # Room kept for root must not be taken by evicting root's own.
-            evictable = pending if uid in reserved else [p for p in pending
-                                                         if p.uid not in reserved]
+            evictable = pending if reserved else [p for p in pending
+                                                  if not self.reserved(p.uid, p.gid)]
             if not evictable:
                 self._refuse_full(peers, conn, pid, uid, limit)
                 return False

@@ -5,7 +5,8 @@ warning line per refusal would let them fill the disk.  Each uid gets its
 own budget, so that one user's flood cannot hide another's refusal: past
 *burst* lines for a uid in a *window*, its lines are counted instead, and
 one summary line names the uids and counts suppressed once the window ends
-(or at shutdown).
+(or at shutdown).  All uids together get TOTAL_BURSTS budgets a window: a
+user with subordinate uids (rootless containers) has thousands of them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import collections
 import logging
 import time
 from typing import Any
+
+TOTAL_BURSTS = 10       # all uids together: this many uids' worth of lines a window
 
 
 class PeerLog:
@@ -34,7 +37,7 @@ class PeerLog:
         if now - self._started >= self.window and not self.suppressed:
             self._started = now
             self._logged.clear()
-        if self._logged[uid] < self.burst:
+        if self._logged[uid] < self.burst and self._logged.total() < self.burst * TOTAL_BURSTS:
             self._logged[uid] += 1
             self.log.warning(message, *args)
             return

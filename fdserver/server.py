@@ -303,7 +303,7 @@ class Server:
 
     def _admit(self, conn: socket.socket) -> None:
         pid, uid, gid = peer_credentials(conn)
-        if not self._admission.make_room(self.peers, conn, pid, uid):
+        if not self._admission.make_room(self.peers, conn, pid, uid, gid):
             self.metrics.refused += 1
             return
         # The callbacks run from the loop's next pass on, once *peer* exists.

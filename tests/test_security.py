@@ -412,6 +412,31 @@ def test_a_flood_of_garbage_connections_logs_a_bounded_number_of_lines(start_fds
     assert logged + suppressed == flood, server.output
 
 
+def test_warnings_from_thousands_of_uids_are_bounded_too():
+    # One user with subordinate uids has thousands: each uid's budget alone
+    # would let them log 20 lines per uid per window.
+    import logging
+
+    from fdserver.peerlog import TOTAL_BURSTS, PeerLog
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("test-peerlog")
+    logger.propagate = False
+    logger.addHandler(Keep())
+    peer_log = PeerLog(logger, burst=20, window=3600)
+    for uid in range(100_000, 100_000 + 1000):
+        for _ in range(20):
+            peer_log.warning(uid, "refused uid %d", uid)
+    assert len(lines) == 20 * TOTAL_BURSTS
+    peer_log.flush()
+    assert lines[-1].startswith(f"suppressed {1000 * 20 - 20 * TOTAL_BURSTS} more warnings")
+
+
 @root_only
 def test_one_users_flood_does_not_hide_another_users_refusal(users, procs, start_fdserver,
                                                              public_dir):
@@ -502,6 +527,23 @@ for _ in range(count):
 print(json.dumps({"held": len(held), "last": last}), flush=True)
 import signal; signal.pause()      # hold them until the test kills it
 """
+
+
+@root_only
+def test_the_last_connections_are_kept_for_the_allowed_workers_too(users, procs,
+                                                                   start_fdserver, public_dir):
+    # Another user's connections (from however many uids: subordinate uids
+    # give one user thousands) must not keep the site's workers out.
+    server = start_fdserver("--socket-mode", "0666", "--max-connections", "80",
+                            "--allow-user", APP_USER, dir=public_dir)
+    crowd = procs.start([SYSTEM_PYTHON, "-c", CROWD, server.socket, "64"], cwd="/",
+                        **as_user(OTHER_USER))
+    report = json.loads(crowd.wait_for_line(r"^\{", timeout=60).string)
+    assert report["held"] == 80 - 20, report          # a quarter kept
+    workers = procs.start([SYSTEM_PYTHON, "-c", HOARDER, server.socket, "5"], cwd="/",
+                          **as_user(APP_USER))
+    assert json.loads(workers.wait_for_line(r"^\{", timeout=60).string) == {
+        "held": 5, "refused": 0, "last": []}
 
 
 @root_only

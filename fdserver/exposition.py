@@ -9,11 +9,13 @@ while at least one worker is ready (and not unresponsive), 503 otherwise.
 The metrics are listed in docs/metrics.md.
 
 The endpoint runs on fdserver's event loop, and everything it reads from a
-client is bounded: at most MAX_CLIENTS connections at once (more are closed
-at once), a request head of at most MAX_HEAD bytes within READ_TIMEOUT
-seconds, one request per connection, and a response the client must take
-within WRITE_TIMEOUT seconds.  A slow or hostile scraper costs one
-connection slot, never the loop.
+client is bounded: at most MAX_CLIENTS connections at once, a request head
+of at most MAX_HEAD bytes within READ_TIMEOUT seconds, one request per
+connection, and a response the client must take within WRITE_TIMEOUT
+seconds.  A slow or hostile scraper costs one connection slot, never the
+loop.  When all are taken, the one that has waited longest for its request
+makes room (a balancer's health check sends its request at once): a pile of
+idle connections cannot keep /health from answering.
 """
 
 from __future__ import annotations
@@ -178,6 +180,8 @@ class MetricsEndpoint:
         self.registry.register(collector)
         self.ready = ready
         self.clients = 0
+        # Connections still waiting for their request head, oldest first.
+        self._waiting: dict[asyncio.WriteTransport, None] = {}
         self.address = address_of(sock)
         self._server: asyncio.base_events.Server | None = None
 
@@ -191,11 +195,19 @@ class MetricsEndpoint:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.clients >= MAX_CLIENTS:
-            writer.transport.abort()
-            return
+            if not self._waiting:
+                writer.transport.abort()        # all busy taking their answers
+                return
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.abort()                      # its _serve ends and frees the slot
         self.clients += 1
+        self._waiting[writer.transport] = None
         try:
-            answer = await self._answer(reader)
+            try:
+                answer = await self._answer(reader)
+            finally:
+                self._waiting.pop(writer.transport, None)
             if answer is not None:
                 writer.write(answer)
                 await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)

@@ -155,6 +155,22 @@ def test_health_families_and_status(start_fdserver, start_fdapp):
     assert fetch(server.metrics, "/health")[0] == 503
 
 
+def test_idle_connections_cannot_keep_health_from_answering(start_fdserver, start_fdapp):
+    # Anyone who can reach the endpoint could hold every slot with idle
+    # connections, and a balancer would mark the host down.
+    from fdserver.exposition import MAX_CLIENTS
+
+    server = start_with_metrics(start_fdserver)
+    start_fdapp(server)
+    idle = [socket.create_connection(tuple_of(server.metrics)) for _ in range(MAX_CLIENTS + 8)]
+    try:
+        for _ in range(3):
+            assert fetch(server.metrics, "/health")[:2] == (200, "ok: 1 ready\n")
+    finally:
+        for sock in idle:
+            sock.close()
+
+
 def tuple_of(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host, int(port)

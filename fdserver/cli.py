@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 import setproctitle
 
 from . import __version__
-from .errors import FdserverError, ReloadError, UsageError
+from .errors import ConnectError, FdserverError, ReloadError, UsageError
 
 EXIT_ERROR = 1
 # fdctl drain --wait: fdserver waits at most this long (fdserver.server).
@@ -248,6 +248,8 @@ def fdserver_main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("--agent-capacity 0: at least 1")
         if args.max_connections < 16:
             raise UsageError(f"--max-connections {args.max_connections}: at least 16")
+        if args.backlog < 1:
+            raise UsageError(f"--backlog {args.backlog}: at least 1")
         if args.group and not args.user:
             raise UsageError("--group needs --user")
         uid = privileges.uid_of(args.user) if args.user else os.getuid()
@@ -492,9 +494,21 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
         target = load_app(args.app)
 
         def registration() -> Registration:
-            return register(args.socket, connect_timeout=args.connect_timeout,
-                            features=features(not args.no_balance),
-                            server_uids=server_uids)
+            def attempt(timeout: float) -> Registration:
+                return register(args.socket, connect_timeout=timeout,
+                                features=features(not args.no_balance),
+                                server_uids=server_uids)
+            if args.connect_timeout <= 0:
+                return attempt(0)
+            try:
+                return attempt(0)
+            except ConnectError as exc:
+                if not exc.reason:
+                    raise           # someone answered, wrongly: no point waiting
+                # Started before fdserver: say what it waits for, not nothing.
+                logging.getLogger("fdapp").info("waiting up to %gs for fdserver at %s (%s)",
+                                                args.connect_timeout, args.socket, exc.reason)
+            return attempt(args.connect_timeout)
 
         title = f"fdapp {args.app} --socket {args.socket}"
         setproctitle.setproctitle(title)
@@ -612,7 +626,8 @@ def _drain(args: argparse.Namespace) -> int:
         return 0
     if waiting:
         print(f"fdctl: error: after {wait:g}s, not told yet: {', '.join(waiting)} "
-              f"(told: {', '.join(told) or 'none'})", file=sys.stderr)
+              f"(told: {', '.join(told) or 'none'}); the host stays drained until fdctl "
+              "undrain", file=sys.stderr)
         return EXIT_ERROR
     print(f"drained; told {', '.join(told)}" if told else
           "drained; no balancer asked the agent in the last minute")

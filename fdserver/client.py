@@ -123,8 +123,9 @@ def connect(path: str, role: Role, timeout: float = DEFAULT_CONNECT_TIMEOUT,
         except _Retry as why:
             delay = next(delays)
             if time.monotonic() + delay > deadline:
-                raise ConnectError(f"no fdserver answered at {path} within {timeout:g}s "
-                                   f"({why}); is fdserver running?") from None
+                within = f" within {timeout:g}s" if timeout > 0 else ""
+                raise ConnectError(f"no fdserver answered at {path}{within} ({why}); "
+                                   "is fdserver running?", str(why)) from None
             time.sleep(delay)
 
 

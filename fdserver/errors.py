@@ -30,7 +30,11 @@ class SocketFileError(FdserverError):
 
 
 class ConnectError(FdserverError):
-    """No fdserver answered at the socket path."""
+    """No fdserver answered at the socket path; *reason*: why, in a few words."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class UntrustedServerError(ConnectError):

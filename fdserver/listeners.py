@@ -89,11 +89,16 @@ def parse_bind(spec: str) -> BindSpec:
     else:
         host, sep, port = rest.rpartition(":")
         family = socket.AF_INET
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if sep and host and port.isdigit() and int(port) > 65535:
+        raise BindError(f"--bind {spec}: port {int(port)} is out of range (0-65535)")
+    if not sep or not host or not port.isdigit():
         raise BindError(f"--bind {spec}: expected HOST:PORT, e.g. 0.0.0.0:80 or [::]:80")
     try:
         socket.inet_pton(family, host)
     except OSError:
+        if family == socket.AF_INET and ":" in host:
+            raise BindError(f"--bind {spec}: an IPv6 address goes in brackets: "
+                            f"[{host}]:{port}") from None
         raise BindError(f"--bind {spec}: {host!r} is not a numeric IP address") from None
     return BindSpec(name, host, int(port), family)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -66,11 +67,23 @@ def test_bind_low_port_without_privilege(public_dir):
     assert "CAP_NET_BIND_SERVICE" in err
 
 
-@pytest.mark.parametrize("spec", ["80", "localhost:80", "0.0.0.0:http", "[::]80",
-                                  "0.0.0.0:70000", "bad name=0.0.0.0:80", "::1:80"])
-def test_malformed_bind_spec(sockdir, spec):
+@pytest.mark.parametrize("spec, why", [
+    ("80", "expected HOST:PORT"), ("localhost:80", "'localhost' is not a numeric IP address"),
+    ("0.0.0.0:http", "expected HOST:PORT"), ("[::]80", "expected HOST:PORT"),
+    ("0.0.0.0:70000", "port 70000 is out of range (0-65535)"),
+    ("bad name=0.0.0.0:80", "listener name 'bad name' must be a word"),
+    ("::1:80", "an IPv6 address goes in brackets: [::1]:80")])
+def test_malformed_bind_spec(sockdir, spec, why):
     result = run(fdserver_cmd(str(sockdir / "fd.sock"), spec))
-    assert_one_line_error(result, f"--bind {spec}")
+    assert_one_line_error(result, f"--bind {spec}: {why}")
+
+
+@pytest.mark.parametrize("flag, value, why", [("--backlog", "-5", "at least 1"),
+                                              ("--backlog", "0", "at least 1"),
+                                              ("--max-connections", "8", "at least 16")])
+def test_a_number_out_of_range_is_refused(sockdir, flag, value, why):
+    result = run([*fdserver_cmd(str(sockdir / "fd.sock"), "127.0.0.1:0"), flag, value])
+    assert_one_line_error(result, f"fdserver: error: {flag} {value}: {why}")
 
 
 def test_socket_folder_missing(sockdir):
@@ -109,7 +122,12 @@ def test_stale_socket_is_replaced(start_fdserver, start_fdapp, sockdir):
 def test_fdapp_without_fdserver_gives_up_naming_the_path(sockdir):
     path = str(sockdir / "absent.sock")
     result = run([script("fdapp"), "app:make_app", "--socket", path, "--connect-timeout", "0.3"])
-    assert_one_line_error(result, f"no fdserver answered at {path} within 0.3s")
+    # What it waited for (a log line), then the error, one line.
+    waited, error = result.stderr.strip().splitlines()
+    assert waited.endswith(f" INFO waiting up to 0.3s for fdserver at {path} (no such file)")
+    assert_one_line_error(subprocess.CompletedProcess(result.args, result.returncode,
+                                                      result.stdout, error),
+                          f"no fdserver answered at {path} within 0.3s")
 
 
 @pytest.mark.parametrize("spec, fragment", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 
@@ -111,6 +112,9 @@ def test_fdapp_exits_zero_on_stop_signal(start_fdserver, start_fdapp, signum):
 def test_fdapp_starts_before_fdserver(procs, start_fdserver, sockdir):
     path = str(sockdir / "fd.sock")
     worker = procs.start([script("fdapp"), "app:make_app", "--socket", path])
+    # It says what it waits for (before, nothing: it looked hung).
+    worker.wait_for_line(rf"INFO waiting up to 10s for fdserver at {re.escape(path)} "
+                         r"\(no such file\)$")
     server = start_fdserver()        # same path: the worker's retries find it
     worker.wait_for_line(r"ready: serving")
     server.wait_state(worker.pid, "ready")

@@ -363,7 +363,9 @@ def test_drain_wait_returns_once_the_balancer_was_told(start_fdserver, start_fda
     run([*ctl, "undrain"])
     result = run([*ctl, "drain", "--wait", "0.5"])
     assert result.returncode == 1 and result.stderr == \
-        "fdctl: error: after 0.5s, not told yet: 127.0.0.1 (told: none)\n", result.stderr
+        "fdctl: error: after 0.5s, not told yet: 127.0.0.1 (told: none); the host stays " \
+        "drained until fdctl undrain\n", result.stderr
+    assert server.status()["server"]["drained"]
 
 
 def test_drain_needs_an_agent(start_fdserver):

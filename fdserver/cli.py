@@ -547,23 +547,31 @@ def _stopped_during_start_up(signum: int, frame: object) -> None:
 
 def fdctl_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fdctl", description="Operate a running fdserver.")
-    p.add_argument("--socket", required=True, metavar="PATH", help="fdserver's Unix socket")
+    p.add_argument("--socket", metavar="PATH",
+                   help="fdserver's Unix socket (required; before or after the command)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    status = sub.add_parser("status", help="listeners and workers, with their states")
+    # After the command too: "fdctl status --socket PATH" is what people type.
+    socket_too = argparse.ArgumentParser(add_help=False)
+    socket_too.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+                            help="fdserver's Unix socket")
+    subparsers = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, what: str) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, help=what, parents=[socket_too])
+    status = command("status", "listeners and workers, with their states")
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    drain = sub.add_parser(
-        "drain", help="take this host out of the balancer's rotation: fdserver's agent "
+    drain = command(
+        "drain","take this host out of the balancer's rotation: fdserver's agent "
                       "answers 'drain' (open connections carry on) until undrain, across "
                       "fdserver restarts")
     drain.add_argument("--wait", type=_wait_seconds, metavar="SECONDS",
                        help="return once every balancer that asked the agent in the last "
                             "minute has been told (it then sends no new request), or fail "
                             "after SECONDS (at most 3600)")
-    sub.add_parser("undrain", help="put this host back into the balancer's rotation")
-    rolling = sub.add_parser(
+    command("undrain", "put this host back into the balancer's rotation")
+    rolling = command(
         "rolling-restart",
-        help="restart app processes one at a time through supervisord, each only "
+        "restart app processes one at a time through supervisord, each only "
              "after the previous replacement reported ready")
     rolling.add_argument("--supervisor", required=True, metavar="URL",
                          help="supervisord's server URL: unix:///path/supervisor.sock "
@@ -574,14 +582,17 @@ def fdctl_parser() -> argparse.ArgumentParser:
     rolling.add_argument("--ready-timeout", type=_positive, default=60.0, metavar="SECONDS",
                          help="give up if a replacement is not ready this long after its "
                               "start (default %(default)s)")
-    sub.add_parser("reload", help="re-read the TLS certificate and key and put them in "
-                                  "service in every worker, with no restart (as SIGHUP); "
-                                  "if they fail the checks, the ones in service stay")
+    command("reload", "re-read the TLS certificate and key and put them in service in every "
+                      "worker, with no restart (as SIGHUP); if they fail the checks, the ones in "
+                      "service stay")
     return p
 
 
 def fdctl_main(argv: Sequence[str] | None = None) -> int:
-    args = fdctl_parser().parse_args(argv)
+    parser = fdctl_parser()
+    args = parser.parse_args(argv)
+    if not args.socket:
+        parser.error("the following arguments are required: --socket")
 
     def body() -> int:
         from .ctl import Control, format_status

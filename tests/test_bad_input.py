@@ -186,3 +186,14 @@ def test_out_of_range_seconds(argv, line):
     result = run([script(argv[0]), *argv[1:]])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1] == line, result.stderr
+
+
+def test_fdctl_takes_the_socket_before_or_after_the_command(start_fdserver):
+    server = start_fdserver()
+    for argv in (["--socket", server.socket, "status"], ["status", "--socket", server.socket]):
+        result = run([script("fdctl"), *argv])
+        assert result.returncode == 0, result
+        assert result.stdout.startswith(f"fdserver pid {server.pid} "), result
+    result = run([script("fdctl"), "status"])
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
+        "fdctl: error: the following arguments are required: --socket"), result

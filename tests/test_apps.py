@@ -475,6 +475,22 @@ async def async_fails_after_listen():
     app().listen(8888)
     await asyncio.sleep(0)
     raise ValueError("lost the database")
+
+class Hi(tornado.web.RequestHandler):
+    def get(self):
+        self.write("hi from amain")
+
+async def amain():
+    tornado.web.Application([("/", Hi)]).listen(8888)
+    await asyncio.Event().wait()
+
+def console_script():           # what an entry point in pyproject.toml names
+    asyncio.run(amain())
+
+from asyncio import run as own_run
+
+def console_script_own_run():
+    own_run(amain())
 """
 
 
@@ -484,6 +500,9 @@ async def async_fails_after_listen():
                       "running loop"),
     ("fails_after_listen", "calling mains:fails_after_listen failed: RuntimeError: no config"),
     ("async_fails_after_listen", None),
+    ("console_script_own_run", "mains:console_script_own_run calls asyncio.run(), which cannot "
+                               "run inside fdapp's running loop: point fdapp at the async "
+                               "function it runs instead"),
 ])
 def test_a_main_that_cannot_run_under_fdapp_says_why(start_fdserver, tmp_path, procs, main,
                                                      expected):
@@ -501,6 +520,13 @@ def test_a_main_that_cannot_run_under_fdapp_says_why(start_fdserver, tmp_path, p
     worker.wait_for_line(r"ERROR mains:async_fails_after_listen failed after it listened: "
                          r"ValueError: lost the database; draining")
     assert worker.wait() == 1
+
+
+def test_a_sync_main_that_runs_an_async_one_is_served(start_fdserver, start_fdapp, tmp_path):
+    (tmp_path / "mains.py").write_text(MAINS)
+    server = start_fdserver()
+    start_fdapp(server, app="mains:console_script", cwd=tmp_path)
+    assert http_get(server.address) == (200, "hi from amain")
 
 
 def test_sigterm_while_connecting_exits_at_once(sockdir, procs):

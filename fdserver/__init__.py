@@ -8,7 +8,7 @@ control tool are reached through their console scripts (``fdserver``,
 ``fdapp``, ``fdctl``).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 from .client import ReceivedListener, Registration, register  # noqa: E402
 from .errors import FdserverError  # noqa: E402

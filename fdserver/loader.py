@@ -12,9 +12,9 @@
   server it makes is served on fdserver's listeners instead, and the port
   it names is ignored (said once in the log).  A sync main() that then
   starts the loop itself (``IOLoop.current().start()``) is fine: the loop
-  runs already, so start() returns at once; run_sync() is refused.  A sync
-  main() that runs an async one (``asyncio.run(amain())``, as console-script
-  entry points do) is served as if fdapp had been pointed at ``amain``.
+  runs already, so start() returns at once; run_sync() and asyncio.run()
+  are refused, naming the way out (an async main(), or fdapp pointed at the
+  async function a sync one runs).
 
 How: for the time fdapp runs, ``HTTPServer(...)`` builds a
 :class:`ListeningServer`, Tornado's own ``Configurable.configure``, whose
@@ -130,25 +130,23 @@ async def load(spec: str, target: Any) -> Loaded:
     wanted: asyncio.Future[DrainingHTTPServer] = loop.create_future()
     ListeningServer.wanted = wanted
     HTTPServer.configure(ListeningServer)
-    ran: list[Any] = []         # what a sync main() gave asyncio.run()
     try:
-        with _loop_running_already(spec, ran):
+        with _loop_running_already(spec):
             result = target()
     except AppError:
         raise
     except RuntimeError as exc:
         if "asyncio.run() cannot be called from a running event loop" not in str(exc):
             raise AppError(f"calling {spec} failed: {type(exc).__name__}: {exc}") from None
-        # Its own reference to asyncio.run (from asyncio import run): not ours to
-        # stand in for.  The coroutine it made will never run: no warning about it.
+        # Not something fdapp can stand in for: a coroutine run to the end
+        # before main() goes on, inside a loop that runs already.  The one it
+        # made will never run: no "never awaited" warning about it.
         _close_unstarted(exc)
         raise AppError(f"{spec} calls asyncio.run(), which cannot run inside fdapp's running "
-                       "loop: point fdapp at the async function it runs instead "
-                       "(MODULE:ASYNC_MAIN)") from None
+                       "event loop: make main() async and await that coroutine, or point "
+                       "fdapp at the async function it runs") from None
     except Exception as exc:
         raise AppError(f"calling {spec} failed: {type(exc).__name__}: {exc}") from None
-    if result is None and ran:
-        result = ran[0]
     if inspect.isawaitable(result):
         running = asyncio.ensure_future(result)
         await asyncio.wait([running, wanted], return_when=asyncio.FIRST_COMPLETED)
@@ -182,33 +180,21 @@ def _close_unstarted(exc: BaseException) -> None:
 
 
 @contextlib.contextmanager
-def _loop_running_already(spec: str, ran: list[Any]) -> Iterator[None]:
+def _loop_running_already(spec: str) -> Iterator[None]:
     """While a sync main() runs: starting the loop returns at once (it runs
-    already), run_sync(), which would stop fdapp's loop, is refused, and
-    ``asyncio.run(coro)`` hands *coro* to fdapp (in *ran*) to run on its loop."""
+    already), and run_sync(), which would stop fdapp's loop, is refused."""
     io_loop = IOLoop.current()
 
     def run_sync(*args: Any, **kwargs: Any) -> Any:
         raise AppError(f"{spec} calls IOLoop.run_sync(), which would stop fdapp's running "
                        "loop: make main() async and await that coroutine instead")
 
-    def run(main: Any, *, debug: bool | None = None, **kwargs: Any) -> None:
-        if not inspect.iscoroutine(main):
-            raise ValueError(f"a coroutine was expected, got {main!r}")   # as asyncio's
-        if ran:
-            main.close()
-            raise AppError(f"{spec} calls asyncio.run() twice; fdapp runs one main coroutine")
-        ran.append(main)
-
-    real_run = asyncio.run
     io_loop.start = lambda: None            # type: ignore[method-assign]
     io_loop.run_sync = run_sync             # type: ignore[method-assign]
-    asyncio.run = run                       # type: ignore[assignment]
     try:
         yield
     finally:
         del io_loop.start, io_loop.run_sync  # the class's own again
-        asyncio.run = real_run
 
 
 def _checked(spec: str, loaded: Loaded) -> Loaded:

@@ -487,10 +487,15 @@ async def amain():
 def console_script():           # what an entry point in pyproject.toml names
     asyncio.run(amain())
 
-from asyncio import run as own_run
+DB = {}
 
-def console_script_own_run():
-    own_run(amain())
+async def init_db():
+    return {"users": 3}
+
+def sets_up_with_asyncio_run():
+    DB.update(asyncio.run(init_db()))
+    tornado.web.Application([("/", Hi)]).listen(8888)
+    tornado.ioloop.IOLoop.current().start()
 """
 
 
@@ -500,9 +505,9 @@ def console_script_own_run():
                       "running loop"),
     ("fails_after_listen", "calling mains:fails_after_listen failed: RuntimeError: no config"),
     ("async_fails_after_listen", None),
-    ("console_script_own_run", "mains:console_script_own_run calls asyncio.run(), which cannot "
-                               "run inside fdapp's running loop: point fdapp at the async "
-                               "function it runs instead"),
+    *[(main, f"mains:{main} calls asyncio.run(), which cannot run inside fdapp's running "
+             "event loop: make main() async and await that coroutine, or point fdapp at the "
+             "async function it runs") for main in ("console_script", "sets_up_with_asyncio_run")],
 ])
 def test_a_main_that_cannot_run_under_fdapp_says_why(start_fdserver, tmp_path, procs, main,
                                                      expected):
@@ -522,10 +527,11 @@ def test_a_main_that_cannot_run_under_fdapp_says_why(start_fdserver, tmp_path, p
     assert worker.wait() == 1
 
 
-def test_a_sync_main_that_runs_an_async_one_is_served(start_fdserver, start_fdapp, tmp_path):
+def test_the_async_function_a_console_script_runs_is_served(start_fdserver, start_fdapp,
+                                                             tmp_path):
     (tmp_path / "mains.py").write_text(MAINS)
     server = start_fdserver()
-    start_fdapp(server, app="mains:console_script", cwd=tmp_path)
+    start_fdapp(server, app="mains:amain", cwd=tmp_path)
     assert http_get(server.address) == (200, "hi from amain")
 
 

@@ -96,7 +96,7 @@ def _open(path: str, trusted: set[int]) -> int:
                          "the file; use a folder of root or fdserver's user "
                          "(e.g. /var/lib/fdserver)")
         if st.st_mode & 0o022:
-            raise refuse(f"folder {folder} is writable by others (mode "
+            raise refuse(f"folder {folder} is writable by users other than its owner (mode "
                          f"{stat.S_IMODE(st.st_mode):04o}), who could replace the file; "
                          "use one only its owner can write to (e.g. /var/lib/fdserver)")
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK

@@ -113,7 +113,7 @@ def check_folder(folder: str, trusted: Collection[int]) -> None:
             f"socket; use a folder owned by root or fdserver's user (e.g. /run/fdserver)")
     if st.st_mode & 0o022:
         raise SocketFileError(
-            f"socket folder {folder} is writable by others (mode "
+            f"socket folder {folder} is writable by users other than its owner (mode "
             f"{stat.S_IMODE(st.st_mode):04o}): another user could take over the socket path; "
             f"use a folder only root or fdserver's user can write to (e.g. /run/fdserver, "
             f"mode 0750)")
@@ -145,7 +145,7 @@ def _check_ancestors(path: str, trusted: Collection[int], label: str) -> None:
         if parent_st.st_mode & 0o022 and not (parent_st.st_mode & stat.S_ISVTX
                                               and child_st.st_uid in trusted):
             raise SocketFileError(
-                f"{label} {path}: {parent} is writable by others (mode "
+                f"{label} {path}: {parent} is writable by users other than its owner (mode "
                 f"{stat.S_IMODE(parent_st.st_mode):04o}), so {child} could be replaced")
         if parent == child or parent == "/":
             return

@@ -460,7 +460,8 @@ def test_an_unsafe_drain_file_is_refused(sockdir, tmp_path_factory):
         "fifo": "is not a regular file; refusing to use it",
         "theirs": "belongs to uid 65534, neither root nor fdserver's user; refusing",
         "missing/drained": f"folder {folder}/missing: no such file or directory",
-        "open/drained": f"folder {folder}/open is writable by others (mode 0777)",
+        "open/drained": (f"folder {folder}/open is writable by users other than its owner "
+                         "(mode 0777)"),
         "users/state/drained": (f"{folder}/users belongs to user nobody (uid 65534), who "
                                 f"could replace {folder}/users/state"),
     }

@@ -152,12 +152,12 @@ def test_a_worker_registers_only_with_a_trusted_user(users, procs, public_dir):
 
 @root_only
 @pytest.mark.parametrize("layout, fragment", [
-    ("sticky world-writable", r"is writable by others \(mode 1777\)"),
-    ("group-writable", r"is writable by others \(mode 0775\)"),
+    ("sticky world-writable", r"is writable by users other than its owner \(mode 1777\)"),
+    ("group-writable", r"is writable by users other than its owner \(mode 0775\)"),
     ("owned by another user", rf"belongs to user {OTHER_USER} \(uid \d+\), who could "
                               r"replace the socket"),
-    ("under a writable folder", r"is writable by others \(mode 0777\), so .* could be "
-                                r"replaced"),
+    ("under a writable folder", r"is writable by users other than its owner \(mode 0777\), "
+                                r"so .* could be replaced"),
     ("a '..' after a link", rf"belongs to user {OTHER_USER} \(uid \d+\), who could "
                            r"replace the socket"),
 ])

@@ -21,9 +21,11 @@ from .peerlog import PeerLog
 from .privileges import AllowList
 from .protocol import MAX_ANSWER, Role, encode
 
-# Connections only root and fdserver's own user may use: however many others
-# open, the operator's fdctl and root's workers still get in.
+# Connections kept at the end: however many others open, the operator's
+# fdctl and root's workers still get in (all of them), and the allowed users'
+# workers (half of them).  See Admission.tier.
 RESERVED_PEERS = 64
+OTHERS, WORKERS, OPERATOR = 0, 1, 2
 
 
 class Admission:
@@ -39,13 +41,17 @@ class Admission:
         self.max_ctl_per_uid = max_ctl_per_uid
         self.max_workers_per_uid = max_workers_per_uid
 
-    def reserved(self, uid: int, gid: int) -> bool:
-        """Whether room is kept for this peer: root, fdserver's own user, and
-        with an allow-list the users it allows (their workers serve the site:
-        another user's connections, from however many uids, must not keep
-        them out)."""
-        return uid in (0, os.getuid()) or (self.allow.restricted and
-                                           self.allow.allows(uid, gid))
+    def tier(self, uid: int, gid: int) -> int:
+        """How much of the room kept at the end a peer may use: OPERATOR (root
+        and fdserver's own user) all of it, WORKERS (with an allow-list, the
+        users it allows: their workers serve the site, and another user's
+        connections, from however many uids, must not keep them out) half of
+        it, anyone else none."""
+        if uid in (0, os.getuid()):
+            return OPERATOR
+        if self.allow.restricted and self.allow.allows(uid, gid):
+            return WORKERS
+        return OTHERS
 
     def make_room(self, peers: Collection[Peer], conn: socket.socket, pid: int,
                   uid: int, gid: int) -> bool:
@@ -56,14 +62,14 @@ class Admission:
         """
         pending = [p for p in peers if p.role is None]
         same_uid = [p for p in pending if p.uid == uid]
-        reserved = self.reserved(uid, gid)
-        limit = self.max_peers - (0 if reserved else min(RESERVED_PEERS, self.max_peers // 4))
+        tier = self.tier(uid, gid)
+        kept = min(RESERVED_PEERS, self.max_peers // 4)
+        limit = self.max_peers - {OPERATOR: 0, WORKERS: kept // 2, OTHERS: kept}[tier]
         if len(same_uid) >= self.max_pending_per_uid:
             self._evict(min(same_uid, key=lambda p: p.connected_at))
         elif len(peers) >= limit:
-            # Room kept for root must not be taken by evicting root's own.
-            evictable = pending if reserved else [p for p in pending
-                                                  if not self.reserved(p.uid, p.gid)]
+            # Room kept for a tier must not be taken by evicting its own.
+            evictable = [p for p in pending if self.tier(p.uid, p.gid) <= tier]
             if not evictable:
                 self._refuse_full(peers, conn, pid, uid, limit)
                 return False

@@ -161,8 +161,9 @@ def fdserver_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     p.add_argument("--max-connections", type=int, default=4096, metavar="N",
                    help="connections on the Unix socket at once, workers and fdctl together; "
-                        "the last 64 (a quarter, if fewer than 256) are kept for root, "
-                        "fdserver's own user and the --allow-* users (default %(default)s)")
+                        "the last 64 (a quarter, if fewer than 256) are kept for root and "
+                        "fdserver's own user, half of them also for the --allow-* users "
+                        "(default %(default)s)")
     p.add_argument("--handshake-timeout", type=_positive, default=5.0, metavar="SECONDS",
                    help="close connections that send no hello in time (default %(default)s)")
     p.add_argument("--metrics", metavar="HOST:PORT",

@@ -13,12 +13,14 @@ listeners every GUARD_INTERVAL, setting them back (:func:`put_right`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import select
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +30,55 @@ from .errors import AddressInUseError, BindError
 DEFAULT_NAME = "http"
 DEFAULT_BACKLOG = 1024
 GUARD_INTERVAL = 1.0        # seconds between checks of the listeners
+# struct tcp_info (linux/tcp.h): on a listening socket tcpi_sacked is the
+# accept queue's limit (the backlog).
+TCPI_SACKED = 28
+# Linux's socket filter options (asm-generic/socket.h); Python names neither.
+SO_DETACH_FILTER = 27
+SO_GET_FILTER = 26
+# What a holder may set on a listener that the connections accepted from it
+# inherit (an SO_LINGER of 0 would reset every one at its close, TCP_CORK
+# hold every response back), or that changes how it takes them: the guard
+# puts back what it found at the start.  (level, option, size of its value)
+_INT = 4
+GUARDED_OPTIONS = [
+    (socket.SOL_SOCKET, socket.SO_LINGER, 8), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, _INT),
+    (socket.SOL_SOCKET, socket.SO_RCVBUF, _INT), (socket.SOL_SOCKET, socket.SO_SNDBUF, _INT),
+    (socket.SOL_SOCKET, socket.SO_RCVLOWAT, _INT), (socket.SOL_SOCKET, socket.SO_PRIORITY, _INT),
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY, _INT), (socket.IPPROTO_TCP, socket.TCP_CORK, _INT),
+    (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, _INT),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _INT),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _INT),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _INT),
+    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _INT),
+    (socket.IPPROTO_TCP, socket.TCP_MAXSEG, _INT),
+    (socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, _INT),
+    (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _INT),
+    (socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16),
+    (socket.IPPROTO_IP, socket.IP_TOS, _INT), (socket.IPPROTO_IPV6, socket.IPV6_TCLASS, _INT),
+]
+_DOUBLED = {(socket.SOL_SOCKET, socket.SO_RCVBUF), (socket.SOL_SOCKET, socket.SO_SNDBUF)}
+_OPTION_NAMES = {
+    (socket.SOL_SOCKET, socket.SO_LINGER): "SO_LINGER",
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE): "SO_KEEPALIVE",
+    (socket.SOL_SOCKET, socket.SO_RCVBUF): "SO_RCVBUF",
+    (socket.SOL_SOCKET, socket.SO_SNDBUF): "SO_SNDBUF",
+    (socket.SOL_SOCKET, socket.SO_RCVLOWAT): "SO_RCVLOWAT",
+    (socket.SOL_SOCKET, socket.SO_PRIORITY): "SO_PRIORITY",
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY): "TCP_NODELAY",
+    (socket.IPPROTO_TCP, socket.TCP_CORK): "TCP_CORK",
+    (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT): "TCP_DEFER_ACCEPT",
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE): "TCP_KEEPIDLE",
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL): "TCP_KEEPINTVL",
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT): "TCP_KEEPCNT",
+    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT): "TCP_USER_TIMEOUT",
+    (socket.IPPROTO_TCP, socket.TCP_MAXSEG): "TCP_MAXSEG",
+    (socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP): "TCP_WINDOW_CLAMP",
+    (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT): "TCP_NOTSENT_LOWAT",
+    (socket.IPPROTO_TCP, socket.TCP_CONGESTION): "TCP_CONGESTION",
+    (socket.IPPROTO_IP, socket.IP_TOS): "IP_TOS",
+    (socket.IPPROTO_IPV6, socket.IPV6_TCLASS): "IPV6_TCLASS",
+}
 
 log = logging.getLogger("fdserver")
 
@@ -184,11 +235,13 @@ def put_right(sock: socket.socket, backlog: int = DEFAULT_BACKLOG,
     """Undo what a holder of listening socket *sock* may have changed for all.
 
     Sets O_NONBLOCK again if it was cleared, and listens again if the socket
-    was shut down.  A port given in the bind stays bound (listen() needs no
+    was shut down, or with *backlog* again if its queue's limit changed.  A
+    port given in the bind stays bound through a shutdown (listen() needs no
     privilege); one the kernel chose (port 0) was let go, though getsockname()
     still shows it, and is bound again to *address* (what getsockname() said
-    before).  Returns what was wrong, as phrases for a log line; raises
-    OSError if listening again failed (another socket took the port meanwhile).
+    before).  A socket filter is taken off.  Returns what was wrong, as
+    phrases for a log line; raises OSError if the socket cannot be put right
+    (connected meanwhile, a locked filter, or its port taken).
     """
     wrong = []
     flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)
@@ -206,7 +259,60 @@ def put_right(sock: socket.socket, backlog: int = DEFAULT_BACKLOG,
         sock.listen(backlog)
         if address is not None and sock.getsockname() != address:
             raise OSError(errno.EADDRINUSE, f"listening again on {sock.getsockname()}")
+    elif queue_limit(sock) not in (None, backlog):
+        wrong.append("given another backlog")
+        sock.listen(backlog)
+    if sock.getsockopt(socket.SOL_SOCKET, SO_GET_FILTER):
+        wrong.append("given a socket filter")
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)    # EPERM if locked
     return wrong
+
+
+def queue_limit(sock: socket.socket) -> int | None:
+    """The accept queue's limit of a listening TCP socket (TCP_INFO), or None."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SACKED + 4)
+    except OSError:
+        return None
+    if len(info) < TCPI_SACKED + 4:
+        return None
+    limit: int = struct.unpack_from("I", info, TCPI_SACKED)[0]
+    return limit
+
+
+def options_of(sock: socket.socket) -> dict[tuple[int, int], bytes]:
+    """What *sock* holds of GUARDED_OPTIONS (those its family has)."""
+    held = {}
+    for level, name, size in GUARDED_OPTIONS:
+        if level == socket.IPPROTO_IP and sock.family != socket.AF_INET:
+            continue
+        if level == socket.IPPROTO_IPV6 and sock.family != socket.AF_INET6:
+            continue
+        try:
+            held[level, name] = sock.getsockopt(level, name, size)
+        except OSError:
+            continue
+    return held
+
+
+def put_back_options(sock: socket.socket, held: dict[tuple[int, int], bytes]) -> list[str]:
+    """Set back what changed of *held* (options_of at the start); their names."""
+    changed = []
+    for (level, name), value in held.items():
+        try:
+            now = sock.getsockopt(level, name, len(value))
+        except OSError:
+            continue
+        if now == value:
+            continue
+        if (level, name) in _DOUBLED:       # the kernel doubles what it is given
+            value = struct.pack("i", struct.unpack("i", value)[0] // 2)
+        try:
+            sock.setsockopt(level, name, value)
+        except OSError:
+            pass
+        changed.append(_OPTION_NAMES.get((level, name), str(name)))
+    return changed
 
 
 def nonblocking_accept(sock: socket.socket,
@@ -225,19 +331,36 @@ def nonblocking_accept(sock: socket.socket,
 
 
 class ListenerGuard:
-    """Checks *listeners* every GUARD_INTERVAL and puts them right, saying so."""
+    """Checks *listeners* every GUARD_INTERVAL and puts them right, saying so.
+
+    A listener that cannot be put right (a holder connected it, or locked a
+    filter on it) is replaced by a new socket bound to the same address, or,
+    if fdserver may no longer bind it (a port below 1024 after --user), no
+    longer served: either way inside *changing* (the placement's
+    changing_listeners), so that nothing watches a descriptor being closed.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listeners: list[Listener],
-                 backlog: int = DEFAULT_BACKLOG) -> None:
+                 backlog: int = DEFAULT_BACKLOG,
+                 changing: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+                 ) -> None:
         self._loop = loop
         self._listeners = listeners
         self._backlog = backlog
+        self._changing = changing or contextlib.nullcontext
         self._timer: asyncio.TimerHandle | None = None
-        self._failing: set[int] = set()        # listeners whose repair failed, logged once
-        # fd -> its bound address, from the start (a port the kernel chose
-        # is let go by a shutdown: getsockname() then says port 0)
-        self._addresses: dict[int, Any] = {listener.sock.fileno(): listener.sock.getsockname()
-                                           for listener in listeners}
+        # fd -> (bound address, queue limit, options), from the start: a port
+        # the kernel chose is let go by a shutdown (getsockname() then lies)
+        self._known: dict[int, tuple[Any, int, dict[tuple[int, int], bytes]]] = {}
+        for listener in listeners:
+            self._know(listener.sock)
+
+    def _know(self, sock: socket.socket) -> tuple[Any, int, dict[tuple[int, int], bytes]]:
+        known = self._known.get(sock.fileno())
+        if known is None:
+            known = (sock.getsockname(), queue_limit(sock) or self._backlog, options_of(sock))
+            self._known[sock.fileno()] = known
+        return known
 
     def start(self) -> None:
         self._timer = self._loop.call_later(GUARD_INTERVAL, self._tick)
@@ -252,22 +375,47 @@ class ListenerGuard:
         self.start()
 
     def check(self) -> None:
-        for listener in self._listeners:
-            fd = listener.sock.fileno()
-            if fd < 0:
+        for listener in list(self._listeners):
+            if listener.sock.fileno() < 0:
                 continue
-            if fd not in self._addresses:
-                self._addresses[fd] = listener.sock.getsockname()
+            address, limit, options = self._know(listener.sock)
             try:
-                wrong = put_right(listener.sock, self._backlog, self._addresses[fd])
+                wrong = put_right(listener.sock, limit, address)
             except OSError as exc:
-                if fd not in self._failing:
-                    self._failing.add(fd)
-                    log.error("listener %s %s was shut down by a process holding it, and "
-                              "cannot listen again: %s", listener.name, listener.address,
-                              (exc.strerror or str(exc)).lower())
+                self._replace(listener, address, limit, exc)
                 continue
-            self._failing.discard(fd)
+            wrong += [f"given another {name}" for name in put_back_options(listener.sock,
+                                                                           options)]
             if wrong:
                 log.warning("listener %s %s was %s by a process holding it (a worker); "
-                            "put right", listener.name, listener.address, " and ".join(wrong))
+                            "put right", listener.name, listener.address, ", ".join(wrong))
+            if "shut down" in wrong:
+                with self._changing():
+                    pass            # watched again, if its accept failed meanwhile
+
+    def _replace(self, listener: Listener, address: Any, limit: int, exc: OSError) -> None:
+        why = (exc.strerror or str(exc)).lower()
+        spec = BindSpec(listener.name, address[0], address[1], listener.sock.family)
+        try:
+            fresh: socket.socket | None = _listening(spec, limit)
+        except OSError as bind_exc:
+            fresh = None
+            cannot = _why(bind_exc, spec.port)
+        old = listener.sock
+        with self._changing():
+            self._known.pop(old.fileno(), None)
+            if fresh is not None:
+                listener.sock = fresh
+                self._know(fresh)
+            else:
+                self._listeners.remove(listener)
+            old.close()
+        if fresh is not None:
+            log.error("listener %s %s was made unusable by a process holding it (%s); "
+                      "listening on a new socket: workers that register from now on get it, "
+                      "running ones serve it once restarted", listener.name, spec.address, why)
+        else:
+            log.error("listener %s %s was made unusable by a process holding it (%s), and "
+                      "cannot be bound again (%s): it is no longer served nor handed to new "
+                      "workers; restart fdserver to bind it", listener.name, spec.address,
+                      why, cannot)

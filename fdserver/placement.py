@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import errno
 import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .accept import accepted, raw_accept
@@ -76,6 +78,12 @@ class SharePublisher:
         self._no_worker = (NoWorkerAnswer(loop, listeners, unavailable_timeout)
                            if listeners is not None else None)
         self._count_ready()
+
+    def changing_listeners(self) -> contextlib.AbstractContextManager[None]:
+        """Around a change of the listeners (the 503 answers watch them)."""
+        if self._no_worker is None:
+            return contextlib.nullcontext()
+        return self._no_worker.changing_listeners()
 
     def close(self) -> None:
         if self._no_worker:
@@ -196,19 +204,33 @@ class NoWorkerAnswer:
             self._loop.remove_reader(listener.sock.fileno())
         self._watched = []
 
+    @contextlib.contextmanager
+    def changing_listeners(self) -> Iterator[None]:
+        """Around a change of the listeners (one replaced, or dropped)."""
+        self._unwatch()
+        try:
+            yield
+        finally:
+            self._watch()
+
     def _accept(self, listener: Listener) -> None:
         family = listener.sock.family
         accept = nonblocking_accept(listener.sock, raw_accept(listener.sock))
-        for fd, _ in accepted(accept, ACCEPT_BATCH, self._accept_failed):
+        for fd, _ in accepted(accept, ACCEPT_BATCH,
+                              lambda exc: self._accept_failed(listener, exc)):
             conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             if listener.tls:
                 _read_and_close(conn)   # a TLS client can read no plain 503: it sees the close
             else:
                 self._answer(conn)
 
-    def _accept_failed(self, exc: OSError) -> None:
-        # Out of descriptors (or a listener a holder shut down, which the
-        # ListenerGuard puts right): stop watching for a moment.
+    def _accept_failed(self, listener: Listener, exc: OSError) -> None:
+        if exc.errno == errno.EINVAL:
+            # Shut down by a holder: not this one until the ListenerGuard
+            # has put it right (changing_listeners), the others meanwhile.
+            self._loop.remove_reader(listener.sock.fileno())
+            return
+        # Out of descriptors: stop watching for a moment.
         log.warning("accept failed while answering 503: %s", exc.strerror)
         self._unwatch()
         self._loop.call_later(0.1, self._watch)
@@ -285,6 +307,17 @@ class Dispatcher:
             for listener in self._listeners:
                 self._loop.remove_reader(listener.sock.fileno())
 
+    @contextlib.contextmanager
+    def changing_listeners(self) -> Iterator[None]:
+        """Around a change of the listeners (one put right, replaced, or dropped)."""
+        accepting = self._accepting
+        self.pause()
+        try:
+            yield
+        finally:
+            if accepting:
+                self.start()
+
     def close(self) -> None:
         self._closed = True
         self.pause()
@@ -338,8 +371,12 @@ class Dispatcher:
             self._send(worker, listener.name, family, batch)
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
+        if exc.errno == errno.EINVAL:
+            # Shut down by a holder: not this one until the ListenerGuard has
+            # put it right (changing_listeners), the others meanwhile.
+            self._loop.remove_reader(listener.sock.fileno())
+            return
         # Out of descriptors: stop for a moment, the backlog holds the rest.
-        # (EINVAL: a holder shut the listener down; the ListenerGuard puts it right.)
         log.warning("accept on %s failed: %s", listener.address, exc.strerror)
         self.pause()
         self._backing_off = True

@@ -13,10 +13,12 @@ import os
 import signal
 import socket
 
+import pytest
+
 import fdserver
 from fdserver.listeners import put_right
 
-from support import free_port, http_get, wait_until
+from support import free_low_port, free_port, http_get, wait_until
 
 PUT_RIGHT = r"listener http 127\.0\.0\.1:\d+ was {} by a process holding it \(a worker\); put right"
 
@@ -44,8 +46,15 @@ def answered(address: str, pid: int) -> bool:
         return False
 
 
+def unusable(sock: socket.socket) -> None:
+    """What no put_right can undo: shut down, then connected to itself."""
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.setblocking(True)
+    sock.connect(sock.getsockname())
+
+
 def test_put_right_undoes_blocking_and_shutdown():
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:
         listener.setblocking(False)
         address = listener.getsockname()
         assert put_right(listener, 16, address) == []
@@ -133,3 +142,79 @@ def test_a_handback_with_a_listener_shut_down_meanwhile_keeps_the_others(
         for sock in holder.sockets():
             sock.close()
         holder.channel.close()
+
+
+@pytest.mark.child_errors("a listener made unusable is an error fdserver and the worker log")
+def test_a_listener_made_unusable_is_replaced_and_the_others_served(start_fdserver,
+                                                                    start_fdapp):
+    # Shut down and then connected, a listening socket can never listen again.
+    # Dispatch mode: fdserver accepts on every listener; before, the dead one
+    # kept failing and starved the others, and new workers were refused it.
+    dead, live = free_port(), free_port()
+    server = start_fdserver("--dispatch", binds=(f"http=127.0.0.1:{dead}",
+                                                 f"b=127.0.0.1:{live}"))
+    worker = start_fdapp(server)
+
+    def one(sock: socket.socket) -> None:
+        if sock.getsockname()[1] == dead:
+            unusable(sock)
+    tamper(server, one)
+    server.wait_for_line(rf"listener http 127\.0\.0\.1:{dead} was made unusable by a process "
+                         r"holding it \(invalid argument\); listening on a new socket")
+    for port in (live, dead):
+        assert http_get(f"127.0.0.1:{port}", timeout=5)[1] == f"Hello from {worker.pid}\n"
+    newcomer = start_fdapp(server)      # it is handed the new socket, not the dead one
+    assert newcomer.pid in [w["pid"] for w in server.status()["workers"]]
+
+
+@pytest.mark.child_errors("a listener made unusable is an error fdserver and the worker log")
+def test_a_listener_that_cannot_be_bound_again_is_dropped_and_the_others_served(
+        start_fdserver, start_fdapp, public_dir):
+    # Below 1024, after --user: fdserver may no longer bind it.  It says so,
+    # and new workers get the other listeners instead of being refused.
+    low, high = free_low_port(), free_port()
+    server = start_fdserver("--user", "nobody", "--socket-mode", "0666",
+                            binds=(f"http=127.0.0.1:{low}", f"b=127.0.0.1:{high}"),
+                            dir=public_dir)
+    start_fdapp(server)
+
+    def one(sock: socket.socket) -> None:
+        if sock.getsockname()[1] == low:
+            unusable(sock)
+    tamper(server, one)
+    server.wait_for_line(rf"listener http 127\.0\.0\.1:{low} was made unusable .* cannot be "
+                         r"bound again \(permission denied: .*\): it is no longer served")
+    newcomer = start_fdapp(server)
+    wait_until(lambda: answered(f"127.0.0.1:{high}", newcomer.pid), timeout=10,
+               what="the new worker serving the other listener")
+    assert [listener["name"] for listener in server.status()["listeners"]] == ["b"]
+
+
+def test_options_a_worker_set_on_a_listener_are_put_back(start_fdserver, start_fdapp):
+    # Accepted connections inherit them: SO_LINGER 0 resets every one at its
+    # close, TCP_CORK holds responses back; listen(0) shrinks the queue.
+    import struct
+
+    server = start_fdserver()
+    worker = start_fdapp(server)
+
+    def sabotage(sock: socket.socket) -> None:
+        sock.listen(0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    tamper(server, sabotage)
+    server.wait_for_line(r"listener http 127\.0\.0\.1:\d+ was given another backlog, given "
+                         r"another SO_LINGER, given another TCP_CORK by a process holding it")
+    check = fdserver.register(server.socket)
+    try:
+        [sock] = check.sockets()
+        assert struct.unpack("ii", sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)) == \
+            (0, 0)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+        from fdserver.listeners import queue_limit
+        assert queue_limit(sock) == 1024
+    finally:
+        for sock in check.sockets():
+            sock.close()
+        check.channel.close()
+    assert answered(server.address, worker.pid)

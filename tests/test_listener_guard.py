@@ -154,11 +154,7 @@ def test_a_listener_made_unusable_is_replaced_and_the_others_served(start_fdserv
     server = start_fdserver("--dispatch", binds=(f"http=127.0.0.1:{dead}",
                                                  f"b=127.0.0.1:{live}"))
     worker = start_fdapp(server)
-
-    def one(sock: socket.socket) -> None:
-        if sock.getsockname()[1] == dead:
-            unusable(sock)
-    tamper(server, one)
+    tamper(server, lambda sock: unusable(sock) if sock.getsockname()[1] == dead else None)
     server.wait_for_line(rf"listener http 127\.0\.0\.1:{dead} was made unusable by a process "
                          r"holding it \(invalid argument\); listening on a new socket")
     for port in (live, dead):
@@ -177,11 +173,7 @@ def test_a_listener_that_cannot_be_bound_again_is_dropped_and_the_others_served(
                             binds=(f"http=127.0.0.1:{low}", f"b=127.0.0.1:{high}"),
                             dir=public_dir)
     start_fdapp(server)
-
-    def one(sock: socket.socket) -> None:
-        if sock.getsockname()[1] == low:
-            unusable(sock)
-    tamper(server, one)
+    tamper(server, lambda sock: unusable(sock) if sock.getsockname()[1] == low else None)
     server.wait_for_line(rf"listener http 127\.0\.0\.1:{low} was made unusable .* cannot be "
                          r"bound again \(permission denied: .*\): it is no longer served")
     newcomer = start_fdapp(server)

@@ -371,8 +371,10 @@ class ListenerGuard:
             self._timer = None
 
     def _tick(self) -> None:
-        self.check()
-        self.start()
+        try:
+            self.check()
+        finally:
+            self.start()            # a failed check (a bug) must not end the checks
 
     def check(self) -> None:
         for listener in list(self._listeners):

@@ -181,6 +181,7 @@ class Acceptor:
         self._report_pending = False
         self._report_due = 0.0            # the tick of the last report scheduled
         self._dead: set[socket.socket] = set()    # listeners a holder connected: never again
+        self._failing: set[socket.socket] = set()  # accept failed with EINVAL (said once)
         # fdserver takes the load in heartbeats (its welcome said so)
         self.load_in_beats = False
         server.on_connections_changed = self.changed
@@ -331,14 +332,16 @@ class Acceptor:
                       "it; this worker stops accepting on it (restart it to serve that "
                       "address again)", sock.fileno())
             self._loop.remove_reader(sock.fileno())
-            self._dead.add(sock)        # kept: a handback still carries it, harmlessly
+            self._dead.add(sock)        # kept: closing it is for the drain
             return
         if exc.errno == errno.EINVAL:
             # Shut down by some holder (it stays readable: watching it would
             # spin); fdserver listens on it again within GUARD_INTERVAL.
-            log.warning("accept on listener fd %d failed: %s (shut down by a process "
-                        "holding it?); trying again in %gs", sock.fileno(), exc.strerror,
-                        BROKEN_LISTENER_PAUSE)
+            if sock not in self._failing:       # said once, tried every second
+                self._failing.add(sock)
+                log.warning("accept on listener fd %d failed: %s (shut down by a process "
+                            "holding it?); trying again every %gs", sock.fileno(),
+                            exc.strerror, BROKEN_LISTENER_PAUSE)
             self._loop.remove_reader(sock.fileno())
             self._loop.call_later(BROKEN_LISTENER_PAUSE, self._rewatch, sock)
             return

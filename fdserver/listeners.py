@@ -33,13 +33,14 @@ GUARD_INTERVAL = 1.0        # seconds between checks of the listeners
 # struct tcp_info (linux/tcp.h): on a listening socket tcpi_sacked is the
 # accept queue's limit (the backlog).
 TCPI_SACKED = 28
-# Linux's socket filter options (asm-generic/socket.h); Python names neither.
+# Linux's socket filter option (asm-generic/socket.h); Python does not name it.
 SO_DETACH_FILTER = 27
-SO_GET_FILTER = 26
 # What a holder may set on a listener that the connections accepted from it
 # inherit (an SO_LINGER of 0 would reset every one at its close, TCP_CORK
 # hold every response back), or that changes how it takes them: the guard
 # puts back what it found at the start.  (level, option, size of its value)
+# Not TCP_MAXSEG nor TCP_WINDOW_CLAMP: what a listener reads of them cannot
+# be set back as it was (536, a user MSS; 0, refused).
 _INT = 4
 GUARDED_OPTIONS = [
     (socket.SOL_SOCKET, socket.SO_LINGER, 8), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, _INT),
@@ -51,8 +52,6 @@ GUARDED_OPTIONS = [
     (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _INT),
     (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _INT),
     (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _INT),
-    (socket.IPPROTO_TCP, socket.TCP_MAXSEG, _INT),
-    (socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, _INT),
     (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _INT),
     (socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16),
     (socket.IPPROTO_IP, socket.IP_TOS, _INT), (socket.IPPROTO_IPV6, socket.IPV6_TCLASS, _INT),
@@ -72,8 +71,6 @@ _OPTION_NAMES = {
     (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL): "TCP_KEEPINTVL",
     (socket.IPPROTO_TCP, socket.TCP_KEEPCNT): "TCP_KEEPCNT",
     (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT): "TCP_USER_TIMEOUT",
-    (socket.IPPROTO_TCP, socket.TCP_MAXSEG): "TCP_MAXSEG",
-    (socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP): "TCP_WINDOW_CLAMP",
     (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT): "TCP_NOTSENT_LOWAT",
     (socket.IPPROTO_TCP, socket.TCP_CONGESTION): "TCP_CONGESTION",
     (socket.IPPROTO_IP, socket.IP_TOS): "IP_TOS",
@@ -178,13 +175,14 @@ def bind_own(flag: str, given: str, spec: BindSpec, backlog: int = 128) -> socke
         raise BindError(f"{flag} {given}: cannot bind: {why}") from None
 
 
-def _listening(spec: BindSpec, backlog: int) -> socket.socket:
+def _listening(spec: BindSpec, backlog: int, v6only: bool = True) -> socket.socket:
     sock = socket.socket(spec.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if spec.family == socket.AF_INET6:
-            # Let 0.0.0.0:80 and [::]:80 be bound side by side.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # Let 0.0.0.0:80 and [::]:80 be bound side by side (a listener
+            # systemd made may take both: replaced, it still does).
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
         sock.bind((spec.host, spec.port))
         sock.listen(backlog)
         # O_NONBLOCK lives on the open file description that every holder
@@ -240,8 +238,8 @@ def put_right(sock: socket.socket, backlog: int = DEFAULT_BACKLOG,
     privilege); one the kernel chose (port 0) was let go, though getsockname()
     still shows it, and is bound again to *address* (what getsockname() said
     before).  A socket filter is taken off.  Returns what was wrong, as
-    phrases for a log line; raises OSError if the socket cannot be put right
-    (connected meanwhile, a locked filter, or its port taken).
+    phrases for a log line; raises FilterLocked for a filter locked on it, and
+    OSError if it cannot listen again (connected meanwhile, or its port taken).
     """
     wrong = []
     flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)
@@ -262,10 +260,20 @@ def put_right(sock: socket.socket, backlog: int = DEFAULT_BACKLOG,
     elif queue_limit(sock) not in (None, backlog):
         wrong.append("given another backlog")
         sock.listen(backlog)
-    if sock.getsockopt(socket.SOL_SOCKET, SO_GET_FILTER):
+    try:
+        # Never asked with getsockopt(SO_GET_FILTER): its length counts
+        # instructions, not bytes, and a short buffer overflows.
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
         wrong.append("given a socket filter")
-        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)    # EPERM if locked
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:       # ENOENT: none; EPERM: locked (SO_LOCK_FILTER)
+            raise FilterLocked(exc.errno, "a locked socket filter") from None
     return wrong
+
+
+class FilterLocked(OSError):
+    """A socket filter a holder locked on the listener: it still listens,
+    filtered, and nothing but closing every copy of it takes the filter off."""
 
 
 def queue_limit(sock: socket.socket) -> int | None:
@@ -295,24 +303,30 @@ def options_of(sock: socket.socket) -> dict[tuple[int, int], bytes]:
     return held
 
 
-def put_back_options(sock: socket.socket, held: dict[tuple[int, int], bytes]) -> list[str]:
-    """Set back what changed of *held* (options_of at the start); their names."""
-    changed = []
-    for (level, name), value in held.items():
+def put_back_options(sock: socket.socket,
+                     held: dict[tuple[int, int], bytes]) -> tuple[list[str], list[str]]:
+    """Set back what changed of *held* (options_of at the start): the names
+    of those set back, and of those that could not be (dropped from *held*:
+    tried once, said once)."""
+    put_back, failed = [], []
+    for (level, name), value in list(held.items()):
         try:
-            now = sock.getsockopt(level, name, len(value))
+            if sock.getsockopt(level, name, len(value)) == value:
+                continue
+            given = value
+            if (level, name) in _DOUBLED:       # the kernel doubles what it is given
+                given = struct.pack("i", struct.unpack("i", value)[0] // 2)
+            sock.setsockopt(level, name, given)
+            ok = sock.getsockopt(level, name, len(value)) == value
         except OSError:
-            continue
-        if now == value:
-            continue
-        if (level, name) in _DOUBLED:       # the kernel doubles what it is given
-            value = struct.pack("i", struct.unpack("i", value)[0] // 2)
-        try:
-            sock.setsockopt(level, name, value)
-        except OSError:
-            pass
-        changed.append(_OPTION_NAMES.get((level, name), str(name)))
-    return changed
+            ok = False
+        option = _OPTION_NAMES.get((level, name), str(name))
+        if ok:
+            put_back.append(option)
+        else:
+            failed.append(option)
+            del held[level, name]
+    return put_back, failed
 
 
 def nonblocking_accept(sock: socket.socket,
@@ -333,20 +347,26 @@ def nonblocking_accept(sock: socket.socket,
 class ListenerGuard:
     """Checks *listeners* every GUARD_INTERVAL and puts them right, saying so.
 
-    A listener that cannot be put right (a holder connected it, or locked a
-    filter on it) is replaced by a new socket bound to the same address, or,
-    if fdserver may no longer bind it (a port below 1024 after --user), no
-    longer served: either way inside *changing* (the placement's
+    A listener that can never listen again (a holder shut it down, then
+    connected it) is, with *replace* (dispatch mode: fdserver accepts), replaced
+    by a new socket bound to the same address; otherwise, or if fdserver may
+    no longer bind it (a port below 1024 after --user), it is no longer
+    served nor handed out (running workers could not take a new socket: in
+    shared mode the port then refuses connections, rather than queue them
+    for nobody).  Either way inside *changing* (the placement's
     changing_listeners), so that nothing watches a descriptor being closed.
+    A filter locked on a listener cannot be taken off: said once.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listeners: list[Listener],
                  backlog: int = DEFAULT_BACKLOG,
-                 changing: Callable[[], contextlib.AbstractContextManager[None]] | None = None
-                 ) -> None:
+                 changing: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+                 replace: bool = True) -> None:
         self._loop = loop
         self._listeners = listeners
         self._backlog = backlog
+        self._replace = replace
+        self._locked: set[int] = set()          # listeners with a locked filter, said once
         self._changing = changing or contextlib.nullcontext
         self._timer: asyncio.TimerHandle | None = None
         # fd -> (bound address, queue limit, options), from the start: a port
@@ -383,26 +403,40 @@ class ListenerGuard:
             address, limit, options = self._know(listener.sock)
             try:
                 wrong = put_right(listener.sock, limit, address)
-            except OSError as exc:
-                self._replace(listener, address, limit, exc)
+            except FilterLocked:
+                if listener.sock.fileno() not in self._locked:
+                    self._locked.add(listener.sock.fileno())
+                    log.error("listener %s %s was given a locked socket filter by a process "
+                              "holding it: it drops what the filter says until every process "
+                              "holding it (fdserver too) has closed it", listener.name,
+                              listener.address)
                 continue
-            wrong += [f"given another {name}" for name in put_back_options(listener.sock,
-                                                                           options)]
+            except OSError as exc:
+                self._unusable(listener, address, limit, exc)
+                continue
+            put_back, failed = put_back_options(listener.sock, options)
+            wrong += [f"given another {name}" for name in put_back]
             if wrong:
                 log.warning("listener %s %s was %s by a process holding it (a worker); "
                             "put right", listener.name, listener.address, ", ".join(wrong))
-            if "shut down" in wrong:
-                with self._changing():
-                    pass            # watched again, if its accept failed meanwhile
+            if failed:
+                log.error("listener %s %s was given another %s by a process holding it, "
+                          "which fdserver cannot set back", listener.name, listener.address,
+                          ", ".join(failed))
 
-    def _replace(self, listener: Listener, address: Any, limit: int, exc: OSError) -> None:
+    def _unusable(self, listener: Listener, address: Any, limit: int, exc: OSError) -> None:
         why = (exc.strerror or str(exc)).lower()
         spec = BindSpec(listener.name, address[0], address[1], listener.sock.family)
-        try:
-            fresh: socket.socket | None = _listening(spec, limit)
-        except OSError as bind_exc:
-            fresh = None
-            cannot = _why(bind_exc, spec.port)
+        fresh: socket.socket | None = None
+        cannot = ("in shared mode running workers could not take it: restart fdserver and "
+                  "the workers")
+        if self._replace:
+            v6only = (listener.sock.family == socket.AF_INET6 and bool(
+                listener.sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)))
+            try:
+                fresh = _listening(spec, limit, v6only)
+            except OSError as bind_exc:
+                cannot = _why(bind_exc, spec.port)
         old = listener.sock
         with self._changing():
             self._known.pop(old.fileno(), None)
@@ -414,10 +448,8 @@ class ListenerGuard:
             old.close()
         if fresh is not None:
             log.error("listener %s %s was made unusable by a process holding it (%s); "
-                      "listening on a new socket: workers that register from now on get it, "
-                      "running ones serve it once restarted", listener.name, spec.address, why)
+                      "listening on a new socket", listener.name, spec.address, why)
         else:
             log.error("listener %s %s was made unusable by a process holding it (%s), and "
-                      "cannot be bound again (%s): it is no longer served nor handed to new "
-                      "workers; restart fdserver to bind it", listener.name, spec.address,
-                      why, cannot)
+                      "is not bound again (%s): it is no longer served nor handed to new "
+                      "workers", listener.name, spec.address, why, cannot)

@@ -45,6 +45,10 @@ from .protocol import Message
 
 log = logging.getLogger("fdserver")
 
+# A listener whose accept failed with EINVAL (a holder shut it down) is set
+# aside this long; the ListenerGuard puts it right meanwhile.
+SET_ASIDE = 1.0
+
 SHARE_DELAY = 0.01          # coalesce share broadcasts: at most ~100 a second
 # Connections taken per wakeup of a listener: fewer than MAX_FDS_PER_FRAME,
 # so what one wakeup sends a worker always fits in one frame.
@@ -213,6 +217,10 @@ class NoWorkerAnswer:
         finally:
             self._watch()
 
+    def _watch_again(self, listener: Listener) -> None:
+        if listener in self._watched and listener.sock.fileno() >= 0:
+            self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
+
     def _accept(self, listener: Listener) -> None:
         family = listener.sock.family
         accept = nonblocking_accept(listener.sock, raw_accept(listener.sock))
@@ -226,9 +234,10 @@ class NoWorkerAnswer:
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         if exc.errno == errno.EINVAL:
-            # Shut down by a holder: not this one until the ListenerGuard
-            # has put it right (changing_listeners), the others meanwhile.
+            # Shut down by a holder: the others meanwhile, this one again once
+            # the ListenerGuard has put it right (or a holder listened again).
             self._loop.remove_reader(listener.sock.fileno())
+            self._loop.call_later(SET_ASIDE, self._watch_again, listener)
             return
         # Out of descriptors: stop watching for a moment.
         log.warning("accept failed while answering 503: %s", exc.strerror)
@@ -307,9 +316,13 @@ class Dispatcher:
             for listener in self._listeners:
                 self._loop.remove_reader(listener.sock.fileno())
 
+    def _watch_again(self, listener: Listener) -> None:
+        if self._accepting and listener in self._listeners and listener.sock.fileno() >= 0:
+            self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
+
     @contextlib.contextmanager
     def changing_listeners(self) -> Iterator[None]:
-        """Around a change of the listeners (one put right, replaced, or dropped)."""
+        """Around a change of the listeners (one replaced, or dropped)."""
         accepting = self._accepting
         self.pause()
         try:
@@ -372,9 +385,10 @@ class Dispatcher:
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         if exc.errno == errno.EINVAL:
-            # Shut down by a holder: not this one until the ListenerGuard has
-            # put it right (changing_listeners), the others meanwhile.
+            # Shut down by a holder: the others meanwhile, this one again once
+            # the ListenerGuard has put it right (or a holder listened again).
             self._loop.remove_reader(listener.sock.fileno())
+            self._loop.call_later(SET_ASIDE, self._watch_again, listener)
             return
         # Out of descriptors: stop for a moment, the backlog holds the rest.
         log.warning("accept on %s failed: %s", listener.address, exc.strerror)

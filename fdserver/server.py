@@ -244,7 +244,8 @@ class Server:
     def _serving(self) -> None:
         self.metrics.listener_names |= {listener.name for listener in self.listeners}
         self._guard = ListenerGuard(self._loop, self.listeners, self.backlog,
-                                    changing=self._changing_listeners)
+                                    changing=self._changing_listeners,
+                                    replace=self.mode == "dispatch")
         self._guard.start()
         if self.mode == "dispatch":
             self._placement = Dispatcher(self._loop, self.listeners, self._unsorted_workers,

@@ -18,7 +18,7 @@ import pytest
 import fdserver
 from fdserver.listeners import put_right
 
-from support import free_low_port, free_port, http_get, wait_until
+from support import free_port, http_get, wait_until
 
 PUT_RIGHT = r"listener http 127\.0\.0\.1:\d+ was {} by a process holding it \(a worker\); put right"
 
@@ -164,22 +164,47 @@ def test_a_listener_made_unusable_is_replaced_and_the_others_served(start_fdserv
 
 
 @pytest.mark.child_errors("a listener made unusable is an error fdserver and the worker log")
-def test_a_listener_that_cannot_be_bound_again_is_dropped_and_the_others_served(
-        start_fdserver, start_fdapp, public_dir):
-    # Below 1024, after --user: fdserver may no longer bind it.  It says so,
-    # and new workers get the other listeners instead of being refused.
-    low, high = free_low_port(), free_port()
-    server = start_fdserver("--user", "nobody", "--socket-mode", "0666",
-                            binds=(f"http=127.0.0.1:{low}", f"b=127.0.0.1:{high}"),
-                            dir=public_dir)
+def test_in_shared_mode_a_listener_made_unusable_is_dropped_and_the_others_served(
+        start_fdserver, start_fdapp):
+    # Running workers could not take a new socket: the port refuses
+    # connections (rather than queue them for nobody), and new workers get
+    # the other listeners instead of being refused.
+    dead, live = free_port(), free_port()
+    server = start_fdserver(binds=(f"http=127.0.0.1:{dead}", f"b=127.0.0.1:{live}"))
     start_fdapp(server)
-    tamper(server, lambda sock: unusable(sock) if sock.getsockname()[1] == low else None)
-    server.wait_for_line(rf"listener http 127\.0\.0\.1:{low} was made unusable .* cannot be "
-                         r"bound again \(permission denied: .*\): it is no longer served")
+    tamper(server, lambda sock: unusable(sock) if sock.getsockname()[1] == dead else None)
+    server.wait_for_line(rf"listener http 127\.0\.0\.1:{dead} was made unusable .* is not bound "
+                         r"again \(in shared mode running workers could not take it")
     newcomer = start_fdapp(server)
-    wait_until(lambda: answered(f"127.0.0.1:{high}", newcomer.pid), timeout=10,
+    wait_until(lambda: answered(f"127.0.0.1:{live}", newcomer.pid), timeout=10,
                what="the new worker serving the other listener")
     assert [listener["name"] for listener in server.status()["listeners"]] == ["b"]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", dead), timeout=5).close()
+
+
+def test_a_socket_filter_a_worker_attached_is_taken_off(start_fdserver, start_fdapp):
+    # Four instructions: reading the filter back with a 4-byte buffer (its
+    # length counts instructions) overflowed fdserver's stack and killed it.
+    import ctypes
+
+    class Instruction(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                    ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Instruction))]
+
+    accept_all = (Instruction * 4)(*[Instruction(0x06, 0, 0, 0xFFFFFFFF)] * 4)   # ret #-1
+    program = Program(4, accept_all)
+    server = start_fdserver()
+    worker = start_fdapp(server)
+    tamper(server, lambda sock: sock.setsockopt(socket.SOL_SOCKET, 26,     # SO_ATTACH_FILTER
+                                                bytes(program)))
+    server.wait_for_line(r"listener http 127\.0\.0\.1:\d+ was given a socket filter by a process "
+                         r"holding it \(a worker\); put right")
+    assert server.popen.poll() is None
+    assert answered(server.address, worker.pid)
 
 
 def test_options_a_worker_set_on_a_listener_are_put_back(start_fdserver, start_fdapp):

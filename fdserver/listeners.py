@@ -400,29 +400,36 @@ class ListenerGuard:
         for listener in list(self._listeners):
             if listener.sock.fileno() < 0:
                 continue
-            address, limit, options = self._know(listener.sock)
             try:
-                wrong = put_right(listener.sock, limit, address)
-            except FilterLocked:
-                if listener.sock.fileno() not in self._locked:
-                    self._locked.add(listener.sock.fileno())
-                    log.error("listener %s %s was given a locked socket filter by a process "
-                              "holding it: it drops what the filter says until every process "
-                              "holding it (fdserver too) has closed it", listener.name,
-                              listener.address)
-                continue
-            except OSError as exc:
-                self._unusable(listener, address, limit, exc)
-                continue
-            put_back, failed = put_back_options(listener.sock, options)
-            wrong += [f"given another {name}" for name in put_back]
-            if wrong:
-                log.warning("listener %s %s was %s by a process holding it (a worker); "
-                            "put right", listener.name, listener.address, ", ".join(wrong))
-            if failed:
-                log.error("listener %s %s was given another %s by a process holding it, "
-                          "which fdserver cannot set back", listener.name, listener.address,
-                          ", ".join(failed))
+                self._check(listener)
+            except OSError as exc:          # one listener's trouble: the others still
+                log.warning("cannot check listener %s: %s", listener.name,
+                            (exc.strerror or str(exc)).lower())
+
+    def _check(self, listener: Listener) -> None:
+        address, limit, options = self._know(listener.sock)
+        try:
+            wrong = put_right(listener.sock, limit, address)
+        except FilterLocked:
+            if listener.sock.fileno() not in self._locked:
+                self._locked.add(listener.sock.fileno())
+                log.error("listener %s %s was given a locked socket filter by a process "
+                          "holding it: it drops what the filter says until every process "
+                          "holding it (fdserver too) has closed it", listener.name,
+                          listener.address)
+            return
+        except OSError as exc:
+            self._unusable(listener, address, limit, exc)
+            return
+        put_back, failed = put_back_options(listener.sock, options)
+        wrong += [f"given another {name}" for name in put_back]
+        if wrong:
+            log.warning("listener %s %s was %s by a process holding it (a worker); "
+                        "put right", listener.name, listener.address, ", ".join(wrong))
+        if failed:
+            log.error("listener %s %s was given another %s by a process holding it, "
+                      "which fdserver cannot set back", listener.name, listener.address,
+                      ", ".join(failed))
 
     def _unusable(self, listener: Listener, address: Any, limit: int, exc: OSError) -> None:
         why = (exc.strerror or str(exc)).lower()

@@ -180,7 +180,6 @@ class Acceptor:
         self._reported_received = 0       # ... as of our last report
         self._report_pending = False
         self._report_due = 0.0            # the tick of the last report scheduled
-        self._dead: set[socket.socket] = set()    # listeners a holder connected: never again
         self._failing: set[socket.socket] = set()  # accept failed with EINVAL (said once)
         # fdserver takes the load in heartbeats (its welcome said so)
         self.load_in_beats = False
@@ -222,8 +221,6 @@ class Acceptor:
             self._watch_one(sock)
 
     def _watch_one(self, sock: socket.socket) -> None:
-        if sock in self._dead:
-            return
         self._loop.add_reader(sock.fileno(), self._accept, sock,
                               _tornado.raw_accept(sock, self.fast), sock.family,
                               self._names.get(sock.fileno(), ""))
@@ -325,15 +322,6 @@ class Acceptor:
         return not excess
 
     def _accept_failed(self, exc: OSError, sock: socket.socket) -> None:
-        if exc.errno == errno.EINVAL and _connected(sock):
-            # Shut down and connected by some holder: no socket of ours can
-            # listen again (fdserver binds a new one for workers to come).
-            log.error("listener fd %d can no longer accept: a process holding it connected "
-                      "it; this worker stops accepting on it (restart it to serve that "
-                      "address again)", sock.fileno())
-            self._loop.remove_reader(sock.fileno())
-            self._dead.add(sock)        # kept: closing it is for the drain
-            return
         if exc.errno == errno.EINVAL:
             # Shut down by some holder (it stays readable: watching it would
             # spin); fdserver listens on it again within GUARD_INTERVAL.
@@ -489,15 +477,6 @@ class Acceptor:
             return None
         self._reported, self._reported_received = load
         return load
-
-
-def _connected(sock: socket.socket) -> bool:
-    """Whether a listener someone shut down was then connected (for good)."""
-    try:
-        sock.getpeername()
-    except OSError:
-        return False
-    return True
 
 
 def _accept_queue_length(sock: socket.socket) -> int:

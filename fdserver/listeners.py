@@ -13,7 +13,7 @@ listeners every GUARD_INTERVAL, setting them back (:func:`put_right`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -37,33 +37,49 @@ TCPI_SACKED = 28
 SO_DETACH_FILTER = 27
 # What a holder may set on a listener that the connections accepted from it
 # inherit (an SO_LINGER of 0 would reset every one at its close, TCP_CORK
-# hold every response back), or that changes how it takes them: the guard
-# puts back what it found at the start.  (level, option, size of its value)
-# Not TCP_MAXSEG nor TCP_WINDOW_CLAMP: what a listener reads of them cannot
-# be set back as it was (536, a user MSS; 0, refused).
+# hold every response back, IP_TTL 1 keep every answer from leaving the
+# host), or that decides which connections it takes at all (IP_MINTTL): the
+# guard puts back what it found at the start.  (level, option, value size)
 _INT = 4
 GUARDED_OPTIONS = [
     (socket.SOL_SOCKET, socket.SO_LINGER, 8), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, _INT),
-    (socket.SOL_SOCKET, socket.SO_RCVBUF, _INT), (socket.SOL_SOCKET, socket.SO_SNDBUF, _INT),
     (socket.SOL_SOCKET, socket.SO_RCVLOWAT, _INT), (socket.SOL_SOCKET, socket.SO_PRIORITY, _INT),
+    (socket.SOL_SOCKET, 47, _INT),                                  # SO_MAX_PACING_RATE
+    (socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16),
     (socket.IPPROTO_TCP, socket.TCP_NODELAY, _INT), (socket.IPPROTO_TCP, socket.TCP_CORK, _INT),
     (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, _INT),
     (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _INT),
     (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _INT),
     (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _INT),
     (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _INT),
+    (socket.IPPROTO_TCP, socket.TCP_MAXSEG, _INT),
     (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _INT),
     (socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16),
-    (socket.IPPROTO_IP, socket.IP_TOS, _INT), (socket.IPPROTO_IPV6, socket.IPV6_TCLASS, _INT),
+    (socket.IPPROTO_IP, socket.IP_TOS, _INT), (socket.IPPROTO_IP, socket.IP_TTL, _INT),
+    (socket.IPPROTO_IP, 21, _INT),                                  # IP_MINTTL
+    (socket.IPPROTO_IPV6, socket.IPV6_TCLASS, _INT),
+    (socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, _INT),
+    (socket.IPPROTO_IPV6, 73, _INT),                                # IPV6_MINHOPCOUNT
 ]
-_DOUBLED = {(socket.SOL_SOCKET, socket.SO_RCVBUF), (socket.SOL_SOCKET, socket.SO_SNDBUF)}
+# Not the buffer sizes: set on a listener, one also locks it (connections
+# accepted from it are no longer sized by the kernel), which nothing but a
+# new socket clears, and a connect() changes them without a lock: what they
+# read says neither.
+# TCP_MAXSEG reads the MSS a holder set, else whatever the socket last had:
+# setting 0 unsets the holder's.
+_MAXSEG = (socket.IPPROTO_TCP, socket.TCP_MAXSEG)
 _OPTION_NAMES = {
     (socket.SOL_SOCKET, socket.SO_LINGER): "SO_LINGER",
     (socket.SOL_SOCKET, socket.SO_KEEPALIVE): "SO_KEEPALIVE",
-    (socket.SOL_SOCKET, socket.SO_RCVBUF): "SO_RCVBUF",
-    (socket.SOL_SOCKET, socket.SO_SNDBUF): "SO_SNDBUF",
     (socket.SOL_SOCKET, socket.SO_RCVLOWAT): "SO_RCVLOWAT",
     (socket.SOL_SOCKET, socket.SO_PRIORITY): "SO_PRIORITY",
+    (socket.SOL_SOCKET, 47): "SO_MAX_PACING_RATE",
+    (socket.SOL_SOCKET, socket.SO_BINDTODEVICE): "SO_BINDTODEVICE",
+    (socket.IPPROTO_TCP, socket.TCP_MAXSEG): "TCP_MAXSEG",
+    (socket.IPPROTO_IP, socket.IP_TTL): "IP_TTL",
+    (socket.IPPROTO_IP, 21): "IP_MINTTL",
+    (socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS): "IPV6_UNICAST_HOPS",
+    (socket.IPPROTO_IPV6, 73): "IPV6_MINHOPCOUNT",
     (socket.IPPROTO_TCP, socket.TCP_NODELAY): "TCP_NODELAY",
     (socket.IPPROTO_TCP, socket.TCP_CORK): "TCP_CORK",
     (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT): "TCP_DEFER_ACCEPT",
@@ -78,6 +94,8 @@ _OPTION_NAMES = {
 }
 
 log = logging.getLogger("fdserver")
+# connect(AF_UNSPEC) for _disconnect, loaded before any privilege drop.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -175,14 +193,13 @@ def bind_own(flag: str, given: str, spec: BindSpec, backlog: int = 128) -> socke
         raise BindError(f"{flag} {given}: cannot bind: {why}") from None
 
 
-def _listening(spec: BindSpec, backlog: int, v6only: bool = True) -> socket.socket:
+def _listening(spec: BindSpec, backlog: int) -> socket.socket:
     sock = socket.socket(spec.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if spec.family == socket.AF_INET6:
-            # Let 0.0.0.0:80 and [::]:80 be bound side by side (a listener
-            # systemd made may take both: replaced, it still does).
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+            # Let 0.0.0.0:80 and [::]:80 be bound side by side.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((spec.host, spec.port))
         sock.listen(backlog)
         # O_NONBLOCK lives on the open file description that every holder
@@ -233,13 +250,14 @@ def put_right(sock: socket.socket, backlog: int = DEFAULT_BACKLOG,
     """Undo what a holder of listening socket *sock* may have changed for all.
 
     Sets O_NONBLOCK again if it was cleared, and listens again if the socket
-    was shut down, or with *backlog* again if its queue's limit changed.  A
-    port given in the bind stays bound through a shutdown (listen() needs no
-    privilege); one the kernel chose (port 0) was let go, though getsockname()
-    still shows it, and is bound again to *address* (what getsockname() said
-    before).  A socket filter is taken off.  Returns what was wrong, as
-    phrases for a log line; raises FilterLocked for a filter locked on it, and
-    OSError if it cannot listen again (connected meanwhile, or its port taken).
+    was shut down (and disconnects it first if it was then connected), or
+    with *backlog* again if its queue's limit changed.  A port given in the
+    bind stays bound through all that (listen() needs no privilege); one the
+    kernel chose (port 0) is let go, though getsockname() still shows it, and
+    is bound again to *address* (what getsockname() said before).  A socket
+    filter is taken off.  Returns what was wrong, as phrases for a log line;
+    raises OSError if it cannot listen again (its port taken meanwhile) or a
+    filter is locked on it.
     """
     wrong = []
     flags = fcntl.fcntl(sock.fileno(), fcntl.F_GETFL)
@@ -248,6 +266,9 @@ def put_right(sock: socket.socket, backlog: int = DEFAULT_BACKLOG,
         wrong.append("made blocking")
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         wrong.append("shut down")
+        if _connected(sock):
+            wrong.append("connected")
+            _disconnect(sock)
         if address is not None:
             try:
                 sock.bind(address)
@@ -267,13 +288,36 @@ def put_right(sock: socket.socket, backlog: int = DEFAULT_BACKLOG,
         wrong.append("given a socket filter")
     except OSError as exc:
         if exc.errno != errno.ENOENT:       # ENOENT: none; EPERM: locked (SO_LOCK_FILTER)
-            raise FilterLocked(exc.errno, "a locked socket filter") from None
+            raise OSError(exc.errno, "a socket filter is locked on it") from None
     return wrong
 
 
-class FilterLocked(OSError):
-    """A socket filter a holder locked on the listener: it still listens,
-    filtered, and nothing but closing every copy of it takes the filter off."""
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and _connecting(sock)
+    return True
+
+
+def _connecting(sock: socket.socket) -> bool:
+    """A connect still under way (SYN_SENT): TCP_INFO's state, 2."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 2
+    except OSError:
+        return False
+
+
+_AF_UNSPEC_ADDRESS = struct.pack("H14x", socket.AF_UNSPEC)
+
+
+def _disconnect(sock: socket.socket) -> None:
+    """connect(AF_UNSPEC): what Python's connect() cannot say; the socket
+    keeps its bound port and may listen again."""
+    address = ctypes.create_string_buffer(_AF_UNSPEC_ADDRESS, len(_AF_UNSPEC_ADDRESS))
+    if _libc.connect(sock.fileno(), address, len(_AF_UNSPEC_ADDRESS)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"cannot disconnect it: {os.strerror(code)}")
 
 
 def queue_limit(sock: socket.socket) -> int | None:
@@ -288,36 +332,50 @@ def queue_limit(sock: socket.socket) -> int | None:
     return limit
 
 
-def options_of(sock: socket.socket) -> dict[tuple[int, int], bytes]:
-    """What *sock* holds of GUARDED_OPTIONS (those its family has)."""
+def options_of(sock: socket.socket) -> dict[tuple[int, int], tuple[int, bytes]]:
+    """What *sock* holds of GUARDED_OPTIONS (those its family has): their
+    sizes and values."""
     held = {}
+    # [::] listeners take IPv4 clients too, unless IPv6-only: then IP options count.
+    dual = sock.family == socket.AF_INET6 and not _v6only(sock)
     for level, name, size in GUARDED_OPTIONS:
-        if level == socket.IPPROTO_IP and sock.family != socket.AF_INET:
+        if level == socket.IPPROTO_IP and sock.family != socket.AF_INET and not dual:
             continue
         if level == socket.IPPROTO_IPV6 and sock.family != socket.AF_INET6:
             continue
         try:
-            held[level, name] = sock.getsockopt(level, name, size)
+            held[level, name] = (size, sock.getsockopt(level, name, size))
         except OSError:
             continue
     return held
 
 
-def put_back_options(sock: socket.socket,
-                     held: dict[tuple[int, int], bytes]) -> tuple[list[str], list[str]]:
+def _v6only(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+    except OSError:
+        return True
+
+
+def put_back_options(sock: socket.socket, held: dict[tuple[int, int], tuple[int, bytes]]
+                     ) -> tuple[list[str], list[str]]:
     """Set back what changed of *held* (options_of at the start): the names
     of those set back, and of those that could not be (dropped from *held*:
     tried once, said once)."""
     put_back, failed = [], []
-    for (level, name), value in list(held.items()):
+    for (level, name), (size, value) in list(held.items()):
         try:
-            if sock.getsockopt(level, name, len(value)) == value:
+            now = sock.getsockopt(level, name, size)
+            if now == value:
                 continue
-            given = value
-            if (level, name) in _DOUBLED:       # the kernel doubles what it is given
-                given = struct.pack("i", struct.unpack("i", value)[0] // 2)
-            sock.setsockopt(level, name, given)
-            ok = sock.getsockopt(level, name, len(value)) == value
+            if (level, name) == _MAXSEG:
+                if struct.unpack("i", now)[0] >= struct.unpack("i", value)[0]:
+                    continue                # not lowered by a holder
+                sock.setsockopt(level, name, 0)
+                ok = True
+            else:
+                sock.setsockopt(level, name, value)
+                ok = sock.getsockopt(level, name, size) == value
         except OSError:
             ok = False
         option = _OPTION_NAMES.get((level, name), str(name))
@@ -347,38 +405,28 @@ def nonblocking_accept(sock: socket.socket,
 class ListenerGuard:
     """Checks *listeners* every GUARD_INTERVAL and puts them right, saying so.
 
-    A listener that can never listen again (a holder shut it down, then
-    connected it) is, with *replace* (dispatch mode: fdserver accepts), replaced
-    by a new socket bound to the same address; otherwise, or if fdserver may
-    no longer bind it (a port below 1024 after --user), it is no longer
-    served nor handed out (running workers could not take a new socket: in
-    shared mode the port then refuses connections, rather than queue them
-    for nobody).  Either way inside *changing* (the placement's
-    changing_listeners), so that nothing watches a descriptor being closed.
-    A filter locked on a listener cannot be taken off: said once.
+    Never replaces nor drops a listener: whatever cannot be put right now
+    (its port taken by another socket meanwhile, a filter locked on it) is
+    said once, and tried again at every check.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listeners: list[Listener],
-                 backlog: int = DEFAULT_BACKLOG,
-                 changing: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
-                 replace: bool = True) -> None:
+                 backlog: int = DEFAULT_BACKLOG) -> None:
         self._loop = loop
         self._listeners = listeners
         self._backlog = backlog
-        self._replace = replace
-        self._locked: set[int] = set()          # listeners with a locked filter, said once
-        self._changing = changing or contextlib.nullcontext
         self._timer: asyncio.TimerHandle | None = None
-        # fd -> (bound address, queue limit, options), from the start: a port
+        self._failing: set[int] = set()         # listeners whose last check failed, said once
+        # fd -> [bound address, queue limit, options], from the start: a port
         # the kernel chose is let go by a shutdown (getsockname() then lies)
-        self._known: dict[int, tuple[Any, int, dict[tuple[int, int], bytes]]] = {}
+        self._known: dict[int, list[Any]] = {}
         for listener in listeners:
             self._know(listener.sock)
 
-    def _know(self, sock: socket.socket) -> tuple[Any, int, dict[tuple[int, int], bytes]]:
+    def _know(self, sock: socket.socket) -> list[Any]:
         known = self._known.get(sock.fileno())
         if known is None:
-            known = (sock.getsockname(), queue_limit(sock) or self._backlog, options_of(sock))
+            known = [sock.getsockname(), queue_limit(sock) or self._backlog, options_of(sock)]
             self._known[sock.fileno()] = known
         return known
 
@@ -398,30 +446,41 @@ class ListenerGuard:
 
     def check(self) -> None:
         for listener in list(self._listeners):
-            if listener.sock.fileno() < 0:
+            fd = listener.sock.fileno()
+            if fd < 0:
                 continue
             try:
                 self._check(listener)
-            except OSError as exc:          # one listener's trouble: the others still
-                log.warning("cannot check listener %s: %s", listener.name,
-                            (exc.strerror or str(exc)).lower())
+            except OSError as exc:
+                if fd not in self._failing:
+                    self._failing.add(fd)
+                    log.error("listener %s %s was changed by a process holding it, and "
+                              "cannot be put right now: %s; trying again every %gs",
+                              listener.name, format_address(listener.sock.family,
+                                                            self._known[fd][0]),
+                              (exc.strerror or str(exc)).lower(),
+                              GUARD_INTERVAL)
+            else:
+                if fd in self._failing:
+                    self._failing.discard(fd)
+                    log.warning("listener %s %s is put right", listener.name,
+                                listener.address)
 
     def _check(self, listener: Listener) -> None:
-        address, limit, options = self._know(listener.sock)
+        known = self._know(listener.sock)
+        address, limit, options = known
+        error: OSError | None = None
         try:
             wrong = put_right(listener.sock, limit, address)
-        except FilterLocked:
-            if listener.sock.fileno() not in self._locked:
-                self._locked.add(listener.sock.fileno())
-                log.error("listener %s %s was given a locked socket filter by a process "
-                          "holding it: it drops what the filter says until every process "
-                          "holding it (fdserver too) has closed it", listener.name,
-                          listener.address)
-            return
         except OSError as exc:
-            self._unusable(listener, address, limit, exc)
-            return
+            wrong, error = [], exc
+        # Either way: a locked filter or a taken port must not keep SO_LINGER
+        # 0 on for good.
         put_back, failed = put_back_options(listener.sock, options)
+        if error is None:
+            # What listen() gave (capped by net.core.somaxconn, which may have
+            # changed since): the limit to keep from now on.
+            known[1] = queue_limit(listener.sock) or limit
         wrong += [f"given another {name}" for name in put_back]
         if wrong:
             log.warning("listener %s %s was %s by a process holding it (a worker); "
@@ -430,33 +489,5 @@ class ListenerGuard:
             log.error("listener %s %s was given another %s by a process holding it, "
                       "which fdserver cannot set back", listener.name, listener.address,
                       ", ".join(failed))
-
-    def _unusable(self, listener: Listener, address: Any, limit: int, exc: OSError) -> None:
-        why = (exc.strerror or str(exc)).lower()
-        spec = BindSpec(listener.name, address[0], address[1], listener.sock.family)
-        fresh: socket.socket | None = None
-        cannot = ("in shared mode running workers could not take it: restart fdserver and "
-                  "the workers")
-        if self._replace:
-            v6only = (listener.sock.family == socket.AF_INET6 and bool(
-                listener.sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)))
-            try:
-                fresh = _listening(spec, limit, v6only)
-            except OSError as bind_exc:
-                cannot = _why(bind_exc, spec.port)
-        old = listener.sock
-        with self._changing():
-            self._known.pop(old.fileno(), None)
-            if fresh is not None:
-                listener.sock = fresh
-                self._know(fresh)
-            else:
-                self._listeners.remove(listener)
-            old.close()
-        if fresh is not None:
-            log.error("listener %s %s was made unusable by a process holding it (%s); "
-                      "listening on a new socket", listener.name, spec.address, why)
-        else:
-            log.error("listener %s %s was made unusable by a process holding it (%s), and "
-                      "is not bound again (%s): it is no longer served nor handed to new "
-                      "workers", listener.name, spec.address, why, cannot)
+        if error is not None:
+            raise error

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import errno
 import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .accept import accepted, raw_accept
@@ -82,12 +81,6 @@ class SharePublisher:
         self._no_worker = (NoWorkerAnswer(loop, listeners, unavailable_timeout)
                            if listeners is not None else None)
         self._count_ready()
-
-    def changing_listeners(self) -> contextlib.AbstractContextManager[None]:
-        """Around a change of the listeners (the 503 answers watch them)."""
-        if self._no_worker is None:
-            return contextlib.nullcontext()
-        return self._no_worker.changing_listeners()
 
     def close(self) -> None:
         if self._no_worker:
@@ -208,15 +201,6 @@ class NoWorkerAnswer:
             self._loop.remove_reader(listener.sock.fileno())
         self._watched = []
 
-    @contextlib.contextmanager
-    def changing_listeners(self) -> Iterator[None]:
-        """Around a change of the listeners (one replaced, or dropped)."""
-        self._unwatch()
-        try:
-            yield
-        finally:
-            self._watch()
-
     def _watch_again(self, listener: Listener) -> None:
         if listener in self._watched and listener.sock.fileno() >= 0:
             self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
@@ -234,8 +218,8 @@ class NoWorkerAnswer:
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         if exc.errno == errno.EINVAL:
-            # Shut down by a holder: the others meanwhile, this one again once
-            # the ListenerGuard has put it right (or a holder listened again).
+            # Shut down by a holder: the others meanwhile, this one again a
+            # moment later (the ListenerGuard puts it right within a second).
             self._loop.remove_reader(listener.sock.fileno())
             self._loop.call_later(SET_ASIDE, self._watch_again, listener)
             return
@@ -320,17 +304,6 @@ class Dispatcher:
         if self._accepting and listener in self._listeners and listener.sock.fileno() >= 0:
             self._loop.add_reader(listener.sock.fileno(), self._accept, listener)
 
-    @contextlib.contextmanager
-    def changing_listeners(self) -> Iterator[None]:
-        """Around a change of the listeners (one replaced, or dropped)."""
-        accepting = self._accepting
-        self.pause()
-        try:
-            yield
-        finally:
-            if accepting:
-                self.start()
-
     def close(self) -> None:
         self._closed = True
         self.pause()
@@ -385,8 +358,8 @@ class Dispatcher:
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         if exc.errno == errno.EINVAL:
-            # Shut down by a holder: the others meanwhile, this one again once
-            # the ListenerGuard has put it right (or a holder listened again).
+            # Shut down by a holder: the others meanwhile, this one again a
+            # moment later (the ListenerGuard puts it right within a second).
             self._loop.remove_reader(listener.sock.fileno())
             self._loop.call_later(SET_ASIDE, self._watch_again, listener)
             return

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import os
 import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, TypeGuard
 
 from . import __version__
@@ -243,9 +242,7 @@ class Server:
 
     def _serving(self) -> None:
         self.metrics.listener_names |= {listener.name for listener in self.listeners}
-        self._guard = ListenerGuard(self._loop, self.listeners, self.backlog,
-                                    changing=self._changing_listeners,
-                                    replace=self.mode == "dispatch")
+        self._guard = ListenerGuard(self._loop, self.listeners, self.backlog)
         self._guard.start()
         if self.mode == "dispatch":
             self._placement = Dispatcher(self._loop, self.listeners, self._unsorted_workers,
@@ -262,15 +259,6 @@ class Server:
         served = ", ".join(f"{listener.name} on {listener.address}" for listener in self.listeners)
         log.info("serving %s; socket %s; %s mode", served, self.socket_file.path, self.mode)
         self._notify("READY=1", f"MAINPID={os.getpid()}")
-
-    @contextlib.contextmanager
-    def _changing_listeners(self) -> Iterator[None]:
-        """Around the guard's change of a listener: nothing watches it meanwhile."""
-        if self._placement is None:
-            yield
-        else:
-            with self._placement.changing_listeners():
-                yield
 
     def _shut_down(self) -> None:
         self._notify("STOPPING=1", "STATUS=stopping; workers keep serving")

@@ -144,48 +144,76 @@ def test_a_handback_with_a_listener_shut_down_meanwhile_keeps_the_others(
         holder.channel.close()
 
 
-@pytest.mark.child_errors("a listener made unusable is an error fdserver and the worker log")
-def test_a_listener_made_unusable_is_replaced_and_the_others_served(start_fdserver,
-                                                                    start_fdapp):
-    # Shut down and then connected, a listening socket can never listen again.
-    # Dispatch mode: fdserver accepts on every listener; before, the dead one
-    # kept failing and starved the others, and new workers were refused it.
+@pytest.mark.parametrize("mode", ["shared", "dispatch"])
+def test_a_listener_shut_down_then_connected_is_listened_on_again(start_fdserver, start_fdapp,
+                                                                  mode):
+    # Connected, a socket cannot listen; disconnected (connect(AF_UNSPEC)) it
+    # can, on the same port.  Before, the dead socket kept failing: dispatch
+    # mode starved the other listener, and new workers were refused it.
     dead, live = free_port(), free_port()
-    server = start_fdserver("--dispatch", binds=(f"http=127.0.0.1:{dead}",
-                                                 f"b=127.0.0.1:{live}"))
+    flags = ("--dispatch",) if mode == "dispatch" else ()
+    server = start_fdserver(*flags, binds=(f"http=127.0.0.1:{dead}", f"b=127.0.0.1:{live}"))
     worker = start_fdapp(server)
     tamper(server, lambda sock: unusable(sock) if sock.getsockname()[1] == dead else None)
-    server.wait_for_line(rf"listener http 127\.0\.0\.1:{dead} was made unusable by a process "
-                         r"holding it \(invalid argument\); listening on a new socket")
+    server.wait_for_line(rf"listener http 127\.0\.0\.1:{dead} was made blocking, shut down, "
+                         r"connected by a process holding it \(a worker\); put right")
     for port in (live, dead):
-        assert http_get(f"127.0.0.1:{port}", timeout=5)[1] == f"Hello from {worker.pid}\n"
-    newcomer = start_fdapp(server)      # it is handed the new socket, not the dead one
+        wait_until(lambda port=port: answered(f"127.0.0.1:{port}", worker.pid), timeout=10,
+                   what=f"port {port} served again")
+    newcomer = start_fdapp(server)      # handed the listener put right, not refused
     assert newcomer.pid in [w["pid"] for w in server.status()["workers"]]
 
 
-@pytest.mark.child_errors("a listener made unusable is an error fdserver and the worker log")
-def test_in_shared_mode_a_listener_made_unusable_is_dropped_and_the_others_served(
+@pytest.mark.child_errors("a listener that cannot be put right yet is an error fdserver logs")
+def test_a_port_taken_while_its_listener_was_shut_down_is_taken_back_once_free(
         start_fdserver, start_fdapp):
-    # Running workers could not take a new socket: the port refuses
-    # connections (rather than queue them for nobody), and new workers get
-    # the other listeners instead of being refused.
-    dead, live = free_port(), free_port()
-    server = start_fdserver(binds=(f"http=127.0.0.1:{dead}", f"b=127.0.0.1:{live}"))
-    start_fdapp(server)
-    tamper(server, lambda sock: unusable(sock) if sock.getsockname()[1] == dead else None)
-    server.wait_for_line(rf"listener http 127\.0\.0\.1:{dead} was made unusable .* is not bound "
-                         r"again \(in shared mode running workers could not take it")
-    newcomer = start_fdapp(server)
-    wait_until(lambda: answered(f"127.0.0.1:{live}", newcomer.pid), timeout=10,
-               what="the new worker serving the other listener")
-    assert [listener["name"] for listener in server.status()["listeners"]] == ["b"]
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", dead), timeout=5).close()
+    # Shut down, the listener no longer holds its port against a new socket
+    # bound with SO_REUSEADDR.  fdserver says so once, and tries every second
+    # (before: it gave the listener up for good).
+    server = start_fdserver()
+    worker = start_fdapp(server)
+    address = tuple_of(server.address)
+    thief = socket.socket()
+    try:
+        tamper(server, lambda sock: sock.shutdown(socket.SHUT_RDWR))
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        thief.bind(address)
+        thief.listen()
+        server.wait_for_line(r"listener http 127\.0\.0\.1:\d+ was changed by a process "
+                             r"holding it, and cannot be put right now: address already in use")
+    finally:
+        thief.close()
+    server.wait_for_line(r"listener http 127\.0\.0\.1:\d+ is put right")
+    wait_until(lambda: answered(server.address, worker.pid), timeout=10,
+               what="the worker serving again")
+    assert len([line for line in server.lines if "cannot be put right now" in line]) == 1
 
 
-def test_a_socket_filter_a_worker_attached_is_taken_off(start_fdserver, start_fdapp):
-    # Four instructions: reading the filter back with a 4-byte buffer (its
-    # length counts instructions) overflowed fdserver's stack and killed it.
+@pytest.mark.child_errors("a locked filter is an error fdserver logs")
+def test_a_locked_filter_does_not_keep_other_options_from_being_put_back(start_fdserver,
+                                                                         start_fdapp):
+    import struct
+
+    server = start_fdserver()
+    worker = start_fdapp(server)
+
+    def lock_and_linger(sock: socket.socket) -> None:
+        attach_accept_all_filter(sock)
+        sock.setsockopt(socket.SOL_SOCKET, 44, 1)                    # SO_LOCK_FILTER
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    tamper(server, lock_and_linger)
+    server.wait_for_line(r"cannot be put right now: a socket filter is locked on it")
+    server.wait_for_line(r"was given another SO_LINGER by a process holding it \(a worker\); "
+                         r"put right")
+    assert answered(server.address, worker.pid)
+
+
+def tuple_of(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def attach_accept_all_filter(sock: socket.socket, instructions: int = 4) -> None:
     import ctypes
 
     class Instruction(ctypes.Structure):
@@ -195,12 +223,17 @@ def test_a_socket_filter_a_worker_attached_is_taken_off(start_fdserver, start_fd
     class Program(ctypes.Structure):
         _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Instruction))]
 
-    accept_all = (Instruction * 4)(*[Instruction(0x06, 0, 0, 0xFFFFFFFF)] * 4)   # ret #-1
-    program = Program(4, accept_all)
+    code = (Instruction * instructions)(*[Instruction(0x06, 0, 0, 0xFFFFFFFF)] * instructions)
+    program = Program(instructions, code)                              # ret #-1, each
+    sock.setsockopt(socket.SOL_SOCKET, 26, bytes(program))             # SO_ATTACH_FILTER
+
+
+def test_a_socket_filter_a_worker_attached_is_taken_off(start_fdserver, start_fdapp):
+    # Four instructions: reading the filter back with a 4-byte buffer (its
+    # length counts instructions) overflowed fdserver's stack and killed it.
     server = start_fdserver()
     worker = start_fdapp(server)
-    tamper(server, lambda sock: sock.setsockopt(socket.SOL_SOCKET, 26,     # SO_ATTACH_FILTER
-                                                bytes(program)))
+    tamper(server, attach_accept_all_filter)
     server.wait_for_line(r"listener http 127\.0\.0\.1:\d+ was given a socket filter by a process "
                          r"holding it \(a worker\); put right")
     assert server.popen.poll() is None

@@ -276,11 +276,13 @@ def put_right(sock: socket.socket, backlog: int = DEFAULT_BACKLOG,
                 if exc.errno != errno.EINVAL:   # EINVAL: still bound, as it should be
                     raise
         sock.listen(backlog)
-        if address is not None and sock.getsockname() != address:
-            raise OSError(errno.EADDRINUSE, f"listening again on {sock.getsockname()}")
     elif queue_limit(sock) not in (None, backlog):
         wrong.append("given another backlog")
         sock.listen(backlog)
+    if address is not None and sock.getsockname() != address:
+        # A kernel-chosen port, let go by a shutdown and bound elsewhere by
+        # the holder before anyone listened again.
+        raise OSError(errno.EADDRINUSE, f"it is bound to {sock.getsockname()} instead")
     try:
         # Never asked with getsockopt(SO_GET_FILTER): its length counts
         # instructions, not bytes, and a short buffer overflows.
@@ -372,6 +374,9 @@ def put_back_options(sock: socket.socket, held: dict[tuple[int, int], tuple[int,
                 if struct.unpack("i", now)[0] >= struct.unpack("i", value)[0]:
                     continue                # not lowered by a holder
                 sock.setsockopt(level, name, 0)
+                # What it reads now (a connect leaves its own MSS): the value
+                # from now on, or this would be "put back" at every check.
+                held[level, name] = (size, sock.getsockopt(level, name, size))
                 ok = True
             else:
                 sock.setsockopt(level, name, value)

@@ -69,6 +69,20 @@ def test_put_right_undoes_blocking_and_shutdown():
             conn.close()
 
 
+def test_an_option_put_back_once_is_not_put_back_again():
+    # TCP_MAXSEG reads what a connect left when no MSS is set: unsetting the
+    # holder's must not count as "put back" at every check (a log line a second).
+    from fdserver.listeners import options_of, put_back_options
+
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:
+        held = options_of(listener)
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 88)
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        assert put_back_options(listener, held) == (["TCP_CORK", "TCP_MAXSEG"], [])
+        assert put_back_options(listener, held) == ([], [])
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) != 88
+
+
 def test_a_listener_made_blocking_by_a_worker_does_not_stall_fdserver(start_fdserver,
                                                                       start_fdapp):
     # Dispatch mode: fdserver accepts every connection.  Before the guard, its

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 # accept(2) failing for want of a resource: retrying at once would spin.
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# struct tcp_info (linux/tcp.h): on a listening socket tcpi_unacked is the
+# accept queue's length and tcpi_sacked its limit (the backlog).
+TCPI_UNACKED = 24
+TCPI_SACKED = 28
 
 _T = TypeVar("_T")
 
@@ -66,3 +71,17 @@ def public_accept(sock: socket.socket) -> Callable[[], tuple[int, Any]]:
         conn, address = sock.accept()
         return conn.detach(), address
     return accept
+
+
+def accept_queue(sock: socket.socket) -> tuple[int, int] | None:
+    """(length, limit) of a TCP listener's accept queue, or None (not TCP, not Linux)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SACKED + 4)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < TCPI_SACKED + 4:
+        return None
+    unacked, sacked = struct.unpack_from("II", info, TCPI_UNACKED)
+    return int(unacked), int(sacked)

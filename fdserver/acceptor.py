@@ -67,12 +67,11 @@ import math
 import os
 import socket
 import ssl
-import struct
 from collections.abc import Callable
 from typing import Any, Final
 
 from . import _tornado
-from .accept import OUT_OF_DESCRIPTORS, accepted
+from .accept import OUT_OF_DESCRIPTORS, accept_queue, accepted
 from .drain import DrainingHTTPServer
 from .protocol import HEARTBEAT_INTERVAL, LoadMessage, on_the_tick, shared_report_interval
 from .proxyproto import DEFAULT_TIMEOUT, ProxyProtocolError, read_header
@@ -94,7 +93,6 @@ REPORT_INTERVAL = 0.02      # dispatch mode: at most 50 load reports a second
 BROKEN_LISTENER_PAUSE = 1.0  # a listener shut down by some holder: try again after
 SLACK = 1                   # connections over the share before yielding
 CPUS = len(os.sched_getaffinity(0))
-TCPI_UNACKED = 24           # struct tcp_info: a listener's accept queue length
 MAX_PROXY_PENDING = 1024    # connections waiting for their PROXY header at once
 PROXY_LOG_BURST = 10        # bad PROXY headers logged per PROXY_LOG_WINDOW
 PROXY_LOG_WINDOW = 10.0
@@ -481,9 +479,5 @@ class Acceptor:
 
 def _accept_queue_length(sock: socket.socket) -> int:
     """Connections waiting to be accepted on a listener (Linux's TCP_INFO)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_UNACKED + 4)
-    except OSError:
-        return 0
-    length: int = struct.unpack_from("I", info, TCPI_UNACKED)[0]
-    return length
+    queue = accept_queue(sock)
+    return queue[0] if queue else 0

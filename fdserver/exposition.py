@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import (
@@ -35,6 +34,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .accept import accept_queue
 from .errors import BindError
 from .listeners import Listener, bind_own, parse_bind
 from .metrics import Histogram, HostMetrics, states
@@ -46,11 +46,6 @@ MAX_CLIENTS = 64
 MAX_HEAD = 8192
 READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 10.0
-
-# struct tcp_info (linux/tcp.h): on a listening socket tcpi_unacked is the
-# accept queue's length and tcpi_sacked its limit (the backlog).
-TCPI_UNACKED = 24
-TCPI_SACKED = 28
 
 
 def bind_metrics(spec: str) -> socket.socket:
@@ -154,20 +149,6 @@ def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFami
     family = HistogramMetricFamily(name, doc, labels=[])
     family.add_metric([], histogram.cumulative(), histogram.total)
     return family
-
-
-def accept_queue(sock: socket.socket) -> tuple[int, int] | None:
-    """(length, limit) of a TCP listener's accept queue, or None (not TCP, not Linux)."""
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SACKED + 4)
-    except (OSError, AttributeError):
-        return None
-    if len(info) < TCPI_SACKED + 4:
-        return None
-    unacked, sacked = struct.unpack_from("II", info, TCPI_UNACKED)
-    return int(unacked), int(sacked)
 
 
 class MetricsEndpoint:

@@ -25,14 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .accept import accept_queue
 from .errors import AddressInUseError, BindError
 
 DEFAULT_NAME = "http"
 DEFAULT_BACKLOG = 1024
 GUARD_INTERVAL = 1.0        # seconds between checks of the listeners
-# struct tcp_info (linux/tcp.h): on a listening socket tcpi_sacked is the
-# accept queue's limit (the backlog).
-TCPI_SACKED = 28
 # Linux's socket filter option (asm-generic/socket.h); Python does not name it.
 SO_DETACH_FILTER = 27
 # What a holder may set on a listener that the connections accepted from it
@@ -324,14 +322,8 @@ def _disconnect(sock: socket.socket) -> None:
 
 def queue_limit(sock: socket.socket) -> int | None:
     """The accept queue's limit of a listening TCP socket (TCP_INFO), or None."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SACKED + 4)
-    except OSError:
-        return None
-    if len(info) < TCPI_SACKED + 4:
-        return None
-    limit: int = struct.unpack_from("I", info, TCPI_SACKED)[0]
-    return limit
+    queue = accept_queue(sock)
+    return queue[1] if queue else None
 
 
 def options_of(sock: socket.socket) -> dict[tuple[int, int], tuple[int, bytes]]:

@@ -37,16 +37,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .accept import accepted, raw_accept
-from .listeners import Listener, nonblocking_accept
+from .listeners import GUARD_INTERVAL, Listener, nonblocking_accept
 from .metrics import HostMetrics
 from .peer import Peer, estimate, takes_connections
 from .protocol import Message
 
 log = logging.getLogger("fdserver")
-
-# A listener whose accept failed with EINVAL (a holder shut it down) is set
-# aside this long; the ListenerGuard puts it right meanwhile.
-SET_ASIDE = 1.0
 
 SHARE_DELAY = 0.01          # coalesce share broadcasts: at most ~100 a second
 # Connections taken per wakeup of a listener: fewer than MAX_FDS_PER_FRAME,
@@ -129,6 +125,15 @@ class SharePublisher:
                 if sent.get(peer) != share:     # one that has it needs it not again
                     peer.channel.send(message)
                 self._sent[peer] = share
+
+
+def _set_aside(loop: asyncio.AbstractEventLoop, listener: Listener,
+               watch_again: Callable[[Listener], None]) -> None:
+    """A listener whose accept failed with EINVAL (a holder shut it down): not
+    watched, so that the others go on, and *watch_again* after a check of the
+    ListenerGuard, which puts it right."""
+    loop.remove_reader(listener.sock.fileno())
+    loop.call_later(GUARD_INTERVAL, watch_again, listener)
 
 
 class NoWorkerAnswer:
@@ -218,10 +223,7 @@ class NoWorkerAnswer:
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         if exc.errno == errno.EINVAL:
-            # Shut down by a holder: the others meanwhile, this one again a
-            # moment later (the ListenerGuard puts it right within a second).
-            self._loop.remove_reader(listener.sock.fileno())
-            self._loop.call_later(SET_ASIDE, self._watch_again, listener)
+            _set_aside(self._loop, listener, self._watch_again)
             return
         # Out of descriptors: stop watching for a moment.
         log.warning("accept failed while answering 503: %s", exc.strerror)
@@ -358,10 +360,7 @@ class Dispatcher:
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         if exc.errno == errno.EINVAL:
-            # Shut down by a holder: the others meanwhile, this one again a
-            # moment later (the ListenerGuard puts it right within a second).
-            self._loop.remove_reader(listener.sock.fileno())
-            self._loop.call_later(SET_ASIDE, self._watch_again, listener)
+            _set_aside(self._loop, listener, self._watch_again)
             return
         # Out of descriptors: stop for a moment, the backlog holds the rest.
         log.warning("accept on %s failed: %s", listener.address, exc.strerror)

@@ -37,27 +37,31 @@ SO_DETACH_FILTER = 27
 # inherit (an SO_LINGER of 0 would reset every one at its close, TCP_CORK
 # hold every response back, IP_TTL 1 keep every answer from leaving the
 # host), or that decides which connections it takes at all (IP_MINTTL): the
-# guard puts back what it found at the start.  (level, option, value size)
+# guard puts back what it found at the start.  (level, option, value size, name)
 _INT = 4
 GUARDED_OPTIONS = [
-    (socket.SOL_SOCKET, socket.SO_LINGER, 8), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, _INT),
-    (socket.SOL_SOCKET, socket.SO_RCVLOWAT, _INT), (socket.SOL_SOCKET, socket.SO_PRIORITY, _INT),
-    (socket.SOL_SOCKET, 47, _INT),                                  # SO_MAX_PACING_RATE
-    (socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16),
-    (socket.IPPROTO_TCP, socket.TCP_NODELAY, _INT), (socket.IPPROTO_TCP, socket.TCP_CORK, _INT),
-    (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, _INT),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _INT),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _INT),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _INT),
-    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _INT),
-    (socket.IPPROTO_TCP, socket.TCP_MAXSEG, _INT),
-    (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _INT),
-    (socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16),
-    (socket.IPPROTO_IP, socket.IP_TOS, _INT), (socket.IPPROTO_IP, socket.IP_TTL, _INT),
-    (socket.IPPROTO_IP, 21, _INT),                                  # IP_MINTTL
-    (socket.IPPROTO_IPV6, socket.IPV6_TCLASS, _INT),
-    (socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, _INT),
-    (socket.IPPROTO_IPV6, 73, _INT),                                # IPV6_MINHOPCOUNT
+    (socket.SOL_SOCKET, socket.SO_LINGER, 8, "SO_LINGER"),
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, _INT, "SO_KEEPALIVE"),
+    (socket.SOL_SOCKET, socket.SO_RCVLOWAT, _INT, "SO_RCVLOWAT"),
+    (socket.SOL_SOCKET, socket.SO_PRIORITY, _INT, "SO_PRIORITY"),
+    (socket.SOL_SOCKET, 47, _INT, "SO_MAX_PACING_RATE"),
+    (socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16, "SO_BINDTODEVICE"),
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY, _INT, "TCP_NODELAY"),
+    (socket.IPPROTO_TCP, socket.TCP_CORK, _INT, "TCP_CORK"),
+    (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, _INT, "TCP_DEFER_ACCEPT"),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _INT, "TCP_KEEPIDLE"),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _INT, "TCP_KEEPINTVL"),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _INT, "TCP_KEEPCNT"),
+    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _INT, "TCP_USER_TIMEOUT"),
+    (socket.IPPROTO_TCP, socket.TCP_MAXSEG, _INT, "TCP_MAXSEG"),
+    (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _INT, "TCP_NOTSENT_LOWAT"),
+    (socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16, "TCP_CONGESTION"),
+    (socket.IPPROTO_IP, socket.IP_TOS, _INT, "IP_TOS"),
+    (socket.IPPROTO_IP, socket.IP_TTL, _INT, "IP_TTL"),
+    (socket.IPPROTO_IP, 21, _INT, "IP_MINTTL"),
+    (socket.IPPROTO_IPV6, socket.IPV6_TCLASS, _INT, "IPV6_TCLASS"),
+    (socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, _INT, "IPV6_UNICAST_HOPS"),
+    (socket.IPPROTO_IPV6, 73, _INT, "IPV6_MINHOPCOUNT"),
 ]
 # Not the buffer sizes: set on a listener, one also locks it (connections
 # accepted from it are no longer sized by the kernel), which nothing but a
@@ -66,30 +70,7 @@ GUARDED_OPTIONS = [
 # TCP_MAXSEG reads the MSS a holder set, else whatever the socket last had:
 # setting 0 unsets the holder's.
 _MAXSEG = (socket.IPPROTO_TCP, socket.TCP_MAXSEG)
-_OPTION_NAMES = {
-    (socket.SOL_SOCKET, socket.SO_LINGER): "SO_LINGER",
-    (socket.SOL_SOCKET, socket.SO_KEEPALIVE): "SO_KEEPALIVE",
-    (socket.SOL_SOCKET, socket.SO_RCVLOWAT): "SO_RCVLOWAT",
-    (socket.SOL_SOCKET, socket.SO_PRIORITY): "SO_PRIORITY",
-    (socket.SOL_SOCKET, 47): "SO_MAX_PACING_RATE",
-    (socket.SOL_SOCKET, socket.SO_BINDTODEVICE): "SO_BINDTODEVICE",
-    (socket.IPPROTO_TCP, socket.TCP_MAXSEG): "TCP_MAXSEG",
-    (socket.IPPROTO_IP, socket.IP_TTL): "IP_TTL",
-    (socket.IPPROTO_IP, 21): "IP_MINTTL",
-    (socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS): "IPV6_UNICAST_HOPS",
-    (socket.IPPROTO_IPV6, 73): "IPV6_MINHOPCOUNT",
-    (socket.IPPROTO_TCP, socket.TCP_NODELAY): "TCP_NODELAY",
-    (socket.IPPROTO_TCP, socket.TCP_CORK): "TCP_CORK",
-    (socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT): "TCP_DEFER_ACCEPT",
-    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE): "TCP_KEEPIDLE",
-    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL): "TCP_KEEPINTVL",
-    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT): "TCP_KEEPCNT",
-    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT): "TCP_USER_TIMEOUT",
-    (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT): "TCP_NOTSENT_LOWAT",
-    (socket.IPPROTO_TCP, socket.TCP_CONGESTION): "TCP_CONGESTION",
-    (socket.IPPROTO_IP, socket.IP_TOS): "IP_TOS",
-    (socket.IPPROTO_IPV6, socket.IPV6_TCLASS): "IPV6_TCLASS",
-}
+_OPTION_NAMES = {(level, option): name for level, option, _, name in GUARDED_OPTIONS}
 
 log = logging.getLogger("fdserver")
 # connect(AF_UNSPEC) for _disconnect, loaded before any privilege drop.
@@ -293,21 +274,16 @@ def put_right(sock: socket.socket, backlog: int = DEFAULT_BACKLOG,
 
 
 def _connected(sock: socket.socket) -> bool:
+    """Connected, or connecting, since a holder shut it down: its TCP state
+    (TCP_INFO's first byte) is neither CLOSE nor LISTEN."""
     try:
-        sock.getpeername()
-    except OSError:
-        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and _connecting(sock)
-    return True
-
-
-def _connecting(sock: socket.socket) -> bool:
-    """A connect still under way (SYN_SENT): TCP_INFO's state, 2."""
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 2
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
     except OSError:
         return False
+    return state not in (_TCP_CLOSE, _TCP_LISTEN)
 
 
+_TCP_CLOSE, _TCP_LISTEN = 7, 10         # enum tcp_state (include/net/tcp_states.h)
 _AF_UNSPEC_ADDRESS = struct.pack("H14x", socket.AF_UNSPEC)
 
 
@@ -332,7 +308,7 @@ def options_of(sock: socket.socket) -> dict[tuple[int, int], tuple[int, bytes]]:
     held = {}
     # [::] listeners take IPv4 clients too, unless IPv6-only: then IP options count.
     dual = sock.family == socket.AF_INET6 and not _v6only(sock)
-    for level, name, size in GUARDED_OPTIONS:
+    for level, name, size, _ in GUARDED_OPTIONS:
         if level == socket.IPPROTO_IP and sock.family != socket.AF_INET and not dual:
             continue
         if level == socket.IPPROTO_IPV6 and sock.family != socket.AF_INET6:
@@ -375,7 +351,7 @@ def put_back_options(sock: socket.socket, held: dict[tuple[int, int], tuple[int,
                 ok = sock.getsockopt(level, name, size) == value
         except OSError:
             ok = False
-        option = _OPTION_NAMES.get((level, name), str(name))
+        option = _OPTION_NAMES[level, name]
         if ok:
             put_back.append(option)
         else:

@@ -499,13 +499,11 @@ def fdapp_main(argv: Sequence[str] | None = None) -> int:
                 return register(args.socket, connect_timeout=timeout,
                                 features=features(not args.no_balance),
                                 server_uids=server_uids)
-            if args.connect_timeout <= 0:
-                return attempt(0)
             try:
                 return attempt(0)
             except ConnectError as exc:
-                if not exc.reason:
-                    raise           # someone answered, wrongly: no point waiting
+                if args.connect_timeout <= 0 or not exc.reason:
+                    raise           # no waiting asked for, or someone answered, wrongly
                 # Started before fdserver: say what it waits for, not nothing.
                 logging.getLogger("fdapp").info("waiting up to %gs for fdserver at %s (%s)",
                                                 args.connect_timeout, args.socket, exc.reason)
@@ -562,9 +560,8 @@ def fdctl_parser() -> argparse.ArgumentParser:
     status = command("status", "listeners and workers, with their states")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     drain = command(
-        "drain","take this host out of the balancer's rotation: fdserver's agent "
-                      "answers 'drain' (open connections carry on) until undrain, across "
-                      "fdserver restarts")
+        "drain", "take this host out of the balancer's rotation: fdserver's agent answers "
+                 "'drain' (open connections carry on) until undrain, across fdserver restarts")
     drain.add_argument("--wait", type=_wait_seconds, metavar="SECONDS",
                        help="return once every balancer that asked the agent in the last "
                             "minute has been told (it then sends no new request), or fail "
@@ -572,8 +569,8 @@ def fdctl_parser() -> argparse.ArgumentParser:
     command("undrain", "put this host back into the balancer's rotation")
     rolling = command(
         "rolling-restart",
-        "restart app processes one at a time through supervisord, each only "
-             "after the previous replacement reported ready")
+        "restart app processes one at a time through supervisord, each only after the "
+        "previous replacement reported ready")
     rolling.add_argument("--supervisor", required=True, metavar="URL",
                          help="supervisord's server URL: unix:///path/supervisor.sock "
                               "or http://host:port")

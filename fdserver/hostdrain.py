@@ -28,7 +28,7 @@ import os
 import stat
 from collections.abc import Collection
 
-from .errors import FdserverError, SocketFileError
+from .errors import FdserverError
 from .socketfile import check_ancestors
 
 log = logging.getLogger("fdserver")
@@ -86,10 +86,6 @@ def _open(path: str, trusted: set[int]) -> int:
         # The folders above too, as for the socket: one another user may
         # write to could swap this folder for a link to any other.
         check_ancestors(folder, trusted, f"--drain-file {path}: folder")
-    except SocketFileError as exc:
-        os.close(dir_fd)
-        raise FdserverError(str(exc)) from None
-    try:
         st = os.fstat(dir_fd)
         if st.st_uid not in trusted:
             raise refuse(f"folder {folder} belongs to uid {st.st_uid}, who could replace "

@@ -167,6 +167,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def tuple_of(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (as a server's log says it) as a socket address."""
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
 def free_low_port() -> int:
     for port in range(1023, 900, -1):
         with socket.socket() as probe:

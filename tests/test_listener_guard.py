@@ -1,9 +1,10 @@
 """A worker changing the shared listening sockets for everyone.
 
 Every worker holds the very sockets fdserver listens on: the non-blocking
-flag and the listening state are shared by all holders.  One worker's
-``setblocking(True)`` or ``shutdown()`` must not stall fdserver, nor outlive
-that worker (fdserver.listeners' ListenerGuard puts them right).
+flag, the listening state and the options are shared by all holders.  One
+worker's ``setblocking(True)``, ``shutdown()`` or ``setsockopt()`` must not
+stall fdserver, nor outlive that worker (fdserver.listeners' ListenerGuard
+puts them right).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 import fdserver
 from fdserver.listeners import put_right
 
-from support import free_port, http_get, wait_until
+from support import free_port, http_get, tuple_of, wait_until
 
 PUT_RIGHT = r"listener http 127\.0\.0\.1:\d+ was {} by a process holding it \(a worker\); put right"
 
@@ -47,7 +48,8 @@ def answered(address: str, pid: int) -> bool:
 
 
 def unusable(sock: socket.socket) -> None:
-    """What no put_right can undo: shut down, then connected to itself."""
+    """Shut down, then connected to itself: it cannot listen again until
+    disconnected (connect(AF_UNSPEC), which Python's connect() cannot say)."""
     sock.shutdown(socket.SHUT_RDWR)
     sock.setblocking(True)
     sock.connect(sock.getsockname())
@@ -220,11 +222,6 @@ def test_a_locked_filter_does_not_keep_other_options_from_being_put_back(start_f
     server.wait_for_line(r"was given another SO_LINGER by a process holding it \(a worker\); "
                          r"put right")
     assert answered(server.address, worker.pid)
-
-
-def tuple_of(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
 
 
 def attach_accept_all_filter(sock: socket.socket, instructions: int = 4) -> None:

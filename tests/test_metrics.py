@@ -18,7 +18,7 @@ from fdserver.protocol import DURATION_BUCKETS
 from fdserver.transport import Channel
 
 from loadclient import LoadClient
-from support import http_get, replace_by_hand, run, script, wait_until
+from support import http_get, replace_by_hand, run, script, tuple_of, wait_until
 
 
 def start_with_metrics(start_fdserver, *extra: str):
@@ -169,11 +169,6 @@ def test_idle_connections_cannot_keep_health_from_answering(start_fdserver, star
     finally:
         for sock in idle:
             sock.close()
-
-
-def tuple_of(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
 
 
 def test_queue_connections_and_a_killed_worker(start_fdserver, start_fdapp):

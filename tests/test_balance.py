@@ -483,7 +483,8 @@ def test_a_shed_connection_ends_cleanly_after_a_response(start_fdserver, start_f
                                                          version):
     """Four keep-alive connections on one worker, then a second worker: the
     first answers some of them "close" (HTTP/1.0: no Keep-Alive) and closes
-    after that response; every other response keeps its connection."""
+    after that response; every other response keeps its connection (the
+    next request on it is answered), and it never ends them all."""
     server = start_fdserver("--dispatch")      # places the four on the only worker
     first = start_fdapp(server)
     host, port = server.address.rsplit(":", 1)
@@ -520,8 +521,12 @@ def test_a_shed_connection_ends_cleanly_after_a_response(start_fdserver, start_f
             return len(open_ones) < 4
 
         wait_until(some_closed, 20, "the first worker shedding a connection")
-        for i in open_ones:                      # the others keep theirs
-            assert not exchange(i)
+        # Nobody reconnects, so the load stays uneven and later sheds may end
+        # more (down to one); each still announces it, as exchange() checks.
+        for i in sorted(open_ones):
+            if exchange(i):
+                open_ones.discard(i)
+        assert open_ones, "the worker ended every connection"
     finally:
         for conn in conns:
             conn.close()

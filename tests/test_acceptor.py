@@ -239,8 +239,8 @@ def burst_in_one_pass(workers: int, held: int = 0) -> tuple[int, bool]:
         acceptor.on_share(20 * workers, workers)
         return server, acceptor
 
+    server, acceptor = loop.run_until_complete(make())
     try:
-        server, acceptor = loop.run_until_complete(make())
         clients += [socket.create_connection(listener.getsockname()) for _ in range(burst)]
         loop.call_soon(loop.stop)
         loop.run_forever()          # one pass of the loop: no pause can end meanwhile
@@ -249,6 +249,9 @@ def burst_in_one_pass(workers: int, held: int = 0) -> tuple[int, bool]:
         acceptor.close()
         for client in clients:
             client.close()
+        # The connections taken in that pass are not served yet: close them,
+        # or their sockets and serving tasks are reported when collected.
+        loop.run_until_complete(server.close_all_connections())
         loop.close()
 
 

@@ -119,6 +119,7 @@ def test_stock_tornado_fallback_serves_and_drains():
         acceptor.close()
         assert await server.drain(timeout=5.0, grace=0.05) == 0
         assert await reader.read() == b""
+        writer.close()
     asyncio.run(main())
 
 

@@ -255,9 +255,12 @@ def put_right(sock: socket.socket, backlog: int = DEFAULT_BACKLOG,
                 if exc.errno != errno.EINVAL:   # EINVAL: still bound, as it should be
                     raise
         sock.listen(backlog)
-    elif queue_limit(sock) not in (None, backlog):
-        wrong.append("given another backlog")
+    elif (limit := queue_limit(sock)) not in (None, backlog):
+        # The kernel caps the limit at net.core.somaxconn: only a limit that
+        # listening again changes was changed by somebody.
         sock.listen(backlog)
+        if queue_limit(sock) != limit:
+            wrong.append("given another backlog")
     if address is not None and sock.getsockname() != address:
         # A kernel-chosen port, let go by a shutdown and bound elsewhere by
         # the holder before anyone listened again.

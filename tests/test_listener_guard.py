@@ -71,6 +71,19 @@ def test_put_right_undoes_blocking_and_shutdown():
             conn.close()
 
 
+def test_a_backlog_over_somaxconn_is_not_taken_for_a_changed_one():
+    # listen() caps the limit at net.core.somaxconn: a handback of a listener
+    # bound with a larger --backlog was said to be "given another backlog".
+    with open("/proc/sys/net/core/somaxconn") as f:
+        over = int(f.read()) + 1000
+    with socket.create_server(("127.0.0.1", 0), backlog=over) as listener:
+        listener.setblocking(False)
+        assert put_right(listener, over) == []
+        listener.listen(8)
+        assert put_right(listener, over) == ["given another backlog"]
+        assert put_right(listener, over) == []
+
+
 def test_an_option_put_back_once_is_not_put_back_again():
     # TCP_MAXSEG reads what a connect left when no MSS is set: unsetting the
     # holder's must not count as "put back" at every check (a log line a second).

@@ -4,7 +4,8 @@ listeners all take connections through it.
 
 A listening socket that stays readable must never make the loop spin: a
 wakeup takes at most *limit* connections, and when accept fails for want of
-descriptors the caller is told, to stop watching for a moment.
+descriptors the caller is told, to stop watching for a moment (fdserver's
+callers also set aside a listener some holder shut down: EINVAL).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Anyone who can open the socket can connect: its mode and group are the gate
 (see :mod:`fdserver.socketfile`).  A flood of connections that never say
 hello must not lock real workers out: past the limits the oldest silent one
-makes room, and room is kept for root and fdserver's own user.  A hello is
+makes room, and room is kept for root and fdserver's own user (half of it
+for the allowed users too).  A hello is
 then checked against the allow-list and the per-uid limits on workers and
 fdctl connections.
 """

@@ -1,7 +1,8 @@
 """What an app process uses to get its listening sockets from fdserver.
 
-Standard library plus the wire protocol only: an unprivileged app process
-never imports daemon code.  Typical use, with any Tornado app::
+Standard library plus fdserver's wire protocol, transport and TLS material
+modules only: an unprivileged app process never imports daemon code.
+Typical use, with any Tornado app::
 
     registration = fdserver.client.register("/run/fdserver/fdserver.sock")
     server = tornado.httpserver.HTTPServer(app)

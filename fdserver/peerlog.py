@@ -1,4 +1,4 @@
-"""Warnings about peers, at a bounded rate per uid.
+"""Warnings about peers, at a bounded rate per uid and in total.
 
 Anyone who can open fdserver's socket can make it refuse a connection; one
 warning line per refusal would let them fill the disk.  Each uid gets its

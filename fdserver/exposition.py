@@ -13,14 +13,17 @@ client is bounded: at most MAX_CLIENTS connections at once, a request head
 of at most MAX_HEAD bytes within READ_TIMEOUT seconds, one request per
 connection, and a response the client must take within WRITE_TIMEOUT
 seconds.  A slow or hostile scraper costs one connection slot, never the
-loop.  When all are taken, the one that has waited longest for its request
-makes room (a balancer's health check sends its request at once): a pile of
-idle connections cannot keep /health from answering.
+loop.  When all are taken, a newcomer makes room by closing the connection
+that has waited longest for its request among those of the address with the
+most waiting (a balancer's health check sends its request at once): a pile
+of idle connections, or a flood of new ones from one address, cannot keep
+/health from answering another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 from collections.abc import Callable, Iterable, Iterator
@@ -161,8 +164,9 @@ class MetricsEndpoint:
         self.registry.register(collector)
         self.ready = ready
         self.clients = 0
-        # Connections still waiting for their request head, oldest first.
-        self._waiting: dict[asyncio.WriteTransport, None] = {}
+        # Connections still waiting for their request head, oldest first,
+        # and the host each came from.
+        self._waiting: dict[asyncio.WriteTransport, str] = {}
         self.address = address_of(sock)
         self._server: asyncio.base_events.Server | None = None
 
@@ -179,11 +183,12 @@ class MetricsEndpoint:
             if not self._waiting:
                 writer.transport.abort()        # all busy taking their answers
                 return
-            oldest = next(iter(self._waiting))
-            del self._waiting[oldest]
-            oldest.abort()                      # its _serve ends and frees the slot
+            victim = self._victim()
+            del self._waiting[victim]
+            victim.abort()                      # its _serve ends and frees the slot
         self.clients += 1
-        self._waiting[writer.transport] = None
+        peer = writer.get_extra_info("peername")
+        self._waiting[writer.transport] = peer[0] if peer else ""
         try:
             try:
                 answer = await self._answer(reader)
@@ -202,6 +207,12 @@ class MetricsEndpoint:
             writer.transport.abort()
         finally:
             self.clients -= 1
+
+    def _victim(self) -> asyncio.WriteTransport:
+        """The oldest waiting connection of the host with the most waiting."""
+        counts = collections.Counter(self._waiting.values())
+        most = max(counts.values())
+        return next(t for t, host in self._waiting.items() if counts[host] == most)
 
     async def _answer(self, reader: asyncio.StreamReader) -> bytes | None:
         try:

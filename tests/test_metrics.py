@@ -171,6 +171,47 @@ def test_idle_connections_cannot_keep_health_from_answering(start_fdserver, star
             sock.close()
 
 
+def test_a_flood_from_one_address_cannot_close_a_health_check_from_another(start_fdserver,
+                                                                           start_fdapp):
+    # When every slot is taken, a newcomer closes a waiting connection of
+    # the address holding the most, not the oldest of all: a balancer's
+    # check that connected before the flood still gets its answer.
+    from fdserver.exposition import MAX_CLIENTS
+
+    server = start_with_metrics(start_fdserver)
+    start_fdapp(server)
+    address = tuple_of(server.metrics)
+    # Blocking sockets: MSG_DONTWAIT then answers at once (with a timeout, a
+    # Python socket waits that long for it).
+    check = socket.create_connection(address, source_address=("127.0.0.2", 0))
+    flood = [socket.create_connection(address) for _ in range(MAX_CLIENTS + 40)]
+    closed: set[socket.socket] = set()
+
+    def all_made_room() -> bool:
+        for sock in [check, *flood]:
+            if sock in closed:
+                continue
+            try:
+                if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    closed.add(sock)
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                closed.add(sock)
+        return len(closed) == 41            # one closed for each newcomer past the slots
+
+    try:
+        wait_until(all_made_room, 15, "the flood to take every slot")
+        assert check not in closed, "the health check was closed to make room"
+        check.settimeout(10)
+        check.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert check.makefile("rb").readline() == b"HTTP/1.1 200 OK\r\n"
+    finally:
+        check.close()
+        for sock in flood:
+            sock.close()
+
+
 def test_queue_connections_and_a_killed_worker(start_fdserver, start_fdapp):
     server = start_with_metrics(start_fdserver, "--unavailable-timeout", "60")
     # No worker: connections wait in the kernel's accept queue.

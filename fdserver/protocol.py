@@ -60,7 +60,11 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
                          (only if the welcome said "metrics": the responses
                           since the last report; at most one a second, and a
                           last one during the drain)
-    worker -> recycle    {"requests": n}     ("recycle": may I drain and exit now?)
+    worker -> recycle    {"requests": n,     ("recycle": may I drain and exit now?)
+                          "drain": seconds}  (optional: the most its drain and
+                                              shutdown take; fdserver waits that
+                                              long, at most an hour, before the
+                                              next turn)
     server -> recycle    {}                  (your turn: one worker at a time)
     server -> tls        {"serial": n, ...}  (renewed material, after a reload)
     worker -> tls        {"serial": n, "ok": bool, "error": str}   (whether it took it)
@@ -310,6 +314,7 @@ class RecycleMessage(TypedDict):
     # worker -> server: "may I recycle now?"; server -> worker: "your turn"
     type: Literal["recycle"]
     requests: NotRequired[object]           # what the worker served (the ask only)
+    drain: NotRequired[object]              # the most its drain and shutdown take (s)
 
 
 class TLSMessage(TypedDict):

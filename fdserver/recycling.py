@@ -7,8 +7,9 @@ replacement is up), so capacity never drops by more than one worker.  If no
 replacement comes within *patience* seconds, the turns go on anyway (a
 supervisor that does not restart exited workers must not stop recycling),
 and so they do if the worker given the turn has not started draining within
-*patience*, or is not gone within another *patience* of draining: one
-worker cannot hold the turn for ever.
+*patience*, or is not gone within another *patience*, plus the drain it
+said it may take (its --graceful-timeout and --shutdown-timeout, counted up
+to MAX_DRAIN), of draining: one worker cannot hold the turn for ever.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from .peer import Peer
 log = logging.getLogger("fdserver")
 
 DEFAULT_PATIENCE = 60.0
+# The longest drain a worker's ask may make fdserver wait for (a worker could
+# claim any).
+MAX_DRAIN = 3600.0
 
 
 class Recycler:
@@ -38,9 +42,13 @@ class Recycler:
         self._held_until = 0.0          # no turn before (after an fdserver restart)
         self._timer: asyncio.TimerHandle | None = None       # waiting for a replacement
         self._overdue_timer: asyncio.TimerHandle | None = None
+        self._drains: dict[Peer, float] = {}       # the drain each worker said it may take
 
-    def ask(self, peer: Peer) -> None:
-        """*peer* is due to recycle: queue it, and give it the turn if it is free."""
+    def ask(self, peer: Peer, drain: float | None = None) -> None:
+        """*peer* is due to recycle: queue it, and give it the turn if it is free.
+        *drain*: the most its drain and shutdown may take, as it said."""
+        if drain is not None:
+            self._drains[peer] = min(max(0.0, drain), MAX_DRAIN)
         if peer is not self._current and peer not in self._queue:
             self._queue.append(peer)
         self.changed()
@@ -76,6 +84,7 @@ class Recycler:
                 peer.channel.send({"type": "recycle"})
                 self._overdue_timer = self._loop.call_later(self._patience, self._overdue, peer)
                 return
+            self._drains.pop(peer, None)
 
     def _overdue(self, peer: Peer, second_look: bool = False) -> None:
         self._overdue_timer = None
@@ -85,18 +94,21 @@ class Recycler:
             log.warning("worker pid %d had its turn to recycle for %gs and did not drain; "
                         "the next one goes", peer.pid, self._patience)
         elif peer.state == "draining" and not second_look:
-            # Draining: another patience to finish (fdapp's own drain gives
-            # up after its --graceful-timeout, 30 s by default).
-            self._overdue_timer = self._loop.call_later(self._patience, self._overdue, peer,
-                                                        True)
+            # Draining: as long as its drain may take (fdapp's gives up after
+            # its --graceful-timeout), and another patience.
+            self._overdue_timer = self._loop.call_later(self._drain_wait(peer), self._overdue,
+                                                        peer, True)
             return
         elif peer.state == "draining":
             log.warning("worker pid %d has drained for its turn to recycle for over %gs; "
-                        "the next one goes", peer.pid, self._patience)
+                        "the next one goes", peer.pid, self._drain_wait(peer))
         else:
             return              # gone: changed() decides
         self._done()
         self.changed()
+
+    def _drain_wait(self, peer: Peer) -> float:
+        return self._patience + self._drains.get(peer, 0.0)
 
     def _give_up_waiting(self) -> None:
         self._timer = None
@@ -110,5 +122,7 @@ class Recycler:
             if timer is not None:
                 timer.cancel()
         self._timer = self._overdue_timer = None
+        if self._current is not None:
+            self._drains.pop(self._current, None)
         self._current = None
         self._impatient = False

@@ -307,7 +307,8 @@ class Worker:
         if self.channel.closed:
             self._recycle()          # no fdserver to take turns with
         else:
-            self._send({"type": "recycle", "requests": self.server.requests})
+            self._send({"type": "recycle", "requests": self.server.requests,
+                        "drain": self.graceful_timeout + self.shutdown_timeout})
 
     def _recycle(self) -> None:
         self._start_drain(f"recycling after {self.server.requests} requests")

@@ -63,7 +63,7 @@ from .protocol import (
 )
 from .rebalancing import Rebalancer
 from .recovery import Recovery
-from .recycling import Recycler
+from .recycling import MAX_DRAIN, Recycler
 from .renewal import Renewal
 from .socketfile import SocketFile
 from .systemd import Notifier
@@ -559,9 +559,15 @@ class Server:
         if "recycle" not in peer.features:
             raise ProtocolError("recycle from a worker without the recycle feature")
         requests = message.get("requests")
-        log.info("worker pid %d is due to recycle (%s requests)", peer.pid,
-                 requests if isinstance(requests, int) else "?")
-        self._recycler.ask(peer)
+        drain = message.get("drain")
+        if isinstance(drain, bool) or not isinstance(drain, (int, float)) or not drain >= 0:
+            drain = None        # NaN too
+        else:
+            drain = float(min(drain, MAX_DRAIN))
+        log.info("worker pid %d is due to recycle (%s requests; its drain takes at most %s)",
+                 peer.pid, requests if isinstance(requests, int) else "?",
+                 "?" if drain is None else f"{drain:g}s")
+        self._recycler.ask(peer, drain)
 
     def _worker_changed(self, peer: Peer) -> None:
         """A worker's state changed: answer waits, tell systemd, re-place load."""

@@ -8,12 +8,16 @@ supervisord; this one plays workers that misbehave, with a short patience
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import socket
 import time
 
 from fdserver.peer import Peer
-from fdserver.recycling import Recycler
+from fdserver.recycling import MAX_DRAIN, Recycler
 from fdserver.transport import Channel, LoopChannel
+
+from support import http_get
 
 
 async def turns_given(count: int, patience: float, ready: list[int]):
@@ -99,3 +103,48 @@ def test_a_worker_that_drains_for_ever_does_not_hold_the_turn():
         # Not at the first patience (it is draining), but at the next one.
         assert (await next_message(second_end, timeout=5.0))["type"] == "recycle"
     asyncio.run(main())
+
+
+def test_a_worker_is_given_the_drain_it_said_it_may_take():
+    """fdapp's ask says how long its drain may take (--graceful-timeout plus
+    --shutdown-timeout): a worker draining that long, websockets say, keeps
+    the turn for it and another patience; a claim over MAX_DRAIN counts as
+    MAX_DRAIN, and one that is not a number as none."""
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        ready = [2]
+        (first, second), recycler, (first_end, second_end) = await turns_given(2, 0.2, ready)
+        recycler.ask(first, drain=0.6)
+        recycler.ask(second)
+        assert (await next_message(first_end))["type"] == "recycle"
+        turn = loop.time()
+        first.state = "draining"
+        recycler.changed()
+        assert (await next_message(second_end, timeout=5.0))["type"] == "recycle"
+        return loop.time() - turn
+
+    # First look at the patience (0.2 s), then the drain and another patience.
+    assert asyncio.run(main()) >= 0.2 + 0.6 + 0.2 - 0.01
+
+
+def test_the_drain_a_worker_may_take_reaches_fdserver(start_fdserver, start_fdapp):
+    """fdapp says its --graceful-timeout plus --shutdown-timeout; fdserver
+    counts a claim up to MAX_DRAIN, and one that is not a number as none."""
+    import fdserver
+
+    server = start_fdserver()
+    worker = start_fdapp(server, "--max-requests", "1", "--graceful-timeout", "7",
+                         "--shutdown-timeout", "2")
+    assert http_get(server.address)[0] == 200
+    server.wait_for_line(rf"worker pid {worker.pid} is due to recycle \(1 requests; its "
+                         r"drain takes at most 9s\)")
+    assert worker.wait(timeout=30) == 0
+    registration = fdserver.register(server.socket, features=("share", "recycle"))
+    try:
+        for drain, said in ((1e300, f"{MAX_DRAIN:g}s"), ("long", "?"), (-1, "?"), (True, "?")):
+            seen = len(server.lines)
+            registration.channel.send({"type": "recycle", "requests": 5, "drain": drain})
+            server.wait_for_line(rf"worker pid {os.getpid()} is due to recycle \(5 requests; "
+                                 rf"its drain takes at most {re.escape(said)}\)", start=seen)
+    finally:
+        registration.channel.close()

@@ -14,16 +14,19 @@ of at most MAX_HEAD bytes within READ_TIMEOUT seconds, one request per
 connection, and a response the client must take within WRITE_TIMEOUT
 seconds.  A slow or hostile scraper costs one connection slot, never the
 loop.  When all are taken, a newcomer makes room by closing the connection
-that has waited longest for its request among those of the address with the
+that has waited longest for its request among those of the source with the
 most waiting (a balancer's health check sends its request at once): a pile
-of idle connections, or a flood of new ones from one address, cannot keep
-/health from answering another.
+of idle connections, or a flood of new ones from one source, cannot keep
+/health from answering another.  A source is an IPv4 address or an IPv6 /64,
+and all of loopback is one: a local user may connect from any 127.x.y.z.
+Many hosts flooding together can still close a check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Iterable, Iterator
@@ -165,7 +168,7 @@ class MetricsEndpoint:
         self.ready = ready
         self.clients = 0
         # Connections still waiting for their request head, oldest first,
-        # and the host each came from.
+        # and the source each came from (source_of).
         self._waiting: dict[asyncio.WriteTransport, str] = {}
         self.address = address_of(sock)
         self._server: asyncio.base_events.Server | None = None
@@ -188,7 +191,7 @@ class MetricsEndpoint:
             victim.abort()                      # its _serve ends and frees the slot
         self.clients += 1
         peer = writer.get_extra_info("peername")
-        self._waiting[writer.transport] = peer[0] if peer else ""
+        self._waiting[writer.transport] = source_of(peer[0]) if peer else ""
         try:
             try:
                 answer = await self._answer(reader)
@@ -209,10 +212,10 @@ class MetricsEndpoint:
             self.clients -= 1
 
     def _victim(self) -> asyncio.WriteTransport:
-        """The oldest waiting connection of the host with the most waiting."""
+        """The oldest waiting connection of the source with the most waiting."""
         counts = collections.Counter(self._waiting.values())
         most = max(counts.values())
-        return next(t for t, host in self._waiting.items() if counts[host] == most)
+        return next(t for t, source in self._waiting.items() if counts[source] == most)
 
     async def _answer(self, reader: asyncio.StreamReader) -> bytes | None:
         try:
@@ -243,6 +246,22 @@ class MetricsEndpoint:
                                  "HEAD")
             return _response(503, b"no ready worker\n", head_only=method == "HEAD")
         return _response(404, b"not found: try /metrics or /health\n")
+
+
+def source_of(host: str) -> str:
+    """Where a connection comes from, as one party may spread it: an IPv4
+    address, an IPv6 /64 (one host's usual share), or loopback as a whole."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",

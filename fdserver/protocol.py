@@ -63,7 +63,7 @@ Conversation, protocol version 1 (``PROTOCOL_VERSION``)::
     worker -> recycle    {"requests": n,     ("recycle": may I drain and exit now?)
                           "drain": seconds}  (optional: the most its drain and
                                               shutdown take; fdserver waits that
-                                              long, at most an hour, before the
+                                              long, up to MAX_DRAIN, before the
                                               next turn)
     server -> recycle    {}                  (your turn: one worker at a time)
     server -> tls        {"serial": n, ...}  (renewed material, after a reload)
@@ -163,6 +163,9 @@ LATE_BEATS = 3
 SHARED_REPORT_INTERVAL = 0.05
 REPORT_WORKERS = 2
 MAX_REPORT_INTERVAL = 1.0
+
+# The longest drain a worker's recycle ask counts (a worker could claim any).
+MAX_DRAIN = 600.0
 
 
 def shared_report_interval(workers: int) -> float:

@@ -9,24 +9,22 @@ supervisor that does not restart exited workers must not stop recycling),
 and so they do if the worker given the turn has not started draining within
 *patience*, or is not gone within another *patience*, plus the drain it
 said it may take (its --graceful-timeout and --shutdown-timeout, counted up
-to MAX_DRAIN), of draining: one worker cannot hold the turn for ever.
+to protocol.MAX_DRAIN), of draining: one worker cannot hold the turn for
+ever.  A worker that disconnects leaves the queue at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import Callable
 
 from .peer import Peer
+from .protocol import MAX_DRAIN
 
 log = logging.getLogger("fdserver")
 
 DEFAULT_PATIENCE = 60.0
-# The longest drain a worker's ask may make fdserver wait for (a worker could
-# claim any).
-MAX_DRAIN = 3600.0
 
 
 class Recycler:
@@ -35,7 +33,7 @@ class Recycler:
         self._loop = loop
         self._ready_count = ready_count
         self._patience = patience
-        self._queue: collections.deque[Peer] = collections.deque()
+        self._queue: dict[Peer, None] = {}          # in the order they asked
         self._current: Peer | None = None
         self._ready_before = 0
         self._impatient = False
@@ -47,11 +45,25 @@ class Recycler:
     def ask(self, peer: Peer, drain: float | None = None) -> None:
         """*peer* is due to recycle: queue it, and give it the turn if it is free.
         *drain*: the most its drain and shutdown may take, as it said."""
-        if drain is not None:
+        if drain is None:
+            self._drains.pop(peer, None)
+        else:
             self._drains[peer] = min(max(0.0, drain), MAX_DRAIN)
-        if peer is not self._current and peer not in self._queue:
-            self._queue.append(peer)
+        if peer is not self._current:
+            self._queue[peer] = None
         self.changed()
+
+    @property
+    def queued(self) -> list[Peer]:
+        """The workers waiting for a turn, in the order they asked."""
+        return list(self._queue)
+
+    def forget(self, peer: Peer) -> None:
+        """*peer* disconnected: out of the queue (the turn it holds passes
+        once changed() sees it gone)."""
+        self._queue.pop(peer, None)
+        if peer is not self._current:
+            self._drains.pop(peer, None)
 
     def hold(self, seconds: float) -> None:
         """Give no turn for *seconds*: after an fdserver restart, a worker that
@@ -75,7 +87,8 @@ class Recycler:
                 return                                   # its replacement is not ready yet
             self._done()
         while self._queue:
-            peer = self._queue.popleft()
+            peer = next(iter(self._queue))
+            del self._queue[peer]
             if peer.state == "ready" and peer.channel.usable and not peer.unresponsive:
                 self._current = peer
                 self._ready_before = self._ready_count()

@@ -36,6 +36,7 @@ from .errors import AppError, FdserverError
 from .loader import load
 from .protocol import (
     HEARTBEAT_INTERVAL,
+    MAX_DRAIN,
     HeartbeatMessage,
     Message,
     MetricsMessage,
@@ -308,7 +309,7 @@ class Worker:
             self._recycle()          # no fdserver to take turns with
         else:
             self._send({"type": "recycle", "requests": self.server.requests,
-                        "drain": self.graceful_timeout + self.shutdown_timeout})
+                        "drain": min(self.graceful_timeout + self.shutdown_timeout, MAX_DRAIN)})
 
     def _recycle(self) -> None:
         self._start_drain(f"recycling after {self.server.requests} requests")

@@ -33,6 +33,7 @@ from .peerlog import PeerLog
 from .placement import Dispatcher, SharePublisher
 from .privileges import AllowList
 from .protocol import (
+    MAX_DRAIN,
     MAX_FDS_PER_FRAME,
     MAX_INT,
     PROTOCOL_VERSION,
@@ -63,7 +64,7 @@ from .protocol import (
 )
 from .rebalancing import Rebalancer
 from .recovery import Recovery
-from .recycling import MAX_DRAIN, Recycler
+from .recycling import Recycler
 from .renewal import Renewal
 from .socketfile import SocketFile
 from .systemd import Notifier
@@ -345,6 +346,7 @@ class Server:
             log.info("worker pid %d gone (was %s)%s", peer.pid, peer.state,
                      f": {reason}" if reason else "")
             peer.state = "gone"
+            self._recycler.forget(peer)
             self._worker_changed(peer)
         elif reason:
             self._warn.warning(peer.uid, "closed connection from pid %d uid %d: %s", peer.pid,
@@ -563,7 +565,7 @@ class Server:
         if isinstance(drain, bool) or not isinstance(drain, (int, float)) or not drain >= 0:
             drain = None        # NaN too
         else:
-            drain = float(min(drain, MAX_DRAIN))
+            drain = float(min(drain, MAX_DRAIN)) + 0.0     # not -0.0
         log.info("worker pid %d is due to recycle (%s requests; its drain takes at most %s)",
                  peer.pid, requests if isinstance(requests, int) else "?",
                  "?" if drain is None else f"{drain:g}s")

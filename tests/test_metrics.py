@@ -21,8 +21,8 @@ from loadclient import LoadClient
 from support import http_get, replace_by_hand, run, script, tuple_of, wait_until
 
 
-def start_with_metrics(start_fdserver, *extra: str):
-    server = start_fdserver("--metrics", "127.0.0.1:0", *extra)
+def start_with_metrics(start_fdserver, *extra: str, metrics: str = "127.0.0.1:0"):
+    server = start_fdserver("--metrics", metrics, *extra)
     server.metrics = server.wait_for_line(r"metrics on http://(\S+)/metrics").group(1)
     return server
 
@@ -171,24 +171,32 @@ def test_idle_connections_cannot_keep_health_from_answering(start_fdserver, star
             sock.close()
 
 
-def test_a_flood_from_one_address_cannot_close_a_health_check_from_another(start_fdserver,
-                                                                           start_fdapp):
+def test_a_flood_from_loopback_cannot_close_the_balancers_health_checks(start_fdserver,
+                                                                        start_fdapp):
     # When every slot is taken, a newcomer closes a waiting connection of
-    # the address holding the most, not the oldest of all: a balancer's
-    # check that connected before the flood still gets its answer.
+    # the source holding the most, not the oldest of all: a balancer's
+    # checks that connected before the flood still get their answers, though
+    # a local user spreads the flood over many loopback addresses.
     from fdserver.exposition import MAX_CLIENTS
 
-    server = start_with_metrics(start_fdserver)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("203.0.113.1", 9))           # no packet is sent
+        except OSError:
+            pytest.skip("no IPv4 address but loopback to play the balancer from")
+        balancer = probe.getsockname()[0]
+    server = start_with_metrics(start_fdserver, metrics="0.0.0.0:0")
     start_fdapp(server)
-    address = tuple_of(server.metrics)
+    port = tuple_of(server.metrics)[1]
     # Blocking sockets: MSG_DONTWAIT then answers at once (with a timeout, a
     # Python socket waits that long for it).
-    check = socket.create_connection(address, source_address=("127.0.0.2", 0))
-    flood = [socket.create_connection(address) for _ in range(MAX_CLIENTS + 40)]
+    checks = [socket.create_connection((balancer, port)) for _ in range(2)]
+    flood = [socket.create_connection(("127.0.0.1", port), source_address=(f"127.0.1.{n}", 0))
+             for n in range(1, MAX_CLIENTS + 41)]
     closed: set[socket.socket] = set()
 
     def all_made_room() -> bool:
-        for sock in [check, *flood]:
+        for sock in [*checks, *flood]:
             if sock in closed:
                 continue
             try:
@@ -198,18 +206,30 @@ def test_a_flood_from_one_address_cannot_close_a_health_check_from_another(start
                 pass
             except ConnectionResetError:
                 closed.add(sock)
-        return len(closed) == 41            # one closed for each newcomer past the slots
+        return len(closed) == 42            # one closed for each newcomer past the slots
 
     try:
         wait_until(all_made_room, 15, "the flood to take every slot")
-        assert check not in closed, "the health check was closed to make room"
-        check.settimeout(10)
-        check.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert check.makefile("rb").readline() == b"HTTP/1.1 200 OK\r\n"
+        assert not closed & set(checks), "a health check was closed to make room"
+        for check in checks:
+            check.settimeout(10)
+            check.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert check.makefile("rb").readline() == b"HTTP/1.1 200 OK\r\n"
     finally:
-        check.close()
-        for sock in flood:
+        for sock in [*checks, *flood]:
             sock.close()
+
+
+@pytest.mark.parametrize(("host", "source"), [
+    ("192.0.2.7", "192.0.2.7"), ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("127.0.0.1", "loopback"), ("127.9.8.7", "loopback"), ("::1", "loopback"),
+    ("::ffff:127.0.0.5", "loopback"), ("2001:db8:1:2:3::9", "2001:db8:1:2::/64"),
+    ("fe80::1%eth0", "fe80::/64"),
+])
+def test_a_source_is_what_one_party_can_spread_a_flood_over(host, source):
+    from fdserver.exposition import source_of
+
+    assert source_of(host) == source
 
 
 def test_queue_connections_and_a_killed_worker(start_fdserver, start_fdapp):

@@ -20,7 +20,6 @@ import logging
 from collections.abc import Callable
 
 from .peer import Peer
-from .protocol import MAX_DRAIN
 
 log = logging.getLogger("fdserver")
 
@@ -33,24 +32,25 @@ class Recycler:
         self._loop = loop
         self._ready_count = ready_count
         self._patience = patience
-        self._queue: dict[Peer, None] = {}          # in the order they asked
+        # Workers waiting for a turn, in the order they asked, and the drain
+        # each said it may take.
+        self._queue: dict[Peer, float] = {}
         self._current: Peer | None = None
+        self._current_drain = 0.0
         self._ready_before = 0
         self._impatient = False
         self._held_until = 0.0          # no turn before (after an fdserver restart)
         self._timer: asyncio.TimerHandle | None = None       # waiting for a replacement
         self._overdue_timer: asyncio.TimerHandle | None = None
-        self._drains: dict[Peer, float] = {}       # the drain each worker said it may take
 
     def ask(self, peer: Peer, drain: float | None = None) -> None:
         """*peer* is due to recycle: queue it, and give it the turn if it is free.
-        *drain*: the most its drain and shutdown may take, as it said."""
-        if drain is None:
-            self._drains.pop(peer, None)
+        *drain*: the most its drain and shutdown may take, as it said (the
+        caller checks it: at most protocol.MAX_DRAIN)."""
+        if peer is self._current:
+            self._current_drain = drain or 0.0
         else:
-            self._drains[peer] = min(max(0.0, drain), MAX_DRAIN)
-        if peer is not self._current:
-            self._queue[peer] = None
+            self._queue[peer] = drain or 0.0        # a worker asking again keeps its place
         self.changed()
 
     @property
@@ -62,8 +62,6 @@ class Recycler:
         """*peer* disconnected: out of the queue (the turn it holds passes
         once changed() sees it gone)."""
         self._queue.pop(peer, None)
-        if peer is not self._current:
-            self._drains.pop(peer, None)
 
     def hold(self, seconds: float) -> None:
         """Give no turn for *seconds*: after an fdserver restart, a worker that
@@ -87,17 +85,17 @@ class Recycler:
                 return                                   # its replacement is not ready yet
             self._done()
         while self._queue:
-            peer = next(iter(self._queue))
+            peer, drain = next(iter(self._queue.items()))
             del self._queue[peer]
             if peer.state == "ready" and peer.channel.usable and not peer.unresponsive:
                 self._current = peer
+                self._current_drain = drain
                 self._ready_before = self._ready_count()
                 log.info("worker pid %d may recycle now (%d ready)", peer.pid,
                          self._ready_before)
                 peer.channel.send({"type": "recycle"})
                 self._overdue_timer = self._loop.call_later(self._patience, self._overdue, peer)
                 return
-            self._drains.pop(peer, None)
 
     def _overdue(self, peer: Peer, second_look: bool = False) -> None:
         self._overdue_timer = None
@@ -109,19 +107,19 @@ class Recycler:
         elif peer.state == "draining" and not second_look:
             # Draining: as long as its drain may take (fdapp's gives up after
             # its --graceful-timeout), and another patience.
-            self._overdue_timer = self._loop.call_later(self._drain_wait(peer), self._overdue,
-                                                        peer, True)
+            self._overdue_timer = self._loop.call_later(self._drain_wait(), self._overdue, peer,
+                                                        True)
             return
         elif peer.state == "draining":
             log.warning("worker pid %d has drained for its turn to recycle for over %gs; "
-                        "the next one goes", peer.pid, self._drain_wait(peer))
+                        "the next one goes", peer.pid, self._drain_wait())
         else:
             return              # gone: changed() decides
         self._done()
         self.changed()
 
-    def _drain_wait(self, peer: Peer) -> float:
-        return self._patience + self._drains.get(peer, 0.0)
+    def _drain_wait(self) -> float:
+        return self._patience + self._current_drain
 
     def _give_up_waiting(self) -> None:
         self._timer = None
@@ -135,7 +133,6 @@ class Recycler:
             if timer is not None:
                 timer.cancel()
         self._timer = self._overdue_timer = None
-        if self._current is not None:
-            self._drains.pop(self._current, None)
         self._current = None
+        self._current_drain = 0.0
         self._impatient = False
